@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make serve` (the main job) and `make test`.
+# Each does whatever set-up it still needs: OpenMPI from Debian, a venv in .venv, the package.
+VENV     ?= .venv
+PYTHON   ?= python3
+PORT     ?= 8000
+NPROC    ?= 2
+MODEL    ?= models/tiny
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+BIN      := $(VENV)/bin
+
+.PHONY: install serve test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	@command -v mpirun >/dev/null && command -v mpicc >/dev/null && command -v ip >/dev/null || { \
+	  echo "installing OpenMPI and iproute2 from Debian packages"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    openmpi-bin libopenmpi-dev iproute2 >/dev/null; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@
+
+install: $(BIN)/.installed
+
+$(MODEL)/config.json: | $(BIN)/.installed
+	$(BIN)/dscluster tiny-model $(MODEL)
+
+serve: $(BIN)/.installed $(MODEL)/config.json
+	$(BIN)/dscluster serve $(MODEL) --nproc $(NPROC) --port $(PORT)
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) models

@@ -1,0 +1,3 @@
+from dscluster.cli import main
+
+raise SystemExit(main())

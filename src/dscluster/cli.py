@@ -1,0 +1,243 @@
+"""The `dscluster` command: parse, call, print. Work happens in the modules each command names.
+
+Exit codes (DESIGN.md): 0 success, 2 usage or bad input, 1 runtime failure, 3 a peer rank failed.
+Heavy imports (torch, DeepSpeed, FastAPI) happen inside the commands that need them, so that
+`dscluster env` and `dscluster k8s render` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from dscluster.errors import EXIT_PEER_FAILED, EXIT_RUNTIME, EXIT_USAGE, PeerFailure, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that loads the model and runs ranks (serve, batch)."""
+    p.add_argument("model", help="a Hugging Face model directory (config.json) or package.module:factory")
+    p.add_argument("--engine", choices=["tp", "zero3", "replicated"], default=None,
+                   help="how to split the model (default: tp when world size > 1, else replicated)")
+    p.add_argument("--nproc", type=_positive_int, default=None,
+                   help="spawn N local ranks (omit under torchrun, mpirun, deepspeed, srun)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto",
+                   help="data-plane backend: auto = nccl on CUDA, gloo on CPU")
+    p.add_argument("--checkpoint", default=None,
+                   help="state_dict (.pt) or .safetensors file for an import-spec model")
+    p.add_argument("--max-batch-size", type=_positive_int, default=32)
+    p.add_argument("--heartbeat-interval", type=float, default=1.0,
+                   help="seconds between liveness heartbeats")
+    p.add_argument("--heartbeat-timeout", type=float, default=10.0,
+                   help="seconds without a heartbeat before a rank is declared failed")
+    p.add_argument("--collective-timeout", type=float, default=600.0,
+                   help="seconds a model collective may block before the group is declared broken")
+    p.add_argument("--log-level", default=os.environ.get("DSCLUSTER_LOG_LEVEL", "INFO"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dscluster", description=__doc__.splitlines()[0])
+    from dscluster import __version__
+
+    parser.add_argument("--version", action="version", version=f"dscluster {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    # serve --------------------------------------------------------------------------------
+    p = sub.add_parser("serve", help="serve a model from rank 0 over HTTP; other ranks run in lockstep")
+    _add_engine_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a pod)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-wait-ms", type=_non_negative_float, default=5.0,
+                   help="how long a batch waits for more requests")
+    p.add_argument("--max-queue", type=_positive_int, default=256, help="queued requests before 429")
+    p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before 504")
+    p.add_argument("--api-key", default=os.environ.get("DSCLUSTER_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (env DSCLUSTER_API_KEY)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--max-body-bytes", type=_positive_int, default=8 * 1024 * 1024)
+    p.set_defaults(handler=_cmd_serve)
+
+    # batch --------------------------------------------------------------------------------
+    p = sub.add_parser("batch", help="run a JSONL file of requests through the engine, write JSONL, exit")
+    _add_engine_options(p)
+    p.add_argument("--input", required=True, help="JSONL requests (OpenAI batch lines or predict bodies)")
+    p.add_argument("--output", required=True, help="JSONL results; ids already there are skipped")
+    p.add_argument("--served-model-name", default=None)
+    p.set_defaults(handler=_cmd_batch)
+
+    # tiny-model ---------------------------------------------------------------------------
+    p = sub.add_parser("tiny-model", help="write a small random Llama and its tokenizer to DIR")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=_positive_int, default=2)
+    p.add_argument("--hidden", type=_positive_int, default=128,
+                   help="hidden size; a multiple of 64 (attention heads are 32 wide)")
+    p.add_argument("--vocab-size", type=_positive_int, default=1024)
+    p.set_defaults(handler=_cmd_tiny_model)
+
+    # env ----------------------------------------------------------------------------------
+    p = sub.add_parser("env", help="print the discovered rendezvous as one line of JSON")
+    p.add_argument("--nproc", type=_positive_int, default=None,
+                   help="processes per node, for per-node launchers (LWS, Trainer torch)")
+    p.set_defaults(handler=_cmd_env)
+
+    # launch -------------------------------------------------------------------------------
+    p = sub.add_parser("launch", help="run CMD as N local ranks: dscluster launch --nproc N -- CMD ...")
+    p.add_argument("--nproc", type=_positive_int, required=True)
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds ranks get to exit after SIGTERM before SIGKILL")
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=_cmd_launch)
+
+    # doctor -------------------------------------------------------------------------------
+    p = sub.add_parser("doctor", help="preflight checks inside a pod or host")
+    p.add_argument("--model", default=None, help="model directory to check")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--nproc", type=_positive_int, default=None)
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds for network probes")
+    p.set_defaults(handler=_cmd_doctor)
+
+    # plan ---------------------------------------------------------------------------------
+    p = sub.add_parser("plan", help="smallest tensor-parallel layout that fits, and where to run it")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", default=None, help="model directory (config.json and weights)")
+    src.add_argument("--params", default=None, help="parameter count, e.g. 70e9")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    p.add_argument("--gpus-per-node", type=_positive_int, default=8)
+    p.add_argument("--max-nodes", type=_positive_int, default=16)
+    p.add_argument("--context-len", type=_positive_int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_plan)
+
+    # k8s ----------------------------------------------------------------------------------
+    k8s = sub.add_parser("k8s", help="Kubernetes manifests: render and validate")
+    ksub = k8s.add_subparsers(dest="k8s_command", required=True, parser_class=_Parser)
+    from dscluster.k8s.options import add_render_options
+
+    p = ksub.add_parser("render", help="write the manifests for one way of running as YAML")
+    add_render_options(p)
+    p.set_defaults(handler=_cmd_k8s_render)
+    p = ksub.add_parser("validate", help="validate manifests strictly against Kubernetes and CRD schemas")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--crds", default=None, help="directory of CRD YAML files")
+    p.set_defaults(handler=_cmd_k8s_validate)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------
+# Handlers: each returns an exit code.
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from dscluster.runner import run
+
+    return run(args, role="serve")
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from dscluster.runner import run
+
+    return run(args, role="batch")
+
+
+def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from dscluster.tiny_model import write_tiny_model
+
+    path = write_tiny_model(args.dir, seed=args.seed, layers=args.layers, hidden=args.hidden,
+                            vocab_size=args.vocab_size)
+    print(path)
+    return 0
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from dscluster.cluster.rendezvous import discover
+
+    print(discover(nproc_per_node=args.nproc).to_json())
+    return 0
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from dscluster.cluster.launch import launch
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise UsageError("launch needs a command after --, e.g. dscluster launch --nproc 2 -- dscluster env")
+    return launch(cmd, nproc=args.nproc, grace=args.grace)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from dscluster.doctor import run_doctor
+
+    return run_doctor(args)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from dscluster.plan import run_plan
+
+    return run_plan(args)
+
+
+def _cmd_k8s_render(args: argparse.Namespace) -> int:
+    from dscluster.k8s.render import render
+
+    sys.stdout.write(render(args.kind, args))
+    return 0
+
+
+def _cmd_k8s_validate(args: argparse.Namespace) -> int:
+    from dscluster.k8s.validate import run_validate
+
+    return run_validate(args.files, crds_dir=args.crds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dscluster.cluster.rendezvous import RendezvousError
+
+    try:
+        return args.handler(args)
+    except (UsageError, RendezvousError) as exc:
+        print(f"dscluster: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PeerFailure as exc:
+        print(f"dscluster: peer failure: {exc}", file=sys.stderr)
+        return EXIT_PEER_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence prints one line, exits 1
+        logging.getLogger("dscluster").debug("failure", exc_info=True)
+        print(f"dscluster: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
