@@ -60,6 +60,11 @@ class EngineClient(Protocol):
     """Rank 0's handle on the group."""
 
     info: ModelInfo
+    heartbeat_interval: float                   # call heartbeat() at least this often when idle
+    failure: str | None                         # why the group broke; the process exits 3 soon after
+
+    def ranks_alive(self) -> int:
+        """How many ranks answered the last heartbeat (world size while healthy)."""
 
     def predict(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run one batch of examples (each a tensor of the model's per-example shape) on all ranks.
