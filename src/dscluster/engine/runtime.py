@@ -1,0 +1,346 @@
+"""The lockstep runtime: every rank holds a `Runtime`; rank 0 drives it through an `Engine`.
+
+Rank 0's `Engine` sends each unit of work (predict, generate) over the control channel and runs
+it itself; every other rank sits in `run_worker`, receiving and running the same unit. Each unit
+ends with an all-reduce of a success flag, so every rank agrees on the outcome before the next.
+Between units rank 0 sends heartbeats. A broken group (a failed collective, a silent rank) ends
+the process with exit code 3 after a short grace, so launchers and Kubernetes restart the group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dscluster.cluster.group import Groups, default_threads, init_groups
+from dscluster.cluster.rendezvous import Rendezvous
+from dscluster.engine import generation
+from dscluster.engine.api import GenerationRequest, GenerationResult, ModelInfo, TokenCallback
+from dscluster.engine.loading import LoadedModel, load_model
+from dscluster.engine.parallel import ParallelModel, choose_engine, parallelize
+from dscluster.engine.protocol import ControlChannel, Op
+from dscluster.errors import EXIT_PEER_FAILED, PeerFailure
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RuntimeOptions:
+    model: str
+    engine: str | None = None
+    dtype: str = "auto"
+    backend: str = "auto"
+    checkpoint: str | None = None
+    served_model_name: str | None = None
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 10.0
+    collective_timeout: float = 600.0
+    failure_grace: float = 1.0           # rank 0 answers in-flight requests 503 before it exits
+    zero3_persistence_threshold: int = 0  # 0: partition every parameter, however small
+
+    @classmethod
+    def from_args(cls, args) -> RuntimeOptions:
+        fields = cls.__dataclass_fields__
+        return cls(**{k: getattr(args, k) for k in fields if getattr(args, k, None) is not None})
+
+
+class EngineError(RuntimeError):
+    """A unit of work failed on some rank, but the group is intact and in step."""
+
+
+def exit_group_broken(reason: str, rank: int) -> None:
+    """Leave at once: threads may be stuck inside a collective that will never return."""
+    sys.stderr.write(f"dscluster: rank {rank}: group broken: {reason}; exiting {EXIT_PEER_FAILED}\n")
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(EXIT_PEER_FAILED)
+
+
+class Runtime:
+    """What every rank holds: the split model, the control channel and the liveness monitor."""
+
+    def __init__(self, options: RuntimeOptions, loaded: LoadedModel, model: ParallelModel,
+                 groups: Groups | None, monitor=None):
+        self.options = options
+        self.loaded = loaded
+        self.model = model
+        self.groups = groups
+        self.monitor = monitor
+        self.rank = groups.rank if groups else 0
+        self.world_size = groups.world_size if groups else 1
+        self.device = groups.device if groups else torch.device("cpu")
+        self.channel = ControlChannel(groups.control, self.rank) if groups and self.world_size > 1 else None
+        tok = loaded.tokenizer
+        self.pad_id = 0
+        self.eos_ids: tuple[int, ...] = ()
+        if tok is not None:
+            self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        eos = getattr(getattr(loaded.module, "generation_config", None), "eos_token_id", None)
+        if eos is None and tok is not None:
+            eos = tok.eos_token_id
+        if eos is not None:
+            self.eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+    def info(self) -> ModelInfo:
+        lm = self.loaded
+        return ModelInfo(name=self.options.served_model_name or lm.name, kind=lm.kind, engine=self.model.engine,
+                         world_size=self.world_size, dtype=lm.dtype, max_context=lm.max_context,
+                         vocab_size=lm.vocab_size, input_dtype=lm.input_dtype, input_shape=lm.input_shape,
+                         tokenizer=lm.tokenizer, extra={"description": self.model.description})
+
+    # -- the units of work, identical on every rank ----------------------------------------
+    @torch.no_grad()
+    def run_predict(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(self.device)
+        if self.loaded.kind == "causal-lm":
+            out = self.model.module(input_ids=x).logits
+        elif self.loaded.hf:
+            out = self.model.module(input_ids=x)
+            out = getattr(out, "last_hidden_state", out[0] if isinstance(out, (tuple, list)) else out)
+        else:
+            out = self.model.module(x)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+        return out.detach().to("cpu")
+
+    def run_generate(self, requests: list[GenerationRequest], on_token: TokenCallback | None = None
+                     ) -> list[GenerationResult]:
+        sync = self.channel.broadcast_tensor if self.channel else None
+        return generation.generate(self.model.module, requests, is_rank0=self.rank == 0, sync=sync,
+                                   pad_id=self.pad_id, eos_ids=self.eos_ids, on_token=on_token,
+                                   device=self.device)
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
+
+
+class Engine:
+    """Rank 0's handle on the group (implements `dscluster.engine.api.EngineClient`).
+
+    Thread-safe through one lock: the HTTP batcher, batch mode and the heartbeat thread take turns.
+    """
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.info = runtime.info()
+        self.heartbeat_interval = runtime.options.heartbeat_interval
+        self.failure: str | None = None
+        self._lock = threading.Lock()
+        self._last_unit = time.monotonic()
+        self._closed = False
+        self._alive = runtime.world_size
+        if runtime.channel is not None:
+            threading.Thread(target=self._heartbeats, name="dscluster-heartbeat", daemon=True).start()
+
+    # -- EngineClient ----------------------------------------------------------------------
+    def ranks_alive(self) -> int:
+        return 0 if self.failure else self._alive
+
+    def predict(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        batch = torch.stack(inputs)
+        with self._unit(Op.PREDICT, batch):
+            out = self.runtime.run_predict(batch)
+        return list(out.unbind(0))
+
+    def generate(self, requests: list[GenerationRequest], on_token: TokenCallback | None = None
+                 ) -> list[GenerationResult]:
+        with self._unit(Op.GENERATE, list(requests)):
+            return self.runtime.run_generate(list(requests), on_token)
+
+    def heartbeat(self) -> None:
+        with self._lock:
+            self._check()
+            self._send(Op.HEARTBEAT)
+
+    def shutdown(self) -> None:
+        """Tell every rank to exit 0. Safe to call twice, and after a failure (then it does nothing)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self.failure is None and self.runtime.channel is not None:
+                with contextlib.suppress(PeerFailure):
+                    self._send(Op.STOP)
+            self.runtime.close()
+
+    # -- internals -------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self.failure is not None:
+            raise PeerFailure(self.failure)
+        if self._closed:
+            raise PeerFailure("the engine is shut down")
+
+    def _send(self, op: Op, payload=None) -> None:
+        try:
+            self.runtime.channel.send(op, payload)
+        except Exception as exc:  # noqa: BLE001 - any failure of the control group breaks the group
+            self._broken(f"control channel failed ({_first_line(exc)})")
+        self._last_unit = time.monotonic()
+
+    @contextlib.contextmanager
+    def _unit(self, op: Op, payload):
+        """Send a unit to every rank, run it here, then agree with every rank on the outcome."""
+        with self._lock:
+            self._check()
+            if self.runtime.channel is None:
+                yield
+                return
+            self._send(op, payload)
+            error: BaseException | None = None
+            try:
+                yield
+            except Exception as exc:  # noqa: BLE001 - decided below: the unit failed or the group did
+                error = exc
+            try:
+                failed = self.runtime.channel.agree_ok(error is None)
+            except Exception as exc:  # noqa: BLE001
+                self._broken(f"a collective failed during {op.name.lower()} ({_first_line(error or exc)})")
+            self._last_unit = time.monotonic()
+            if error is not None:
+                raise EngineError(f"{op.name.lower()} failed: {_first_line(error)}") from error
+            if failed:
+                raise EngineError(f"{op.name.lower()} failed on {failed} other rank(s); see their logs")
+
+    def _heartbeats(self) -> None:
+        while not self._closed and self.failure is None:
+            time.sleep(self.heartbeat_interval / 2)
+            if time.monotonic() - self._last_unit < self.heartbeat_interval:
+                continue
+            if self._lock.acquire(timeout=self.heartbeat_interval):
+                try:
+                    if not self._closed and self.failure is None:
+                        self._send(Op.HEARTBEAT)
+                except PeerFailure:
+                    return
+                finally:
+                    self._lock.release()
+
+    def on_liveness_failure(self, reason: str) -> None:
+        with contextlib.suppress(PeerFailure):
+            self._broken(reason)
+
+    def _broken(self, reason: str) -> None:
+        """Mark the group broken (readiness turns 503, calls raise PeerFailure) and exit 3 soon."""
+        if self.failure is None:
+            monitor = self.runtime.monitor
+            stale = monitor.stale_ranks() if monitor is not None else []
+            if stale:
+                reason = f"{', '.join(monitor.describe(r) for r in stale)} failed: {reason}"
+            self.failure = reason
+            log.error("group broken: %s", reason)
+            grace = self.runtime.options.failure_grace
+            threading.Timer(grace, exit_group_broken, args=(reason, 0)).start()
+        raise PeerFailure(self.failure)
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else type(exc).__name__
+    return text[:300]
+
+
+# ------------------------------------------------------------------------------------------
+# Worker ranks
+
+
+def run_worker(runtime: Runtime) -> int:
+    """Receive and run every unit rank 0 sends, until it says stop. Returns 0; exits 3 if the group breaks."""
+    channel = runtime.channel
+    signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: waiting for rank 0 to stop the group"))
+    while True:
+        try:
+            message = channel.recv()
+        except Exception as exc:  # noqa: BLE001
+            exit_group_broken(f"lost rank 0 ({_first_line(exc)})", runtime.rank)
+        if message.op is Op.STOP:
+            log.info("rank %d: stop received", runtime.rank)
+            runtime.close()
+            return 0
+        if message.op is Op.HEARTBEAT:
+            continue
+        ok = True
+        try:
+            if message.op is Op.PREDICT:
+                runtime.run_predict(message.payload)
+            elif message.op is Op.GENERATE:
+                runtime.run_generate(message.payload)
+        except Exception:  # noqa: BLE001 - reported to rank 0 through the agreement below
+            log.exception("rank %d: %s failed", runtime.rank, message.op.name.lower())
+            ok = False
+        try:
+            channel.agree_ok(ok)
+        except Exception as exc:  # noqa: BLE001
+            exit_group_broken(f"lost rank 0 during {message.op.name.lower()} ({_first_line(exc)})", runtime.rank)
+
+
+# ------------------------------------------------------------------------------------------
+# Building it
+
+
+def set_threads(local_world_size: int) -> int:
+    """Torch threads per rank: OMP_NUM_THREADS if a launcher set it, else the cores split evenly.
+    More threads than cores spin-wait and starve rank 0's HTTP event loop."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    threads = int(env) if env.isdigit() and int(env) > 0 else default_threads(local_world_size)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
+    """Join the group, load and split the model, and wait until every rank has done the same."""
+    set_threads(rdzv.local_world_size)
+    groups = monitor = None
+    engine_ref: dict[str, Engine] = {}
+    if rdzv.world_size > 1:
+        from dscluster.engine.liveness import LivenessMonitor
+
+        groups = init_groups(rdzv, options.backend, timeout_s=options.collective_timeout,
+                             control_timeout_s=options.heartbeat_timeout)
+
+        def on_failure(reason: str) -> None:
+            if rdzv.rank == 0 and "engine" in engine_ref:
+                engine_ref["engine"].on_liveness_failure(reason)
+            else:
+                exit_group_broken(reason, rdzv.rank)
+
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        monitor = LivenessMonitor(rdzv.master_addr, rdzv.master_port, rdzv.rank, rdzv.world_size,
+                                  options.heartbeat_interval, options.heartbeat_timeout, on_failure,
+                                  prefix=f"dscluster/{run_id}/{restart}")
+        monitor.start()
+    loaded = load_model(options.model, options.dtype, options.checkpoint)
+    engine_name = choose_engine(options.engine, loaded, rdzv.world_size)
+    model = parallelize(loaded, engine_name, rdzv.world_size, options.zero3_persistence_threshold)
+    if monitor is not None:
+        monitor.mark_ready()
+        monitor.wait_all_ready()
+    runtime = Runtime(options, loaded, model, groups, monitor)
+    runtime.engine_ref = engine_ref
+    log.info("rank %d ready: %s", rdzv.rank, model.description)
+    return runtime
+
+
+def make_engine(runtime: Runtime) -> Engine:
+    engine = Engine(runtime)
+    getattr(runtime, "engine_ref", {})["engine"] = engine
+    return engine
+
+
+def open_engine(model: str, *, engine: str | None = None, dtype: str = "auto", checkpoint: str | None = None,
+                served_model_name: str | None = None) -> Engine:
+    """A single-rank engine in this process (no process group): the unsharded reference, and the
+    engine for a model that fits one device."""
+    options = RuntimeOptions(model=model, engine=engine, dtype=dtype, checkpoint=checkpoint,
+                             served_model_name=served_model_name)
+    loaded = load_model(model, dtype, checkpoint)
+    parallel = parallelize(loaded, choose_engine(engine, loaded, 1), 1)
+    return Engine(Runtime(options, loaded, parallel, None))

@@ -1,0 +1,70 @@
+"""`serve` and `batch` share one path: find out who we are, spawn local ranks if this process is a
+node agent, else join the group, load the model, and play rank 0's role or a worker's.
+
+Bad input is caught here before any rank starts (exit 2), not after every rank loaded a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dscluster.cluster.launch import launch
+from dscluster.cluster.rendezvous import discover
+from dscluster.engine.loading import check_model_spec
+from dscluster.errors import EXIT_PEER_FAILED, UsageError
+
+log = logging.getLogger(__name__)
+
+
+def _preflight(args: argparse.Namespace, role: str) -> None:
+    check_model_spec(args.model)
+    if args.heartbeat_timeout <= args.heartbeat_interval:
+        raise UsageError(f"--heartbeat-timeout {args.heartbeat_timeout:g} must exceed "
+                         f"--heartbeat-interval {args.heartbeat_interval:g}")
+    if role == "batch":
+        from dscluster.batch import check_batch_files
+
+        check_batch_files(args.input, args.output)
+    if role == "serve" and not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port} is not a TCP port (1-65535)")
+
+
+def run(args: argparse.Namespace, role: str) -> int:
+    _preflight(args, role)
+    rdzv = discover(nproc_per_node=args.nproc)
+    spawning = rdzv.spawn_local > 1 and rdzv.launcher in ("none", "trainer-torch", "lws")
+    if args.nproc and not spawning and rdzv.launcher not in ("none", "local", "trainer-torch", "lws"):
+        if args.nproc != rdzv.local_world_size:
+            raise UsageError(f"--nproc {args.nproc} under {rdzv.launcher}, which already started "
+                             f"{rdzv.local_world_size} rank(s) on this node: drop --nproc")
+    if spawning:
+        argv = getattr(args, "argv", None) or sys.argv[1:]
+        return launch([sys.executable, "-m", "dscluster", *argv], nproc=rdzv.spawn_local, rdzv=rdzv)
+
+    from dscluster.cluster.group import destroy_groups
+    from dscluster.engine.runtime import RuntimeOptions, build_runtime, make_engine, run_worker
+
+    runtime = build_runtime(RuntimeOptions.from_args(args), rdzv)
+    if rdzv.rank != 0:
+        code = run_worker(runtime)
+        destroy_groups()
+        return code
+    engine = make_engine(runtime)
+    try:
+        if role == "serve":
+            from dscluster.serving.server import run_server
+
+            code = run_server(engine, args)
+        else:
+            from dscluster.batch import run_batch
+
+            code = run_batch(engine, args)
+    finally:
+        engine.shutdown()
+    if engine.failure:
+        print(f"dscluster: group broken: {engine.failure}", file=sys.stderr)
+        return EXIT_PEER_FAILED
+    destroy_groups()
+    return code
