@@ -4,6 +4,7 @@ the results as JSON. Started by the local launcher, torchrun or mpirun like any 
 
 import json
 import sys
+import time
 
 import torch
 
@@ -39,6 +40,9 @@ def main() -> int:
     if runtime.rank != 0:
         return run_worker(runtime)
     engine = make_engine(runtime)
+    if spec.get("ready_file"):
+        open(spec["ready_file"], "w").close()
+    time.sleep(spec.get("hold_seconds", 0))  # idle: only heartbeats cross the control channel
     try:
         result = run_work(engine, spec["work"])
     finally:

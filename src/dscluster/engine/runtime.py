@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -226,24 +227,36 @@ class Engine:
 
     def on_liveness_failure(self, reason: str) -> None:
         with contextlib.suppress(PeerFailure):
-            self._broken(reason)
+            self._broken(reason, named=True)
 
-    def _broken(self, reason: str) -> None:
-        """Mark the group broken (readiness turns 503, calls raise PeerFailure) and exit 3 soon."""
+    def _broken(self, reason: str, named: bool = False) -> None:
+        """Mark the group broken (readiness turns 503, calls raise PeerFailure) and exit 3 soon.
+
+        A failed collective says only that some peer is gone; the liveness monitor says which one
+        within the heartbeat timeout, so the exit waits (that long at most) to name the rank."""
         if self.failure is None:
-            monitor = self.runtime.monitor
-            stale = monitor.stale_ranks() if monitor is not None else []
-            if stale:
-                reason = f"{', '.join(monitor.describe(r) for r in stale)} failed: {reason}"
             self.failure = reason
             log.error("group broken: %s", reason)
-            grace = self.runtime.options.failure_grace
-            threading.Timer(grace, exit_group_broken, args=(reason, 0)).start()
+            threading.Thread(target=self._exit_after_naming, args=(reason, named), daemon=True).start()
         raise PeerFailure(self.failure)
+
+    def _exit_after_naming(self, reason: str, named: bool) -> None:
+        options, monitor = self.runtime.options, self.runtime.monitor
+        time.sleep(options.failure_grace)
+        deadline = time.monotonic() + options.heartbeat_timeout + options.heartbeat_interval
+        while not named and monitor is not None and time.monotonic() < deadline:
+            stale = monitor.stale_ranks()
+            if stale:
+                reason = f"{', '.join(monitor.describe(r) for r in stale)} stopped answering; {reason}"
+                break
+            time.sleep(options.heartbeat_interval / 2)
+        exit_group_broken(reason, 0)
 
 
 def _first_line(exc: BaseException | None) -> str:
+    """A collective error in one readable line: gloo's source location and advice removed."""
     text = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". This is typically")[0]
     return text[:300]
 
 
