@@ -3,6 +3,7 @@ file through the Engine (so every unit goes through the control channel to all r
 the results as JSON. Started by the local launcher, torchrun or mpirun like any dscluster rank."""
 
 import json
+import os
 import sys
 import time
 
@@ -20,7 +21,8 @@ def local_parameter_count(module: torch.nn.Module) -> int:
 
 def run_work(engine, work: dict) -> dict:
     out: dict = {"engine": engine.info.engine, "world_size": engine.info.world_size,
-                 "local_params": local_parameter_count(engine.runtime.model.module)}
+                 "local_params": local_parameter_count(engine.runtime.model.module),
+                 "master_port": os.environ.get("MASTER_PORT")}
     dtype = engine.info.input_dtype
     if "predict" in work:
         outputs = engine.predict([torch.tensor(x, dtype=dtype) for x in work["predict"]])

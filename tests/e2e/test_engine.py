@@ -77,6 +77,8 @@ def test_sharded_llama_equals_unsharded(tmp_path, tiny, tiny_reference, engine):
     assert got["engine"] == engine and got["world_size"] == 2
     full = sum(p.numel() for p in open_engine(tiny).runtime.model.module.parameters())
     assert got["local_params"] < 0.65 * full, f"{engine}: rank 0 holds {got['local_params']} of {full}"
+    leaked = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{got['master_port']}_*")]
+    assert not leaked, f"DeepSpeed shared-memory segments left behind: {leaked}"
     for sharded, single in zip(got["predict"], tiny_reference["predict"], strict=True):
         diff = (torch.tensor(sharded) - torch.tensor(single)).abs().max().item()
         assert diff < 1e-5, f"{engine} logits differ from the unsharded model by {diff}"

@@ -8,7 +8,9 @@ same time (the protocol guarantees that). DeepSpeed is imported only here.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -80,3 +82,24 @@ def parallelize(loaded: LoadedModel, engine: str, world_size: int,
     module.eval()
     log.info("engine: %s", desc)
     return ParallelModel(module, engine, world_size if engine == "tp" else 1, desc)
+
+
+def release_shared_memory(rank: int) -> bool:
+    """Unlink this rank's DeepSpeed shared-memory all-reduce segment once every rank has mapped it.
+
+    DeepSpeed creates one ~64 MiB /dev/shm segment per rank and never unlinks it, so each run
+    leaks RAM (and a restarted container in the same pod would reopen stale segments). Every
+    peer maps every segment during DeepSpeed's init, so after the group's ready barrier the name
+    can go: the memory stays mapped until the processes exit, and is freed even after SIGKILL.
+    """
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    path = Path("/dev/shm") / name
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("could not unlink %s: %s", path, exc)
+        return False
+    return True

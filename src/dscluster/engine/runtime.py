@@ -26,7 +26,7 @@ from dscluster.cluster.rendezvous import Rendezvous
 from dscluster.engine import generation
 from dscluster.engine.api import GenerationRequest, GenerationResult, ModelInfo, TokenCallback
 from dscluster.engine.loading import LoadedModel, load_model
-from dscluster.engine.parallel import ParallelModel, choose_engine, parallelize
+from dscluster.engine.parallel import ParallelModel, choose_engine, parallelize, release_shared_memory
 from dscluster.engine.protocol import ControlChannel, Op
 from dscluster.errors import EXIT_PEER_FAILED, PeerFailure
 
@@ -336,6 +336,7 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
     if monitor is not None:
         monitor.mark_ready()
         monitor.wait_all_ready()
+        release_shared_memory(rdzv.rank)
     runtime = Runtime(options, loaded, model, groups, monitor)
     runtime.engine_ref = engine_ref
     log.info("rank %d ready: %s", rdzv.rank, model.description)
