@@ -24,11 +24,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dscluster.errors import UsageError
+from dscluster.errors import EXIT_RUNTIME, PeerFailure, UsageError
 
 log = logging.getLogger(__name__)
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/predict")
+TRANSIENT = (429, 503, 504)  # the group or queue failed, not the request: never written as done
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Summary:
     skipped: int = 0               # already in the output (resume)
     succeeded: int = 0
     failed: int = 0
+    retry: int = 0                 # transient failures, left for a re-run
     started: float = field(default_factory=time.monotonic)
 
     def line(self) -> str:
@@ -232,7 +234,10 @@ async def _run(engine, args) -> int:
                     body = reply.json()
                 except ValueError:
                     body = {"error": {"message": reply.text[:500], "type": "server_error", "code": None}}
-                write(result_record(line, reply.status_code, body), ok=reply.status_code < 400)
+                if reply.status_code in TRANSIENT:
+                    summary.retry += 1  # not written: a re-run with the same output retries it
+                else:
+                    write(result_record(line, reply.status_code, body), ok=reply.status_code < 400)
             finally:
                 limit.release()
 
@@ -253,6 +258,12 @@ async def _run(engine, args) -> int:
                 await asyncio.gather(*in_flight)
     progress.close()
     print(summary.line(), file=sys.stderr, flush=True)
+    if engine.failure:
+        raise PeerFailure(engine.failure)
+    if summary.retry:
+        print(f"batch: {summary.retry} request(s) not run (server busy or group broken): run the same "
+              "command again to finish them", file=sys.stderr)
+        return EXIT_RUNTIME
     return 0
 
 
