@@ -1,0 +1,131 @@
+"""Helpers shared by the benchmarks: statistics, the benchmark models, and starting rank programs
+through the product's own local launcher (the way users run it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("DSCLUSTER_BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))
+RANKS = Path(__file__).resolve().with_name("ranks.py")
+
+# The models: `dscluster tiny-model` defaults, and the same architecture grown to ~100M parameters
+# (10 layers of width 768 with a 4096-token vocabulary: 100.7M).
+MODELS = {
+    "tiny": [],
+    "llama-100m": ["--layers", "10", "--hidden", "768", "--vocab-size", "4096"],
+}
+
+
+def model_dir(name: str) -> Path:
+    """Write the model once (deterministic for its seed) and reuse it across runs."""
+    path = CACHE / name
+    if not (path / "model.safetensors").exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "dscluster", "tiny-model", str(path), "--seed", "0", *MODELS[name]],
+                       check=True, capture_output=True, timeout=600)
+    return path
+
+
+def stats(samples: list[float]) -> dict:
+    """Median and tail of a list of timings (any unit): noisy machines need percentiles, not means."""
+    xs = sorted(samples)
+    if not xs:
+        return {"n": 0}
+
+    def pct(q: float) -> float:
+        return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+    return {"n": len(xs), "p50": statistics.median(xs), "p90": pct(0.90), "p99": pct(0.99),
+            "min": xs[0], "mean": statistics.fmean(xs)}
+
+
+def launch_ranks(task: dict, nproc: int, threads: int, timeout: float = 900) -> list[dict]:
+    """Run `ranks.py` with `task` as `nproc` local ranks (`dscluster launch`), each with `threads`
+    OpenMP threads. Returns every rank's JSON report, in rank order."""
+    with tempfile.TemporaryDirectory(prefix="dscluster-bench-") as tmp:
+        task = dict(task, out_dir=tmp)
+        spec = Path(tmp) / "task.json"
+        spec.write_text(json.dumps(task))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=_pythonpath())
+        env.pop("MASTER_PORT", None)
+        cmd = [sys.executable, "-m", "dscluster", "launch", "--nproc", str(nproc), "--",
+               sys.executable, str(RANKS), str(spec)]
+        started = time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{task['mode']} on {nproc} rank(s) failed ({proc.returncode}):\n"
+                               f"{proc.stderr[-4000:]}")
+        reports = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(nproc)]
+        for report in reports:
+            report["launch_seconds"] = round(time.monotonic() - started, 1)
+        return reports
+
+
+def _pythonpath() -> str:
+    parts = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(parts)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def machine() -> dict:
+    """What the numbers were measured on, recorded with them."""
+    import platform
+
+    import torch
+
+    return {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "load_avg_1min_at_start": load_avg()}
+
+
+def load_avg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+_warmed = False
+
+
+def warm_up_deepspeed() -> None:
+    """DeepSpeed compiles its shared-memory all-reduce op on first use (about 50 s, then cached):
+    one tp=2 run of the tiny model, so that no measured run pays for it."""
+    global _warmed
+    if not _warmed:
+        launch_ranks({"mode": "memory", "model": str(model_dir("tiny")), "engine": "tp"}, nproc=2, threads=1)
+        _warmed = True
+
+
+def pyplot():
+    """matplotlib with the file-only backend (no display on servers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+MIB = 1024 * 1024
+
+
+def mib(n: float) -> float:
+    return round(n / MIB, 1)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

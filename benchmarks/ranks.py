@@ -1,0 +1,257 @@
+"""The rank program the benchmarks start with `dscluster launch --nproc N -- python ranks.py TASK.json`.
+
+Every rank runs the same task and writes its own report to OUT_DIR/rankR.json. Modes:
+- `memory`: load and split the model through the engine's real path (`build_runtime`) and report
+  this rank's RSS before and after the split, its peak RSS, and the parameter bytes it holds.
+- `control`: time control messages between rank 0 and the others (`ControlChannel`, the per-step
+  token broadcast, and `broadcast_object_list` for comparison).
+- `speed`: time greedy decoding of a batch through `Engine.generate` (every rank in lockstep).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import pickle
+import resource
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from dscluster.cluster.rendezvous import discover
+
+
+def rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def held_bytes(module: torch.nn.Module) -> dict:
+    """Bytes of parameters this rank really holds: its tensor-parallel shards or its ZeRO-3 partition."""
+    params = count = 0
+    for p in module.parameters():
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else p
+        params += t.numel() * t.element_size()
+        count += t.numel()
+    buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+    return {"param_bytes": params, "param_count": count, "buffer_bytes": buffers}
+
+
+def build(task: dict):
+    from dscluster.engine import runtime as rt
+
+    options = rt.RuntimeOptions(model=task["model"], engine=task.get("engine"))
+    return rt.build_runtime(options, discover())
+
+
+def finish(runtime, report: dict, task: dict, work=None) -> None:
+    """Rank 0 runs `work` through an Engine then stops the group; the others serve as workers."""
+    from dscluster.engine.runtime import make_engine, run_worker
+
+    if runtime.rank == 0:
+        engine = make_engine(runtime)
+        try:
+            if work is not None:
+                report.update(work(engine))
+        finally:
+            engine.shutdown()
+    else:
+        run_worker(runtime)
+    write(report, task, runtime.rank)
+
+
+def write(report: dict, task: dict, rank: int) -> None:
+    if task["mode"] == "memory":
+        report["steady"] = memory_now()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # what the allocator keeps cached, versus live data
+        report["trimmed"] = memory_now()
+    Path(task["out_dir"], f"rank{rank}.json").write_text(json.dumps(report))
+
+
+# -- memory ---------------------------------------------------------------------------------
+def memory_now() -> dict:
+    """RSS and its parts. Transformers maps safetensors weights from the file, so part of a rank's
+    RSS is file pages (shared with other ranks that map the same file, and reclaimable); anonymous
+    memory and shared memory (DeepSpeed's all-reduce segments) are what the rank cannot give back."""
+    gc.collect()
+    parts = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                key, value, _unit = line.split()
+                parts[key[3:-1].lower()] = int(value) * 1024
+    return {"rss": rss(), **parts, "peak": peak_rss()}
+
+
+def release_checkpoint(module: torch.nn.Module) -> None:
+    """Copy every tensor the split left in place (embeddings, norms) out of the checkpoint's file
+    mapping, so the mapping and the file pages it holds go away: what the engine could do."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.numel():
+                p.data = p.data.clone()
+        for m in module.modules():
+            for name, b in list(m._buffers.items()):
+                if b is not None:
+                    m._buffers[name] = b.clone()
+
+
+def memory(task: dict) -> None:
+    from dscluster.engine import runtime as rt
+    from dscluster.engine.api import GenerationRequest, SamplingParams
+
+    report = {"start": memory_now()}
+    split = rt.parallelize
+
+    def measured_split(*args, **kwargs):  # the full checkpoint is loaded, not yet split
+        report["loaded"] = memory_now()
+        return split(*args, **kwargs)
+
+    rt.parallelize = measured_split
+    runtime = build(task)
+    if task.get("release_checkpoint"):
+        report["ready_before_release"] = memory_now()
+        release_checkpoint(runtime.model.module)
+    report["ready"] = memory_now()
+    report.update(engine=runtime.model.engine, world_size=runtime.world_size, threads=torch.get_num_threads(),
+                  **held_bytes(runtime.model.module))
+    # One short unit of work, so that every weight has been read once: steady serving memory.
+    request = GenerationRequest(tuple(range(4, 36)), SamplingParams(max_tokens=4, temperature=0))
+    finish(runtime, report, task, lambda engine: {"generated": len(engine.generate([request] * 2)[0].token_ids)})
+
+
+# -- control messages -----------------------------------------------------------------------
+def control_payloads() -> dict:
+    """The units the engine sends, at the sizes the brief asks about."""
+    from dscluster.engine.api import GenerationRequest, SamplingParams
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [tuple(torch.randint(4, 1024, (64,), generator=g).tolist()) for _ in range(8)]
+    return {
+        "heartbeat": None,
+        "predict_1x10": torch.randn(1, 10, generator=g),
+        "predict_32x10": torch.randn(32, 10, generator=g),
+        "generate_8x64": [GenerationRequest(p, SamplingParams(max_tokens=32, temperature=0.8, top_p=0.95, seed=i))
+                          for i, p in enumerate(prompts)],
+    }
+
+
+def control(task: dict) -> None:
+    """One-way latency of each message: after an untimed barrier, rank 0 notes the time and sends;
+    each worker notes the time when it holds the decoded message. Both clocks are the machine's
+    monotonic clock, so the difference is the latency. Cases take turns message by message, so
+    noise from other processes on the machine hits every case alike."""
+    import torch.distributed as dist
+
+    from dscluster.cluster.group import init_groups
+    from dscluster.engine.protocol import ControlChannel, Op, decode, encode
+
+    rdzv = discover()
+    groups = init_groups(rdzv, "gloo")
+    group, rank = groups.control, groups.rank
+    channel = ControlChannel(group, rank)
+    payloads = control_payloads()
+    batch = 8
+    cases: dict[str, callable] = {}
+    for name, payload in payloads.items():
+        op = Op.HEARTBEAT if payload is None else (Op.PREDICT if name.startswith("predict") else Op.GENERATE)
+        cases[f"channel/{name}"] = (lambda op=op, payload=payload: channel.send(op, payload)) if rank == 0 \
+            else channel.recv
+        obj = {"op": "heartbeat"} if payload is None else payload
+        cases[f"object_list/{name}"] = lambda obj=obj: dist.broadcast_object_list(
+            [obj if rank == 0 else None], src=0, group=group)
+    tokens = torch.arange(2 * batch, dtype=torch.int64)
+    header = torch.tensor([1, 0], dtype=torch.int64)  # the primitives under the header, bare
+    cases["primitive/all_reduce_2xint64"] = lambda: dist.all_reduce(header.clone(), group=group)
+    cases["primitive/broadcast_2xint64"] = lambda: dist.broadcast(header.clone(), src=0, group=group)
+    cases["channel/token_step_8"] = lambda: channel.broadcast_tensor(tokens if rank == 0 else torch.zeros_like(tokens))
+
+    reps, warmup = task["reps"], task["warmup"]
+    times: dict[str, list[int]] = {name: [] for name in cases}
+    sender: dict[str, list[int]] = {name: [] for name in cases}
+    for name, fn in cases.items():  # warm-up: connections, allocator, code paths
+        for _ in range(warmup):
+            dist.barrier(group=group)
+            fn()
+    for _ in range(reps):
+        for name, fn in cases.items():
+            dist.barrier(group=group)
+            t0 = time.perf_counter_ns()
+            fn()
+            t1 = time.perf_counter_ns()
+            times[name].append(t0 if rank == 0 else t1)
+            sender[name].append(t1 - t0)
+    report = {"rank": rank, "times_ns": times, "blocked_ns": sender}
+    if rank == 0:  # the encoding alone, in this process
+        report["encode_ns"], report["decode_ns"], report["encoded_bytes"], report["object_bytes"] = {}, {}, {}, {}
+        for name, payload in payloads.items():
+            if payload is None:
+                continue
+            data = encode(payload)
+            report["encoded_bytes"][name] = len(data)
+            report["object_bytes"][name] = len(pickle.dumps(payload))  # what broadcast_object_list sends
+            enc, dec = [], []
+            for _ in range(reps):
+                t0 = time.perf_counter_ns()
+                encode(payload)
+                t1 = time.perf_counter_ns()
+                decode(data)
+                t2 = time.perf_counter_ns()
+                enc.append(t1 - t0)
+                dec.append(t2 - t1)
+            report["encode_ns"][name], report["decode_ns"][name] = enc, dec
+    dist.barrier(group=group)
+    write(report, task, rank)
+
+
+# -- decoding speed -------------------------------------------------------------------------
+def speed(task: dict) -> None:
+    from dscluster.engine.api import GenerationRequest, SamplingParams
+
+    runtime = build(task)
+    runtime.eos_ids = ()  # a random model may emit EOS; every request must decode exactly max_tokens
+    vocab = runtime.loaded.vocab_size
+    g = torch.Generator().manual_seed(1)
+    params = SamplingParams(max_tokens=task["new_tokens"], temperature=0)
+    requests = [GenerationRequest(tuple(torch.randint(4, vocab, (task["prompt_len"],), generator=g).tolist()), params)
+                for _ in range(task["batch"])]
+
+    def work(engine) -> dict:
+        warm = [GenerationRequest(r.prompt_ids, SamplingParams(max_tokens=2, temperature=0)) for r in requests]
+        engine.generate(warm)  # warm-up: first-call allocations, DeepSpeed's lazy set-up
+        runs = []
+        for _ in range(task["reps"]):
+            steps: list[float] = []
+
+            def on_token(i: int, _token: int) -> bool:
+                if i == 0:
+                    steps.append(time.perf_counter())
+                return True
+
+            t0 = time.perf_counter()
+            results = engine.generate(requests, on_token)
+            t1 = time.perf_counter()
+            runs.append({"seconds": t1 - t0, "tokens": sum(len(r.token_ids) for r in results),
+                         "prefill_seconds": steps[0] - t0,
+                         "step_seconds": [b - a for a, b in zip(steps, steps[1:], strict=False)]})
+        return {"runs": runs, "engine": runtime.model.engine, "world_size": runtime.world_size,
+                "threads": torch.get_num_threads(), **held_bytes(runtime.model.module)}
+
+    finish(runtime, {"rank": runtime.rank}, task, work)
+
+
+def main() -> int:
+    task = json.loads(Path(sys.argv[1]).read_text())
+    {"memory": memory, "control": control, "speed": speed}[task["mode"]](task)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
