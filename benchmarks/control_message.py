@@ -103,7 +103,11 @@ def summary(result: dict) -> str:
         notes = (f"\n\nThe bare primitives under the header, same method: all-reduce of 2 int64 "
                  f"{ar['p50']:.0f} / {ar['p90']:.0f} / {ar['p99']:.0f} us, broadcast of 2 int64 "
                  f"{bc['p50']:.0f} / {bc['p90']:.0f} / {bc['p99']:.0f} us (p50 / p90 / p99).")
-    return (f"One-way latency in microseconds, p50 / p90 / p99 over {result['repetitions']} messages each, "
+    c = result["cases"]
+    headline = (f"A heartbeat costs {c['heartbeat']['channel_us']['p50']:.0f} us (p50), a generate unit of 8 x 64 "
+                f"token ids {c['generate_8x64']['channel_us']['p50']:.0f} us, the per-step token broadcast "
+                f"{c['token_step_8']['channel_us']['p50']:.0f} us; encoding is a small part of it.\n\n")
+    return (headline + f"One-way latency in microseconds, p50 / p90 / p99 over {result['repetitions']} messages each, "
             f"2 ranks, gloo, 1 thread per rank.\n\n"
             + table(["message", "ControlChannel", "broadcast_object_list", "object_list / channel (p50)",
                      "encode + decode alone (p50)", "bytes sent (channel)"], rows) + notes)
