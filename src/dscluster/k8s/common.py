@@ -1,0 +1,223 @@
+"""Pieces every workload kind shares: labels, rank environment, volumes, probes, Services, PVC."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+MASTER_PORT = 29500
+CHECKPOINT_MOUNT = "/mnt/checkpoints"
+SHM_VOLUME = "dshm"
+CHECKPOINT_VOLUME = "checkpoints"
+API_KEY_ENV = "DSCLUSTER_API_KEY"
+API_KEY_SECRET_KEY = "api-key"
+# Variables the launcher forwards to every rank with `mpirun -x` (ranks started over ssh do not
+# inherit the launcher pod's environment).
+FORWARDED_ENV = ("MASTER_ADDR", "MASTER_PORT", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME",
+                 "GLOO_SOCKET_IFNAME", "NCCL_IB_DISABLE")
+
+Obj = dict[str, Any]
+
+
+def slots(opts: argparse.Namespace) -> int:
+    """Ranks per pod: one per GPU, or one CPU rank."""
+    return opts.gpus_per_node if opts.gpus_per_node > 0 else 1
+
+
+def world_size(opts: argparse.Namespace) -> int:
+    return opts.nodes * slots(opts)
+
+
+def engine(opts: argparse.Namespace) -> str:
+    if opts.engine:
+        return opts.engine
+    return "tp" if world_size(opts) > 1 else "replicated"
+
+
+def common_labels(opts: argparse.Namespace) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "dscluster", "app.kubernetes.io/instance": opts.name,
+            "app.kubernetes.io/managed-by": "dscluster"}
+
+
+def meta(opts: argparse.Namespace, name: str) -> Obj:
+    return {"name": name, "namespace": opts.namespace, "labels": common_labels(opts)}
+
+
+def master_name(opts: argparse.Namespace) -> str:
+    return f"{opts.name}-master"
+
+
+def http_name(opts: argparse.Namespace) -> str:
+    return f"{opts.name}-http"
+
+
+def pvc_name(opts: argparse.Namespace) -> str:
+    return opts.existing_pvc or f"{opts.name}-checkpoints"
+
+
+def serve_command(opts: argparse.Namespace, nproc: int | None = None) -> list[str]:
+    cmd = ["dscluster", "serve", opts.model, "--host", "0.0.0.0", "--port", str(opts.port),
+           "--engine", engine(opts)]
+    if nproc is not None:
+        cmd += ["--nproc", str(nproc)]
+    if opts.dtype:
+        cmd += ["--dtype", opts.dtype]
+    return cmd
+
+
+def nccl_env(opts: argparse.Namespace) -> list[Obj]:
+    return [
+        {"name": "NCCL_DEBUG", "value": opts.nccl_debug},
+        {"name": "NCCL_SOCKET_IFNAME", "value": opts.nccl_socket_ifname},
+        {"name": "GLOO_SOCKET_IFNAME", "value": opts.nccl_socket_ifname},
+        {"name": "NCCL_IB_DISABLE", "value": "1" if opts.nccl_ib_disable else "0"},
+    ]
+
+
+def rank_env(opts: argparse.Namespace, *, master_addr: bool = True) -> list[Obj]:
+    """NCCL/gloo settings plus the rendezvous address (the `<name>-master` headless Service)."""
+    env = []
+    if master_addr:
+        env.append({"name": "MASTER_ADDR", "value": master_name(opts)})
+    env.append({"name": "MASTER_PORT", "value": str(MASTER_PORT)})
+    return env + nccl_env(opts)
+
+
+def api_key_env(opts: argparse.Namespace) -> list[Obj]:
+    if not opts.api_key_secret:
+        return []
+    return [{"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": opts.api_key_secret,
+                                                                  "key": API_KEY_SECRET_KEY}}}]
+
+
+def gpu_resources(opts: argparse.Namespace) -> Obj:
+    if opts.gpus_per_node <= 0:
+        return {}
+    n = str(opts.gpus_per_node)
+    return {"limits": {"nvidia.com/gpu": n}}
+
+
+def rank_volumes(opts: argparse.Namespace) -> list[Obj]:
+    return [
+        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
+        {"name": CHECKPOINT_VOLUME, "persistentVolumeClaim": {"claimName": pvc_name(opts), "readOnly": True}},
+    ]
+
+
+def rank_volume_mounts() -> list[Obj]:
+    return [
+        {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
+        {"name": CHECKPOINT_VOLUME, "mountPath": CHECKPOINT_MOUNT, "readOnly": True},
+    ]
+
+
+def rank_ports(opts: argparse.Namespace) -> list[Obj]:
+    return [{"name": "http", "containerPort": opts.port, "protocol": "TCP"},
+            {"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"}]
+
+
+def http_probes(opts: argparse.Namespace) -> Obj:
+    """Probes for a container that runs rank 0's HTTP server itself (httpGet on the HTTP port)."""
+    return {
+        # Loading a large model from a PVC can take many minutes: allow 30 minutes before liveness.
+        "startupProbe": {"httpGet": {"path": "/health/live", "port": "http"},
+                         "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 180},
+        "readinessProbe": {"httpGet": {"path": "/health/ready", "port": "http"},
+                           "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 2,
+                           "successThreshold": 1},
+        "livenessProbe": {"httpGet": {"path": "/health/live", "port": "http"},
+                          "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
+    }
+
+
+def _curl(url: str) -> str:
+    return f"curl -fsS -o /dev/null --max-time 3 {url}"
+
+
+# `[ ]` keeps the probe's own command line (which contains this pattern) from matching itself.
+_SERVE_RUNNING = 'pgrep -f "dscluster[ ]serve" >/dev/null'
+
+
+def _tcp_open(port: int) -> str:
+    return f"timeout 2 bash -c '</dev/tcp/127.0.0.1/{port}' 2>/dev/null"
+
+
+def ssh_worker_probes(opts: argparse.Namespace, rank0_hostname: str) -> Obj:
+    """Probes for pods that run sshd and receive their ranks from an mpirun launcher.
+
+    All these pods share one template, but only the pod named `rank0_hostname` runs rank 0's HTTP
+    server (by-slot mapping puts rank 0 on the first hostfile host). The probes are exec scripts:
+    - readiness: before the launcher has started ranks in the pod, the pod is Ready when sshd
+      accepts connections (the Trainer's `dependsOn: Ready` and the MPI Operator's
+      `WaitForWorkersReady` wait for exactly that); once ranks run, every pod is Ready exactly
+      when rank 0 answers /health/ready (through the `<name>-master` headless Service), i.e. when
+      the whole group has loaded the model and answers heartbeats. The `<name>-http` Service
+      selects the rank-0 pod only, so it routes traffic only to a ready group.
+    - liveness: on the rank-0 pod, once its HTTP port is open, /health/live must answer; while
+      the model loads (port closed) and on other pods, sshd (PID 1) running is enough. A dead
+      rank anywhere makes mpirun exit non-zero, and the launcher restarts the whole group.
+    """
+    port = opts.port
+    ready = (f"if {_SERVE_RUNNING}; then {_curl(f'http://${{MASTER_ADDR}}:{port}/health/ready')}; "
+             f"else {_tcp_open(22)}; fi")
+    live = (f'if [ "$(hostname)" = "{rank0_hostname}" ] && {_SERVE_RUNNING} && {_tcp_open(port)}; then '
+            f"{_curl(f'http://127.0.0.1:{port}/health/live')}; fi")
+    return {
+        "readinessProbe": {"exec": {"command": ["bash", "-c", ready]},
+                           "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {"exec": {"command": ["bash", "-c", live]},
+                          "initialDelaySeconds": 30, "periodSeconds": 10, "timeoutSeconds": 5,
+                          "failureThreshold": 6},
+    }
+
+
+def leader_follower_probes(opts: argparse.Namespace, leader_addr_env: str) -> Obj:
+    """Readiness for pods whose ranks do not serve HTTP but belong to a group led by another pod:
+    Ready when the group's rank 0 answers /health/ready."""
+    ready = _curl(f"http://${{{leader_addr_env}}}:{opts.port}/health/ready")
+    return {"readinessProbe": {"exec": {"command": ["bash", "-c", ready]},
+                               "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 2}}
+
+
+def sshd_command() -> list[str]:
+    return ["/usr/sbin/sshd", "-De"]
+
+
+def mpirun_command(opts: argparse.Namespace) -> list[str]:
+    cmd = ["mpirun", "--allow-run-as-root", "-np", str(world_size(opts)), "-bind-to", "none",
+           "-map-by", "slot"]
+    for var in FORWARDED_ENV:
+        cmd += ["-x", var]
+    if opts.api_key_secret:
+        cmd += ["-x", API_KEY_ENV]
+    return cmd + serve_command(opts)
+
+
+def master_service(opts: argparse.Namespace, selector: dict[str, str]) -> Obj:
+    """Headless Service resolving to the rank-0 pod; published before readiness (rendezvous
+    happens before the model is loaded)."""
+    return {
+        "apiVersion": "v1", "kind": "Service", "metadata": meta(opts, master_name(opts)),
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": dict(selector),
+                 "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT,
+                            "protocol": "TCP"}]},
+    }
+
+
+def http_service(opts: argparse.Namespace, selector: dict[str, str]) -> Obj:
+    return {
+        "apiVersion": "v1", "kind": "Service", "metadata": meta(opts, http_name(opts)),
+        "spec": {"type": "ClusterIP", "selector": dict(selector),
+                 "ports": [{"name": "http", "port": opts.port, "targetPort": "http", "protocol": "TCP"}]},
+    }
+
+
+def checkpoint_pvc(opts: argparse.Namespace) -> Obj | None:
+    if opts.existing_pvc:
+        return None
+    spec: Obj = {"accessModes": ["ReadWriteMany"],
+                 "resources": {"requests": {"storage": str(opts.pvc_size)}}}
+    if opts.storage_class:
+        spec["storageClassName"] = opts.storage_class
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta(opts, pvc_name(opts)),
+            "spec": spec}

@@ -1,0 +1,88 @@
+"""Kubeflow MPI Operator (kubeflow.org/v2beta1 MPIJob): a launcher pod runs mpirun, worker pods run sshd.
+
+mpirun maps ranks by slot over the operator's hostfile, whose first host is `<name>-worker-0`, so
+rank 0 (and its HTTP server) runs on worker 0. The operator labels its pods with
+`training.kubeflow.org/{job-name,replica-type,replica-index}`; the Services select worker 0 by
+those labels. The operator itself creates the `<name>-worker` headless Service; ours are named
+`<name>-master` and `<name>-http` so they never collide.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dscluster.k8s import common as c
+
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"
+REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
+REPLICA_INDEX_LABEL = "training.kubeflow.org/replica-index"
+
+
+def rank0_selector(opts: argparse.Namespace) -> dict[str, str]:
+    return {JOB_NAME_LABEL: opts.name, REPLICA_TYPE_LABEL: "worker", REPLICA_INDEX_LABEL: "0"}
+
+
+def mpijob(opts: argparse.Namespace) -> c.Obj:
+    launcher = {
+        "name": "launcher",
+        "image": opts.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": c.mpirun_command(opts),
+        "env": c.rank_env(opts) + c.api_key_env(opts),
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
+    }
+    worker = {
+        "name": "worker",
+        "image": opts.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": c.sshd_command(),
+        # The ranks are started by sshd (through mpirun's orted) and get these through `mpirun -x`;
+        # they are set here too so that `dscluster doctor` in the pod sees the same values.
+        "env": c.rank_env(opts),
+        "ports": c.rank_ports(opts) + [{"name": "ssh", "containerPort": 22, "protocol": "TCP"}],
+        "volumeMounts": c.rank_volume_mounts(),
+        **c.ssh_worker_probes(opts, f"{opts.name}-worker-0"),
+    }
+    resources = c.gpu_resources(opts)
+    if resources:
+        worker["resources"] = resources
+    return {
+        "apiVersion": "kubeflow.org/v2beta1",
+        "kind": "MPIJob",
+        "metadata": c.meta(opts, opts.name),
+        "spec": {
+            "slotsPerWorker": c.slots(opts),
+            "mpiImplementation": "OpenMPI",
+            "launcherCreationPolicy": "AtStartup",
+            "runPolicy": {
+                # Running pods are removed when the job ends; a failed mpirun is retried by the
+                # launcher Job up to backoffLimit times.
+                "cleanPodPolicy": "Running",
+                "backoffLimit": 6,
+                # Gang scheduling (when the operator runs with volcano or scheduler-plugins): the
+                # launcher and every worker are placed together or not at all.
+                "schedulingPolicy": {"minAvailable": opts.nodes + 1},
+            },
+            "mpiReplicaSpecs": {
+                "Launcher": {
+                    "replicas": 1,
+                    "restartPolicy": "OnFailure",
+                    "template": {"metadata": {"labels": c.common_labels(opts)},
+                                 "spec": {"containers": [launcher]}},
+                },
+                "Worker": {
+                    "replicas": opts.nodes,
+                    "restartPolicy": "OnFailure",
+                    "template": {"metadata": {"labels": c.common_labels(opts)},
+                                 "spec": {"containers": [worker], "volumes": c.rank_volumes(opts)}},
+                },
+            },
+        },
+    }
+
+
+def render_objects(opts: argparse.Namespace) -> list[c.Obj]:
+    sel = rank0_selector(opts)
+    objs = [mpijob(opts), c.master_service(opts, sel), c.http_service(opts, sel)]
+    pvc = c.checkpoint_pvc(opts)
+    return objs + ([pvc] if pvc else [])

@@ -1,0 +1,112 @@
+"""Kubeflow Trainer v2 (trainer.kubeflow.org/v1alpha1): a TrainingRuntime with the MPI policy and a
+JobSet template (replicated jobs `launcher` and `node`), plus a TrainJob that refers to it.
+
+With `runLauncherAsNode: false` the launcher runs mpirun only and the `node` pods run sshd; the
+Trainer writes the hostfile (`<name>-node-0-0.<name>` first), so rank 0 runs on the pod of node
+job 0, completion index 0. JobSet labels its pods with `jobset.sigs.k8s.io/{jobset-name,
+replicatedjob-name,job-index}` and `batch.kubernetes.io/job-completion-index`; the JobSet is named
+after the TrainJob and creates a headless Service with that same name, so ours are `<name>-master`
+and `<name>-http`.
+
+The TrainJob sets only its own variables: the Trainer reserves the PET_* torch variables and the
+OpenMPI variables it writes itself (see validate.RESERVED_TRAINJOB_ENV).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dscluster.k8s import common as c
+
+SSH_AUTH_MOUNT_PATH = "/root/.ssh"
+
+
+def runtime_name(opts: argparse.Namespace) -> str:
+    return f"{opts.name}-runtime"
+
+
+def rank0_selector(opts: argparse.Namespace) -> dict[str, str]:
+    return {
+        "jobset.sigs.k8s.io/jobset-name": opts.name,
+        "jobset.sigs.k8s.io/replicatedjob-name": "node",
+        "jobset.sigs.k8s.io/job-index": "0",
+        "batch.kubernetes.io/job-completion-index": "0",
+    }
+
+
+def training_runtime(opts: argparse.Namespace) -> c.Obj:
+    node = {
+        # The Trainer finds the containers it manages by the name `node`.
+        "name": "node",
+        "image": opts.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": c.sshd_command(),
+        "env": c.rank_env(opts),
+        "ports": c.rank_ports(opts) + [{"name": "ssh", "containerPort": 22, "protocol": "TCP"}],
+        "volumeMounts": c.rank_volume_mounts(),
+        **c.ssh_worker_probes(opts, f"{opts.name}-node-0-0"),
+    }
+    resources = c.gpu_resources(opts)
+    if resources:
+        node["resources"] = resources
+    launcher = {
+        "name": "node",
+        "image": opts.image,
+        "imagePullPolicy": "IfNotPresent",
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
+    }
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "TrainingRuntime",
+        "metadata": c.meta(opts, runtime_name(opts)),
+        "spec": {
+            "mlPolicy": {
+                "numNodes": opts.nodes,
+                "mpi": {"numProcPerNode": c.slots(opts), "mpiImplementation": "OpenMPI",
+                        "sshAuthMountPath": SSH_AUTH_MOUNT_PATH, "runLauncherAsNode": False},
+            },
+            "template": {"spec": {
+                # Rendezvous names must resolve before the pods are Ready.
+                "network": {"publishNotReadyAddresses": True},
+                "successPolicy": {"operator": "All", "targetReplicatedJobs": ["launcher"]},
+                "replicatedJobs": [
+                    {"name": "node", "template": {"spec": {"completionMode": "Indexed", "template": {
+                        "metadata": {"labels": c.common_labels(opts)},
+                        "spec": {"containers": [node], "volumes": c.rank_volumes(opts)}}}}},
+                    {"name": "launcher",
+                     "dependsOn": [{"name": "node", "status": "Ready"}],
+                     "template": {
+                         "metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
+                         "spec": {"template": {"metadata": {"labels": c.common_labels(opts)},
+                                               "spec": {"containers": [launcher]}}}}},
+                ],
+            }},
+        },
+    }
+
+
+def train_job(opts: argparse.Namespace) -> c.Obj:
+    cmd = c.mpirun_command(opts)
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": c.meta(opts, opts.name),
+        "spec": {
+            "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+                           "name": runtime_name(opts)},
+            "trainer": {
+                "image": opts.image,
+                "numNodes": opts.nodes,
+                "command": cmd[:1],
+                "args": cmd[1:],
+                "env": c.rank_env(opts) + c.api_key_env(opts),
+            },
+        },
+    }
+
+
+def render_objects(opts: argparse.Namespace) -> list[c.Obj]:
+    sel = rank0_selector(opts)
+    objs = [training_runtime(opts), train_job(opts), c.master_service(opts, sel), c.http_service(opts, sel)]
+    pvc = c.checkpoint_pvc(opts)
+    return objs + ([pvc] if pvc else [])
