@@ -39,6 +39,10 @@ def run(args: argparse.Namespace, role: str) -> int:
         if args.nproc != rdzv.local_world_size:
             raise UsageError(f"--nproc {args.nproc} under {rdzv.launcher}, which already started "
                              f"{rdzv.local_world_size} rank(s) on this node: drop --nproc")
+    if role == "serve" and (spawning or rdzv.rank == 0):
+        from dscluster.serving.server import check_port_free
+
+        check_port_free(args.host, args.port)
     if spawning:
         argv = getattr(args, "argv", None) or sys.argv[1:]
         return launch([sys.executable, "-m", "dscluster", *argv], nproc=rdzv.spawn_local, rdzv=rdzv)

@@ -1,0 +1,208 @@
+"""Dynamic batching: requests that arrive together run as one unit on every rank.
+
+The event loop (HTTP handlers) puts work items in a bounded queue; one thread owns the engine and
+takes items out as batches: it waits up to `max_wait` after the oldest item for up to
+`max_batch_size` items of the same kind (predict items must also share a shape; generation items
+of any length batch together). Results go back to each handler's future on the event loop.
+
+Engine calls block (they are collectives on every rank), so they never run on the event loop:
+the loop stays free to accept, validate and stream while a batch runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dscluster.engine.api import EngineClient, GenerationRequest
+from dscluster.errors import PeerFailure
+from dscluster.serving.metrics import Metrics
+from dscluster.serving.protocol import APIError
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(APIError):
+    def __init__(self, max_queue: int):
+        super().__init__(429, f"server busy: {max_queue} requests already queued; retry shortly",
+                         type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+
+
+def unavailable(reason: str) -> APIError:
+    return APIError(503, f"service unavailable: {reason}", type="server_error", code="unavailable")
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One example to predict or one prompt to decode, and where its answer goes."""
+
+    key: tuple                                   # items batch together only when keys are equal
+    payload: torch.Tensor | GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    # Called in the batcher thread with each new token; returns False to stop this item.
+    on_token: Callable[[int], bool] | None = None
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: bool = False                      # set by the handler: client gone or deadline passed
+
+    def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
+        def settle() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def predict_key(example: torch.Tensor) -> tuple:
+    return ("predict", tuple(example.shape), example.dtype)
+
+
+GENERATE_KEY = ("generate",)
+
+
+class Batcher:
+    def __init__(self, engine: EngineClient, metrics: Metrics, max_batch_size: int, max_wait_s: float,
+                 max_queue: int):
+        self.engine = engine
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._items: deque[WorkItem] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="dscluster-batcher", daemon=True)
+        self.batches = 0                         # executed units (tests and benchmarks read it)
+
+    # -- event-loop side ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def draining(self) -> bool:
+        return self._stopping
+
+    def submit(self, items: list[WorkItem]) -> None:
+        """Queue all of `items` or none: 429 when the queue cannot take them, 503 when stopping."""
+        with self._cond:
+            if self.engine.failure:
+                raise unavailable(f"the group is broken ({self.engine.failure})")
+            if self._stopping or not self.alive:
+                raise unavailable("the server is shutting down")
+            if len(self._items) + len(items) > self.max_queue:
+                raise QueueFull(self.max_queue)
+            self._items.extend(items)
+            self.metrics.queue_depth.set(len(self._items))
+            self._cond.notify()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Run what is queued, then stop the thread (the engine itself is shut down by its owner)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- batcher thread ------------------------------------------------------------------------
+    def _next_batch(self) -> list[WorkItem] | None:
+        with self._cond:
+            while True:
+                self._drop_cancelled()
+                if self._items:
+                    break
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            key = self._items[0].key
+            deadline = self._items[0].enqueued + self.max_wait_s
+            while not self._stopping and self._count(key) < self.max_batch_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            self._drop_cancelled()
+            batch, rest = [], deque()
+            while self._items:
+                item = self._items.popleft()
+                (batch if item.key == key and len(batch) < self.max_batch_size else rest).append(item)
+            self._items = rest
+            self.metrics.queue_depth.set(len(self._items))
+            return batch
+
+    def _count(self, key: tuple) -> int:
+        return sum(1 for item in self._items if item.key == key and not item.cancelled)
+
+    def _drop_cancelled(self) -> None:
+        if any(item.cancelled for item in self._items):
+            self._items = deque(item for item in self._items if not item.cancelled)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            now = time.monotonic()
+            for item in batch:
+                self.metrics.queue_time.observe(now - item.enqueued)
+            kind = batch[0].key[0]
+            self.metrics.batch_size.labels(kind).observe(len(batch))
+            try:
+                with self.metrics.forward_time.labels(kind).time():
+                    results = self._execute(kind, batch)
+            except PeerFailure as exc:
+                self._fail_all(batch, unavailable(f"the group is broken ({exc})"))
+                return
+            except Exception as exc:  # noqa: BLE001 - the unit failed; the group is still in step
+                log.exception("%s batch of %d failed", kind, len(batch))
+                error = APIError(500, f"{kind} failed: {exc}", type="server_error", code="engine_error")
+                for item in batch:
+                    item.resolve(error=error)
+                continue
+            self.batches += 1
+            for item, result in zip(batch, results):
+                item.resolve(result)
+
+    def _execute(self, kind: str, batch: list[WorkItem]) -> list:
+        if kind == "predict":
+            return self.engine.predict([item.payload for item in batch])
+
+        def on_token(index: int, token: int) -> bool:
+            item = batch[index]
+            if item.cancelled:
+                return False
+            return item.on_token is None or item.on_token(token) is not False
+
+        results = self.engine.generate([item.payload for item in batch], on_token)
+        self.metrics.prompt_tokens.inc(sum(r.prompt_tokens for r in results))
+        self.metrics.generated_tokens.inc(sum(len(r.token_ids) for r in results))
+        return results
+
+    def _fail_all(self, batch: list[WorkItem], error: APIError) -> None:
+        with self._cond:
+            pending = list(self._items)
+            self._items.clear()
+            self._stopping = True
+            self.metrics.queue_depth.set(0)
+        for item in batch + pending:
+            item.resolve(error=error)

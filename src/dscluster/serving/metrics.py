@@ -1,0 +1,39 @@
+"""Prometheus metrics of one server, in its own registry (two apps in one process never collide)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, ranks_alive: Callable[[], int], world_size: int):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("dscluster_requests", "HTTP requests by route and status code",
+                                ["route", "status"], registry=r)
+        self.latency = Histogram("dscluster_request_latency_seconds", "end-to-end request latency",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("dscluster_queue_time_seconds", "time a request waited for its batch",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("dscluster_queue_depth", "requests waiting for a batch", registry=r)
+        self.batch_size = Histogram("dscluster_batch_size", "requests per executed batch", ["kind"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.forward_time = Histogram("dscluster_forward_seconds",
+                                      "time to execute one batch on all ranks (a whole decode for generate)",
+                                      ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("dscluster_prompt_tokens", "prompt tokens processed", registry=r)
+        self.generated_tokens = Counter("dscluster_generated_tokens", "tokens generated", registry=r)
+        self.ranks_alive = Gauge("dscluster_ranks_alive", "ranks that answered the last heartbeat", registry=r)
+        self.ranks_alive.set_function(lambda: float(ranks_alive()))
+        self.world_size = Gauge("dscluster_world_size", "ranks in the group", registry=r)
+        self.world_size.set(world_size)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,175 @@
+"""What goes over HTTP: request schemas (pydantic), the OpenAI error shape, and body parsing.
+
+Bodies are read and parsed here, not by FastAPI, for three reasons: the size limit is enforced
+while reading (a chunked body has no Content-Length), JSON's non-standard NaN and Infinity are
+rejected (Python's json accepts them), and every problem becomes a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.requests import Request
+
+
+class APIError(Exception):
+    """An error answered in the OpenAI shape: {"error": {"message", "type", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_request") -> APIError:
+    return APIError(400, message, code=code, param=param)
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NonFinite(f"{name} is not a finite number")
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body as JSON: 413 past `limit` bytes, 400 for malformed or non-finite JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is {int(declared)} bytes; the limit is {limit}", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise bad_request("request body is empty; send a JSON object", code="invalid_json")
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except _NonFinite as exc:
+        raise bad_request(f"body is not valid JSON: {exc}", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("body is not valid JSON: nested too deeply", code="invalid_json") from None
+
+
+def parse_model(schema: type[BaseModel], data: Any) -> BaseModel:
+    """Validate `data` against `schema`; the first problem becomes a 400 naming its field."""
+    if not isinstance(data, dict):
+        raise bad_request(f"body must be a JSON object, not {type(data).__name__}")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field (not supported by this server)"
+        extra = f" ({len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+        raise bad_request(f"{where}: {message}{extra}", param=where) from None
+
+
+# ------------------------------------------------------------------------------------------
+# OpenAI-compatible requests. Parameters the engine does not implement are accepted only at
+# their neutral value, so a client never silently gets something other than what it asked for.
+
+
+class _Strict(BaseModel):
+    # strict: "16" is not a number and true is not 1; extra: a misspelt parameter is an error
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    user: str | None = None
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="only 0 is supported")
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="only 0 is supported")
+    logit_bias: dict[str, float] | None = Field(None, max_length=0)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value):
+        if value is None:
+            return []
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return stops
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = Field(False, description="not supported")
+    logprobs: None = None
+    best_of: int = Field(1, ge=1, le=1)
+    suffix: None = None
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value):
+        if value:
+            raise ValueError("echo is not supported")
+        return value
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # name, tool_call_id and friends pass through to the template
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(False, description="not supported")
+    top_logprobs: None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value):
+        if value:
+            raise ValueError("logprobs are not supported")
+        return value
+
+
+class PredictRequest(_Strict):
+    inputs: list[Any] = Field(description="one example or a batch, as nested lists of numbers")

@@ -1,0 +1,67 @@
+"""Rank 0's HTTP server: Uvicorn running the application, and a graceful stop on SIGTERM.
+
+SIGTERM (Kubernetes deleting the pod, the local launcher forwarding it): Uvicorn stops accepting,
+readiness answers 503, requests in flight finish, then the caller shuts the engine down, which
+tells every rank to stop, and all exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+
+from dscluster.engine.api import EngineClient
+from dscluster.errors import EXIT_RUNTIME, UsageError
+from dscluster.serving.state import ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Server settings from `serve`'s flags; `batch` has fewer flags and no deadline."""
+    defaults = ServerConfig()
+    batch = not hasattr(args, "port")
+    return ServerConfig(
+        max_batch_size=getattr(args, "max_batch_size", defaults.max_batch_size),
+        max_wait_ms=getattr(args, "max_wait_ms", defaults.max_wait_ms),
+        max_queue=getattr(args, "max_queue", None) or max(defaults.max_queue, 4 * args.max_batch_size),
+        request_timeout=None if batch or not args.request_timeout else args.request_timeout,
+        api_key=getattr(args, "api_key", None) or None,
+        max_body_bytes=getattr(args, "max_body_bytes", defaults.max_body_bytes),
+    )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail before any rank loads the model when the HTTP port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def run_server(engine: EngineClient, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from dscluster.serving.app import create_app
+
+    config = config_from_args(args)
+    app = create_app(engine, config)
+    drain = (config.request_timeout or 60.0) + 5.0
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
+        timeout_graceful_shutdown=drain, lifespan="on"))
+    # Uvicorn re-raises the signal it stopped for once it is done; a no-op handler keeps that
+    # from killing the process before the engine tells the other ranks to stop.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: log.info("signal %d: shutting down", signum))
+    log.info("HTTP on http://%s:%d", args.host, args.port)
+    try:
+        server.run()
+    except SystemExit:  # Uvicorn exits 3 when it cannot start; 3 means "a peer failed" here
+        return EXIT_RUNTIME
+    return 0 if server.started else EXIT_RUNTIME
