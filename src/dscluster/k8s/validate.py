@@ -49,13 +49,17 @@ Problem = tuple[str, str]  # (field path, message)
 # Loading
 
 
+# libyaml's loader when PyYAML has it: CRDs are large (tens of thousands of lines)
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _load_yaml_documents(path: str) -> list[Any]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
     try:
-        return list(yaml.safe_load_all(text))
+        return list(yaml.load_all(text, Loader=_Loader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -70,6 +74,9 @@ def _expand_lists(docs: Iterable[Any]) -> Iterator[Any]:
             yield from doc["items"]
         else:
             yield doc
+
+
+_CRD_CACHE: dict[tuple, "CRDRegistry"] = {}
 
 
 class CRDRegistry:
@@ -89,12 +96,16 @@ class CRDRegistry:
         if not d.is_dir():
             raise UsageError(f"--crds {crds_dir}: not a directory")
         files = sorted(p for p in d.iterdir() if p.suffix in (".yaml", ".yml", ".json") and p.is_file())
+        key = (str(d.resolve()), tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+        if key in _CRD_CACHE:
+            return _CRD_CACHE[key]
         for f in files:
             for doc in _expand_lists(_load_yaml_documents(str(f))):
                 if isinstance(doc, dict) and doc.get("kind") == "CustomResourceDefinition":
                     reg.add(doc, f.name)
         if not reg.schemas:
             raise UsageError(f"--crds {crds_dir}: no CustomResourceDefinition found in *.yaml files there")
+        _CRD_CACHE[key] = reg
         return reg
 
     def add(self, crd: dict, source: str) -> None:
@@ -171,6 +182,18 @@ def strict_schema(node: Any) -> Any:
     return out
 
 
+_VALIDATORS: dict[tuple, Any] = {}
+
+
+def _crd_validator(openapi: dict, api_version: str, kind: str):
+    key = (id(openapi), api_version, kind)
+    hit = _VALIDATORS.get(key)
+    if hit is None or hit[0] is not openapi:
+        hit = (openapi, jsonschema.Draft202012Validator(resource_schema(openapi, api_version, kind)))
+        _VALIDATORS[key] = hit
+    return hit[1]
+
+
 def resource_schema(openapi: dict, api_version: str, kind: str) -> dict:
     schema = strict_schema(copy.deepcopy(openapi))
     props = schema.setdefault("properties", {})
@@ -213,9 +236,7 @@ def _message(err: jsonschema.ValidationError) -> str:
     return err.message
 
 
-def _schema_problems(schema: dict, doc: dict, registry=None) -> list[Problem]:
-    kwargs = {"registry": registry} if registry is not None else {}
-    validator = jsonschema.Draft202012Validator(schema, **kwargs)
+def _schema_problems(validator: jsonschema.protocols.Validator, doc: dict) -> list[Problem]:
     problems = []
     for err in sorted(validator.iter_errors(doc), key=lambda e: [str(p) for p in e.absolute_path]):
         path = list(err.absolute_path)
@@ -368,21 +389,29 @@ def _operator_problems(doc: dict) -> list[Problem]:
 # Built-in kinds via kubernetes-validate's strict schemas
 
 
-def _builtin_schema(doc: dict):
-    """Return (schema, registry) for a built-in kind, or None if kubernetes-validate has none."""
+_BUILTIN: dict[tuple[str, str], Any] = {}
+
+
+def _builtin_validator(doc: dict):
+    """A strict validator for a built-in kind (kubernetes-validate's schemas), or None."""
     from kubernetes_validate import utils as kv
     from referencing import Registry, Resource
 
+    key = (str(doc.get("apiVersion")), str(doc.get("kind")))
+    if key in _BUILTIN:
+        return _BUILTIN[key]
     schema_dir = f"v{_kv_version()}-local-strict"
-    api_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", str(doc.get("apiVersion")))
+    api_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", key[0])
     try:
-        schema = kv.schema_contents(f"kubernetes-json-schema/{schema_dir}/{str(doc.get('kind')).lower()}-"
+        schema = kv.schema_contents(f"kubernetes-json-schema/{schema_dir}/{key[1].lower()}-"
                                     f"{api_version}.json", KUBERNETES_VERSION)
     except (FileNotFoundError, kv.VersionNotSupportedError):
+        _BUILTIN[key] = None
         return None
     defs = kv.schema_contents(f"kubernetes-json-schema/{schema_dir}/_definitions.json", KUBERNETES_VERSION)
     registry = Resource.from_contents(defs) @ (Resource.from_contents(schema) @ Registry())
-    return schema, registry
+    _BUILTIN[key] = jsonschema.Draft202012Validator(schema, registry=registry)
+    return _BUILTIN[key]
 
 
 _KV_VERSION: str | None = None
@@ -424,18 +453,16 @@ def validate_document(doc: Any, crds: CRDRegistry) -> list[Problem]:
     group, _, version = api_version.rpartition("/")
     problems: list[Problem] = []
     if "." not in group and (group == "" or _kv_knows_group(api_version)):
-        found = _builtin_schema(doc)
-        if found is None:
+        validator = _builtin_validator(doc)
+        if validator is None:
             return [("apiVersion", f"no built-in kind {kind} in {api_version} (Kubernetes {KUBERNETES_VERSION})")]
-        schema, registry = found
-        problems += _schema_problems(schema, doc, registry)
+        problems += _schema_problems(validator, doc)
         problems += _metadata_problems(doc, dns1035=kind in DNS1035_NAMED)
     elif group.endswith(".k8s.io") and _kv_knows_group(api_version) and not crds.kinds.get((group, kind)):
-        found = _builtin_schema(doc)
-        if found is None:
+        validator = _builtin_validator(doc)
+        if validator is None:
             return [("apiVersion", f"no built-in kind {kind} in {api_version} (Kubernetes {KUBERNETES_VERSION})")]
-        schema, registry = found
-        problems += _schema_problems(schema, doc, registry)
+        problems += _schema_problems(validator, doc)
         problems += _metadata_problems(doc, dns1035=False)
     else:
         entries = crds.lookup(group, version, kind)
@@ -450,7 +477,7 @@ def validate_document(doc: Any, crds: CRDRegistry) -> list[Problem]:
             return [("apiVersion", f"no CustomResourceDefinition for {kind} in {api_version} among --crds")]
         seen: set[Problem] = set()
         for source, openapi in entries:
-            for p in _schema_problems(resource_schema(openapi, api_version, kind), doc):
+            for p in _schema_problems(_crd_validator(openapi, api_version, kind), doc):
                 if p not in seen:
                     seen.add(p)
                     msg = p[1] if len(entries) == 1 else f"{p[1]} (CRD {source})"
