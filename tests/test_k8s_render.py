@@ -1,0 +1,293 @@
+"""`dscluster k8s render`: every kind over a grid of shapes is valid (strictly, against the upstream
+CRDs and Kubernetes' built-in schemas) and wires rank 0, the Services, GPUs and NCCL as intended."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dscluster.errors import UsageError
+from dscluster.k8s import options
+from dscluster.k8s.render import render
+from dscluster.k8s.validate import run_validate
+
+SCHEMAS = Path(__file__).resolve().parents[1].parent / "shared" / "schemas"
+needs_schemas = pytest.mark.skipif(not SCHEMAS.is_dir(), reason=f"CRD schemas not found at {SCHEMAS}")
+
+
+def make_opts(kind: str, *extra: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    options.add_render_options(p)
+    return p.parse_args([kind, *extra])
+
+
+def docs_of(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d is not None]
+
+
+def by_kind(docs: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for d in docs:
+        out.setdefault(d["kind"], []).append(d)
+    return out
+
+
+def services(docs: list[dict]) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+
+
+def env_of(container: dict) -> dict[str, object]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def check_rank_container(c: dict, gpus: int, *, master: bool = True) -> None:
+    env = env_of(c)
+    assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "eth0"
+    assert env["NCCL_DEBUG"] == "WARN"
+    assert env["NCCL_IB_DISABLE"] in ("0", "1")
+    assert env["MASTER_PORT"] == "29500"
+    if master:
+        assert env["MASTER_ADDR"] == "dscluster-master"
+    else:
+        assert "MASTER_ADDR" not in env
+    limits = c.get("resources", {}).get("limits", {})
+    if gpus:
+        assert limits["nvidia.com/gpu"] == str(gpus)
+    else:
+        assert "nvidia.com/gpu" not in limits
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/dev/shm"]["name"] == "dshm"
+    assert mounts["/mnt/checkpoints"]["readOnly"] is True
+
+
+def check_pod_volumes(spec: dict, pvc: str) -> None:
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["dshm"]["emptyDir"] == {"medium": "Memory"}
+    assert vols["checkpoints"]["persistentVolumeClaim"]["claimName"] == pvc
+
+
+def check_common(docs: list[dict], existing_pvc: str | None, *, master_selector: dict | None,
+                 http_selector: dict) -> None:
+    svcs = services(docs)
+    if master_selector is None:
+        assert "dscluster-master" not in svcs
+    else:
+        m = svcs["dscluster-master"]["spec"]
+        assert m["clusterIP"] == "None" and m["publishNotReadyAddresses"] is True
+        assert m["ports"][0]["port"] == 29500
+        assert m["selector"] == master_selector
+    h = svcs["dscluster-http"]["spec"]
+    assert h["selector"] == http_selector and h["ports"][0]["port"] == 8000
+    assert h.get("type", "ClusterIP") == "ClusterIP"
+    pvcs = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    if existing_pvc:
+        assert pvcs == []
+    else:
+        assert [p["metadata"]["name"] for p in pvcs] == ["dscluster-checkpoints"]
+        assert pvcs[0]["spec"]["accessModes"][0] in ("ReadWriteMany", "ReadOnlyMany")
+
+
+def serve_tail(cmd: list[str]) -> list[str]:
+    i = cmd.index("dscluster")
+    assert cmd[i + 1] == "serve"
+    return cmd[i:]
+
+
+def check_mpijob(docs, nodes, gpus, existing_pvc, secret) -> None:
+    kinds = by_kind(docs)
+    job = kinds["MPIJob"][0]
+    spec = job["spec"]
+    slots = gpus or 1
+    assert spec["slotsPerWorker"] == slots and spec["mpiImplementation"] == "OpenMPI"
+    assert spec["runPolicy"]["cleanPodPolicy"] == "Running"
+    assert spec["runPolicy"]["schedulingPolicy"]["minAvailable"] == nodes + 1
+    rs = spec["mpiReplicaSpecs"]
+    assert set(rs) == {"Launcher", "Worker"}
+    assert rs["Launcher"]["replicas"] == 1 and rs["Launcher"]["restartPolicy"] == "OnFailure"
+    assert rs["Worker"]["replicas"] == nodes
+    launcher = rs["Launcher"]["template"]["spec"]["containers"][0]
+    cmd = launcher["command"]
+    assert cmd[:2] == ["mpirun", "--allow-run-as-root"]
+    assert cmd[cmd.index("-np") + 1] == str(nodes * slots)
+    forwarded = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-x"]
+    want = ["MASTER_ADDR", "MASTER_PORT", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME",
+            "NCCL_IB_DISABLE"] + (["DSCLUSTER_API_KEY"] if secret else [])
+    assert forwarded == want
+    env = env_of(launcher)
+    assert all(v in env for v in want)  # mpirun -x forwards values it has
+    if secret:
+        assert env["DSCLUSTER_API_KEY"] == {"secretKeyRef": {"name": secret, "key": "api-key"}}
+    tail = serve_tail(cmd)
+    assert "--nproc" not in tail
+    assert tail[2] == "/mnt/checkpoints/model"
+    assert tail[tail.index("--host") + 1] == "0.0.0.0" and tail[tail.index("--port") + 1] == "8000"
+    assert tail[tail.index("--engine") + 1] == ("tp" if nodes * slots > 1 else "replicated")
+    wspec = rs["Worker"]["template"]["spec"]
+    worker = wspec["containers"][0]
+    check_rank_container(worker, gpus)
+    check_pod_volumes(wspec, existing_pvc or "dscluster-checkpoints")
+    assert "launcher" not in str(launcher.get("resources", {}).get("limits", {}))
+    assert "nvidia.com/gpu" not in str(launcher.get("resources", {}))
+    # worker 0 is the rank-0 pod: its liveness check is tied to its pod name
+    assert "dscluster-worker-0" in " ".join(worker["livenessProbe"]["exec"]["command"])
+    assert "/health/ready" in " ".join(worker["readinessProbe"]["exec"]["command"])
+    rank0 = {"training.kubeflow.org/job-name": "dscluster", "training.kubeflow.org/replica-type": "worker",
+             "training.kubeflow.org/replica-index": "0"}
+    check_common(docs, existing_pvc, master_selector=rank0, http_selector=rank0)
+    # the operator creates <name>-worker and <name>-launcher: ours never collide
+    assert not set(services(docs)) & {"dscluster-worker", "dscluster-launcher", "dscluster"}
+
+
+def check_trainjob(docs, nodes, gpus, existing_pvc, secret) -> None:
+    kinds = by_kind(docs)
+    rt, tj = kinds["TrainingRuntime"][0], kinds["TrainJob"][0]
+    slots = gpus or 1
+    mpi = rt["spec"]["mlPolicy"]["mpi"]
+    assert rt["metadata"]["name"] == "dscluster-runtime"
+    assert rt["spec"]["mlPolicy"]["numNodes"] == nodes
+    assert mpi["numProcPerNode"] == slots and mpi["mpiImplementation"] == "OpenMPI"
+    assert mpi["runLauncherAsNode"] is False
+    rjobs = {r["name"]: r for r in rt["spec"]["template"]["spec"]["replicatedJobs"]}
+    assert set(rjobs) == {"launcher", "node"}
+    node_spec = rjobs["node"]["template"]["spec"]["template"]["spec"]
+    node = node_spec["containers"][0]
+    assert node["name"] == "node"
+    check_rank_container(node, gpus)
+    check_pod_volumes(node_spec, existing_pvc or "dscluster-checkpoints")
+    assert tj["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+                                        "name": "dscluster-runtime"}
+    tr = tj["spec"]["trainer"]
+    assert tr["numNodes"] == nodes
+    cmd = tr["command"] + tr["args"]
+    assert cmd[cmd.index("-np") + 1] == str(nodes * slots)
+    env = env_of(tr)
+    assert not [k for k in env if k.startswith("PET_") or k.startswith("OMPI_MCA_")]
+    assert env["MASTER_ADDR"] == "dscluster-master"
+    assert ("DSCLUSTER_API_KEY" in env) == bool(secret)
+    rank0 = {"jobset.sigs.k8s.io/jobset-name": "dscluster", "jobset.sigs.k8s.io/replicatedjob-name": "node",
+             "jobset.sigs.k8s.io/job-index": "0", "batch.kubernetes.io/job-completion-index": "0"}
+    check_common(docs, existing_pvc, master_selector=rank0, http_selector=rank0)
+    assert "dscluster" not in services(docs)  # JobSet's own headless Service
+
+
+def check_lws(docs, nodes, gpus, existing_pvc, secret) -> None:
+    lws = by_kind(docs)["LeaderWorkerSet"][0]
+    lwt = lws["spec"]["leaderWorkerTemplate"]
+    assert lws["spec"]["replicas"] == 1
+    assert lwt["size"] == nodes and lwt["restartPolicy"] == "RecreateGroupOnPodRestart"
+    for key in ("leaderTemplate", "workerTemplate"):
+        spec = lwt[key]["spec"]
+        c = spec["containers"][0]
+        check_rank_container(c, gpus, master=False)
+        check_pod_volumes(spec, existing_pvc or "dscluster-checkpoints")
+        tail = serve_tail(c["command"])
+        assert tail[tail.index("--nproc") + 1] == str(gpus or 1)
+    leader = lwt["leaderTemplate"]["spec"]["containers"][0]
+    assert leader["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    assert leader["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    assert leader["startupProbe"]["failureThreshold"] * leader["startupProbe"]["periodSeconds"] >= 600
+    assert ("DSCLUSTER_API_KEY" in env_of(leader)) == bool(secret)
+    check_common(docs, existing_pvc, master_selector=None,
+                 http_selector={"leaderworkerset.sigs.k8s.io/name": "dscluster",
+                                "leaderworkerset.sigs.k8s.io/worker-index": "0"})
+
+
+CHECKS = {"mpijob": check_mpijob, "trainjob": check_trainjob, "lws": check_lws}
+
+
+@needs_schemas
+@pytest.mark.parametrize("kind", sorted(CHECKS))
+def test_grid_renders_valid_manifests(kind, tmp_path, capsys):
+    grid = itertools.product([1, 2, 3, 4], [0, 1, 8], [None, "models"], [None, "dscluster-key"])
+    for i, (nodes, gpus, pvc, secret) in enumerate(grid):
+        extra = ["--nodes", str(nodes), "--gpus-per-node", str(gpus)]
+        extra += ["--existing-pvc", pvc] if pvc else []
+        extra += ["--api-key-secret", secret] if secret else []
+        text = render(kind, make_opts(kind, *extra))
+        path = tmp_path / f"{kind}-{i}.yaml"
+        path.write_text(text)
+        rc = run_validate([str(path)], crds_dir=str(SCHEMAS))
+        out = capsys.readouterr().out
+        assert rc == 0, f"{extra}: {out}"
+        CHECKS[kind](docs_of(text), nodes, gpus, pvc, secret)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dscluster", *args], capture_output=True, text=True, timeout=60)
+
+
+@needs_schemas
+@pytest.mark.parametrize("kind", sorted(CHECKS))
+def test_cli_render_then_validate(kind, tmp_path):
+    r = run_cli("k8s", "render", kind, "--nodes", "2", "--gpus-per-node", "8", "--nccl-ib-disable",
+                "--nccl-debug", "INFO", "--image", "registry.example/dscluster:0.1", "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    docs = docs_of(r.stdout)
+    text = r.stdout
+    assert "NCCL_IB_DISABLE" in text and "registry.example/dscluster:0.1" in text
+    for d in docs:
+        for path, node in _walk(d):
+            if isinstance(node, dict) and node.get("name") == "NCCL_IB_DISABLE":
+                assert node["value"] == "1"
+            if isinstance(node, dict) and node.get("name") == "NCCL_DEBUG":
+                assert node["value"] == "INFO"
+    assert "--dtype" in text and "bfloat16" in text
+    f = tmp_path / "m.yaml"
+    f.write_text(text)
+    v = run_cli("k8s", "validate", str(f), "--crds", str(SCHEMAS))
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert "valid" in v.stdout
+
+
+def test_lws_replicas_and_name_namespace():
+    text = render("lws", make_opts("lws", "--replicas", "3", "--name", "llama", "--namespace", "serving",
+                                   "--nodes", "2", "--port", "8080"))
+    docs = docs_of(text)
+    assert {d["metadata"]["namespace"] for d in docs} == {"serving"}
+    lws = by_kind(docs)["LeaderWorkerSet"][0]
+    assert lws["spec"]["replicas"] == 3
+    http = services(docs)["llama-http"]["spec"]
+    assert http["selector"] == {"leaderworkerset.sigs.k8s.io/name": "llama",
+                                "leaderworkerset.sigs.k8s.io/worker-index": "0"}
+    assert http["ports"][0]["port"] == 8080
+
+
+def _walk(node, path=()):
+    yield path, node
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, path + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, path + (i,))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--nodes", "0"], "--nodes"),
+    (["--gpus-per-node", "17"], "--gpus-per-node"),
+    (["--gpus-per-node", "-1"], "--gpus-per-node"),
+    (["--name", "Bad_Name"], "--name"),
+    (["--name", "a" * 41], "--name"),
+    (["--name", "9lives"], "--name"),
+    (["--pvc-size", "lots"], "--pvc-size"),
+    (["--existing-pvc", "Bad PVC"], "--existing-pvc"),
+    (["--port", "0"], "--port"),
+    (["--replicas", "2"], "--replicas"),
+    (["--model", "relative/path"], "--model"),
+    (["--nccl-socket-ifname", "eth0 eth1"], "--nccl-socket-ifname"),
+])
+def test_bad_flags_are_usage_errors(args, needle):
+    with pytest.raises(UsageError, match=needle):
+        render("mpijob", make_opts("mpijob", *args))
+
+
+def test_cli_bad_flag_exit_2_one_line():
+    r = run_cli("k8s", "render", "mpijob", "--nodes", "0")
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and "--nodes" in r.stderr
