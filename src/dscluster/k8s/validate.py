@@ -475,13 +475,16 @@ def validate_document(doc: Any, crds: CRDRegistry) -> list[Problem]:
                 return [("apiVersion", f"{kind} ({api_version}) is a custom resource: pass --crds DIR with its "
                                        "CustomResourceDefinition (kubectl get crd NAME -o yaml)")]
             return [("apiVersion", f"no CustomResourceDefinition for {kind} in {api_version} among --crds")]
-        seen: set[Problem] = set()
+        # Several CRDs for one kind (releases of one operator): every one must accept the document.
+        # A problem all of them report is one line; otherwise the line names the CRD file(s).
+        found: dict[Problem, list[str]] = {}
         for source, openapi in entries:
             for p in _schema_problems(_crd_validator(openapi, api_version, kind), doc):
-                if p not in seen:
-                    seen.add(p)
-                    msg = p[1] if len(entries) == 1 else f"{p[1]} (CRD {source})"
-                    problems.append((p[0], msg))
+                found.setdefault(p, []).append(source)
+        for (field, msg), sources in found.items():
+            if len(sources) < len(entries):
+                msg = f"{msg} (CRD {', '.join(sources)})"
+            problems.append((field, msg))
         problems += _metadata_problems(doc, dns1035=False)
     problems += _generic_problems(doc)
     problems += _operator_problems(doc)
