@@ -45,7 +45,9 @@ def run(args: argparse.Namespace, role: str) -> int:
         check_port_free(args.host, args.port)
     if spawning:
         argv = getattr(args, "argv", None) or sys.argv[1:]
-        return launch([sys.executable, "-m", "dscluster", *argv], nproc=rdzv.spawn_local, rdzv=rdzv)
+        # No launcher: this machine is the whole group, on a free port unless MASTER_PORT is set.
+        node = None if rdzv.launcher == "none" else rdzv
+        return launch([sys.executable, "-m", "dscluster", *argv], nproc=rdzv.spawn_local, rdzv=node)
 
     from dscluster.cluster.group import destroy_groups
     from dscluster.engine.runtime import RuntimeOptions, build_runtime, make_engine, run_worker

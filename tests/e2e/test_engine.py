@@ -59,14 +59,6 @@ def reference(model: str, work: dict, engine: str | None = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    subprocess.run([sys.executable, "-m", "dscluster", "tiny-model", str(path), "--seed", "3"],
-                   check=True, capture_output=True, timeout=120)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def tiny_reference(tiny) -> dict:
     return reference(tiny, WORK)
 

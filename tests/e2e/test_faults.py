@@ -22,14 +22,6 @@ INTERVAL, TIMEOUT = 0.5, 3.0
 BOUND = TIMEOUT + 7.0  # detection timeout, plus exit grace and a noisy 2-core machine
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    subprocess.run([sys.executable, "-m", "dscluster", "tiny-model", str(path)], check=True,
-                   capture_output=True, timeout=120)
-    return str(path)
-
-
 class Group:
     """Two rank processes started by hand, with their logs in files."""
 

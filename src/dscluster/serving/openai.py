@@ -98,7 +98,7 @@ class Choice:
         return "stop" if self.tracker.stopped or result.finish_reason == "stop" else "length"
 
     def final_text(self) -> str:
-        return self.tracker.text if self.tracker.stopped else self.tracker.text + self.tracker.flush()
+        return self.tracker.text
 
 
 # ------------------------------------------------------------------------------------------
@@ -146,17 +146,22 @@ def _params(req, max_tokens: int) -> SamplingParams:
 
 
 def _prompts(state: ServerState, prompt) -> list[tuple[str, list[int]]]:
+    """(where, token ids) per prompt: a string, a list of token ids, or a list of either."""
     tok = state.engine.info.tokenizer
-    if isinstance(prompt, str):
-        return [("prompt", tok(prompt)["input_ids"])]
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return [("prompt", list(prompt))]
+    if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
+        prompt = [prompt]
     if not prompt:
         raise bad_request("prompt is an empty list", param="prompt")
     if len(prompt) > state.config.max_queue:
         raise bad_request(f"prompt has {len(prompt)} prompts; at most {state.config.max_queue} per request",
                           param="prompt")
-    return [(f"prompt[{i}]", tok(p)["input_ids"] if isinstance(p, str) else list(p)) for i, p in enumerate(prompt)]
+    out = []
+    for i, p in enumerate(prompt):
+        where = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
+        if p == "":
+            raise bad_request(f"{where} is an empty string", param="prompt")
+        out.append((where, tok(p)["input_ids"] if isinstance(p, str) else list(p)))
+    return out
 
 
 def _usage(results: list[GenerationResult]) -> dict:

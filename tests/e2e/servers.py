@@ -1,0 +1,80 @@
+"""A real `dscluster serve` in a subprocess on a free loopback port, for end-to-end tests.
+
+Like vLLM's tests/utils.py RemoteOpenAIServer: start the command, wait for /health/ready, hand out
+clients, and stop it (SIGTERM, then SIGKILL for the whole process group if it does not go).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+from dscluster.cluster.launch import free_port
+
+
+class RemoteServer:
+    def __init__(self, model: str, *args: str, nproc: int = 2, env: dict[str, str] | None = None,
+                 ready_timeout: float = 240.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="dscluster-serve-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "dscluster", "serve", model, "--nproc", str(nproc),
+               "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+        self._wait_ready(ready_timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode} before ready:\n{self.output()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.kill()
+        raise RuntimeError(f"server not ready within {timeout} s:\n{self.output()[-4000:]}")
+
+    def output(self) -> str:
+        self.log.flush()
+        with open(self.log.name) as f:
+            return f.read()
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60), **kwargs)
+
+    def openai(self, api_key: str = "unused"):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0)
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM to the launcher (it forwards to every rank); the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def __enter__(self) -> RemoteServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+        os.unlink(self.log.name)

@@ -1,0 +1,372 @@
+"""`dscluster serve` end to end: 2 real ranks (DeepSpeed tensor parallel over gloo), a real Uvicorn
+on a free loopback port, and real clients (httpx and the `openai` package).
+
+Answers are compared with the unsharded engine in this process: same prompt, same seed, same text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from dscluster.engine.api import GenerationRequest, SamplingParams
+from dscluster.engine.runtime import open_engine
+from dscluster.examples.linear import build as build_linear
+from servers import RemoteServer  # tests/e2e/servers.py
+
+PROMPTS = ["hello world", "the quick brown fox", "a", "once upon a time there was a model split in two"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    with RemoteServer(tiny, "--max-wait-ms", "30") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def unsharded(tiny):
+    return open_engine(tiny)
+
+
+def reference_text(engine, prompt_ids: list[int], **params) -> tuple[str, str]:
+    (result,) = engine.generate([GenerationRequest(tuple(prompt_ids), SamplingParams(**params))])
+    text = engine.info.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    return text, result.finish_reason
+
+
+def prompt_ids(engine, prompt: str) -> list[int]:
+    return engine.info.tokenizer(prompt)["input_ids"]
+
+
+def metric(server: RemoteServer, name: str, **labels) -> float:
+    text = server.client().get("/metrics").text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+# -- the OpenAI routes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0.0), dict(temperature=0.8, top_p=0.9, seed=7)])
+def test_completion_equals_unsharded(server, unsharded, params):
+    client = server.openai()
+    for prompt in PROMPTS:
+        got = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, **params)
+        want, finish = reference_text(unsharded, prompt_ids(unsharded, prompt), max_tokens=12, **params)
+        assert got.choices[0].text == want
+        assert got.choices[0].finish_reason == ("stop" if finish == "stop" else "length")
+        assert got.usage.prompt_tokens == len(prompt_ids(unsharded, prompt))
+        assert got.usage.completion_tokens >= 1 and got.model == "tiny"
+
+
+def test_streamed_completion_equals_plain(server):
+    client = server.openai()
+    plain = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=16, temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == plain.choices[0].text
+    assert len([c for c in chunks if c.choices and c.choices[0].text]) > 3, "tokens must arrive as they are made"
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [plain.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_stream_ends_with_done(server):
+    with server.client() as c, c.stream("POST", "/v1/completions",
+                                        json={"prompt": "hello", "max_tokens": 4, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_prompt_list_gives_one_choice_per_prompt(server, unsharded):
+    got = server.openai().completions.create(model="tiny", prompt=PROMPTS[:3], max_tokens=6, temperature=0)
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    for choice, prompt in zip(got.choices, PROMPTS[:3]):
+        assert choice.text == reference_text(unsharded, prompt_ids(unsharded, prompt), max_tokens=6,
+                                             temperature=0)[0]
+
+
+def test_stop_string_cuts_the_text(server):
+    client = server.openai()
+    full = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=16, temperature=0).choices[0].text
+    stop = full.strip()[3:6]
+    assert stop, full
+    got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=16, temperature=0, stop=[stop])
+    assert got.choices[0].text == full[:full.index(stop)]
+    assert got.choices[0].finish_reason == "stop"
+
+
+def test_chat_equals_unsharded_and_streams(server, unsharded):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    client = server.openai()
+    got = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    tok = unsharded.info.tokenizer
+    ids = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+              add_special_tokens=False)["input_ids"]
+    want, _ = reference_text(unsharded, ids, max_tokens=10, temperature=0)
+    assert got.choices[0].message.role == "assistant" and got.choices[0].message.content == want
+    assert got.usage.prompt_tokens == len(ids)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_models_and_unknown_model(server):
+    client = server.openai()
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+    assert err.value.body["code"] == "model_not_found"
+
+
+def test_unseeded_sampling_differs_between_requests(server):
+    client = server.openai()
+    texts = {client.completions.create(model="tiny", prompt="hello", max_tokens=12, temperature=1.0).choices[0].text
+             for _ in range(4)}
+    assert len(texts) > 1
+
+
+# -- batching ------------------------------------------------------------------------------------
+
+
+def test_64_concurrent_requests_batched_and_correct(server, unsharded):
+    expected = {p: reference_text(unsharded, prompt_ids(unsharded, p), max_tokens=8, temperature=0)[0]
+                for p in PROMPTS}
+    batches_before = metric(server, "dscluster_batch_size_count", kind="generate")
+
+    async def run() -> list[tuple[str, str]]:
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0,
+                                      timeout=120) as client:
+            async def one(i: int):
+                prompt = PROMPTS[i % len(PROMPTS)]
+                reply = await client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+                return prompt, reply.choices[0].text
+            return await asyncio.gather(*(one(i) for i in range(64)))
+
+    answers = asyncio.run(run())
+    assert len(answers) == 64
+    assert all(text == expected[prompt] for prompt, text in answers)
+    batches = metric(server, "dscluster_batch_size_count", kind="generate") - batches_before
+    assert batches < 64, f"64 requests ran in {batches} batches"
+
+
+def test_client_disconnect_stops_its_generation(server):
+    tokens_before = metric(server, "dscluster_generated_tokens_total")
+    batches_before = metric(server, "dscluster_batch_size_count", kind="generate")
+    with server.client() as c, c.stream("POST", "/v1/completions",
+                                        json={"prompt": "hello", "max_tokens": 2000, "stream": True}) as r:
+        for n, _ in enumerate(r.iter_lines()):
+            if n > 4:
+                break
+    deadline = time.monotonic() + 30
+    while metric(server, "dscluster_batch_size_count", kind="generate") == batches_before:
+        assert time.monotonic() < deadline, "the abandoned generation never ended"
+        time.sleep(0.2)
+    generated = metric(server, "dscluster_generated_tokens_total") - tokens_before
+    assert 0 < generated < 1000, f"{generated} tokens generated for a client that left after 5"
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    ("/v1/completions", b"{not json", 400),
+    ("/v1/completions", b"", 400),
+    ("/v1/completions", b"[1, 2]", 400),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "8"}, 400),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 100000}, 400),
+    ("/v1/completions", {"prompt": ""}, 400),
+    ("/v1/completions", {"prompt": []}, 400),
+    ("/v1/completions", {"prompt": "word " * 3000, "max_tokens": 1}, 400),
+    ("/v1/completions", {"prompt": [1, 2, 999999]}, 400),
+    ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400),
+    ("/v1/completions", {"prompt": "hi", "temperature": float("nan")}, 400),
+    ("/v1/completions", {"prompt": "hi", "n": 2}, 400),
+    ("/v1/completions", {"prompt": "hi", "max_tokenz": 3}, 400),
+    ("/v1/completions", {"prompt": "hi", "model": "other"}, 404),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400),
+    ("/v1/chat/completions", {"messages": []}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("/v1/chat/completions", {"messages": "hello"}, 400),
+    ("/v1/predict", {"inputs": [[1, 2], [3]]}, 400),
+    ("/v1/predict", {"inputs": [1.5, 2.5]}, 400),
+    ("/v1/predict", {"inputs": []}, 400),
+    ("/v1/predict", {"input": [1, 2]}, 400),
+    ("/v1/predict", b'{"inputs": [1, NaN]}', 400),
+    ("/v1/completions", b'{"prompt": "' + b"x" * (9 * 1024 * 1024) + b'"}', 413),
+    ("/v1/nothing", {"prompt": "hi"}, 404),
+]
+
+
+def test_bad_inputs_get_4xx_and_server_stays_ready(server, unsharded):
+    with server.client() as c:
+        for route, body, status in BAD_REQUESTS:
+            if isinstance(body, bytes):
+                r = c.post(route, content=body, headers={"content-type": "application/json"})
+            else:
+                r = c.post(route, content=_json_bytes(body), headers={"content-type": "application/json"})
+            assert r.status_code == status, (route, str(body)[:80], r.status_code, r.text[:300])
+            error = r.json()["error"]
+            assert error["message"] and error["type"], r.text
+        assert c.get("/health/ready").status_code == 200
+        assert c.request("DELETE", "/v1/completions").status_code == 405
+    got = server.openai().completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    assert got.choices[0].text == reference_text(unsharded, prompt_ids(unsharded, PROMPTS[0]), max_tokens=6,
+                                                 temperature=0)[0]
+
+
+def _json_bytes(body) -> bytes:
+    import json
+
+    return json.dumps(body).encode()  # NaN stays NaN: the server must refuse it
+
+
+def test_error_messages_name_the_problem(server):
+    with server.client() as c:
+        r = c.post("/v1/completions", json={"prompt": "hi", "max_tokenz": 3})
+        assert "max_tokenz" in r.json()["error"]["message"]
+        r = c.post("/v1/completions", json={"prompt": "word " * 3000, "max_tokens": 1})
+        assert "context" in r.json()["error"]["message"]
+        r = c.post("/v1/predict", json={"inputs": [[1, 2], [3]]})
+        assert "inputs[1]" in r.json()["error"]["message"]
+
+
+# -- health and metrics ----------------------------------------------------------------------------
+
+
+def test_health_and_metrics(server):
+    with server.client() as c:
+        assert c.get("/health/live").status_code == 200
+        ready = c.get("/health/ready").json()
+        assert ready["ranks_alive"] == 2 and ready["world_size"] == 2
+        c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        text = c.get("/metrics").text
+    names = {f.name for f in text_string_to_metric_families(text)}
+    for name in ("dscluster_requests", "dscluster_request_latency_seconds", "dscluster_queue_time_seconds",
+                 "dscluster_queue_depth", "dscluster_batch_size", "dscluster_forward_seconds",
+                 "dscluster_generated_tokens", "dscluster_ranks_alive"):
+        assert name in names, name
+    assert metric(server, "dscluster_ranks_alive") == 2
+    assert metric(server, "dscluster_requests_total", route="/v1/completions", status="200") >= 1
+    assert metric(server, "dscluster_requests_total", route="/v1/completions", status="400") >= 1
+
+
+def test_sigterm_drains_in_flight_requests_and_all_ranks_exit_0(server):
+    answers: list[httpx.Response] = []
+
+    def long_request() -> None:
+        with server.client(timeout=120) as c:
+            answers.append(c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 400, "temperature": 0}))
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(0.5)
+    code = server.terminate(timeout=90)
+    thread.join(30)
+    assert code == 0, server.output()[-3000:]
+    assert answers and answers[0].status_code == 200
+    assert answers[0].json()["usage"]["completion_tokens"] > 0
+    log = server.output()
+    assert "rank 1: stop received" in log
+
+
+# -- a server with tight limits: queue, deadline, API key -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strict_server(tiny):
+    with RemoteServer(tiny, "--max-batch-size", "1", "--max-queue", "2", "--request-timeout", "2",
+                      "--api-key", "s3cret") as s:
+        yield s
+
+
+def test_api_key_required_except_health(strict_server):
+    with strict_server.client() as c:
+        assert c.get("/health/ready").status_code == 200 and c.get("/health/live").status_code == 200
+        for path in ("/v1/models", "/metrics"):
+            r = c.get(path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        strict_server.openai("wrong").models.list()
+    assert strict_server.openai("s3cret").models.list().data[0].id == "tiny"
+
+
+def test_full_queue_answers_429_and_deadline_504(strict_server):
+    headers = {"Authorization": "Bearer s3cret"}
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=strict_server.url, headers=headers, timeout=60) as c:
+            return await asyncio.gather(*(c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2000})
+                                          for _ in range(8)))
+
+    replies = asyncio.run(run())
+    codes = sorted(r.status_code for r in replies)
+    assert 429 in codes, codes
+    busy = next(r for r in replies if r.status_code == 429)
+    assert busy.headers["retry-after"] and busy.json()["error"]["code"] == "queue_full"
+    assert 504 in codes, codes  # 2000 tokens take longer than --request-timeout 2
+    with strict_server.client(headers=headers) as c:
+        assert c.get("/health/ready").status_code == 200
+        assert c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3}).status_code == 200
+
+
+# -- tensors: the seeds' Linear(10, 1) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def linear_server():
+    with RemoteServer("dscluster.examples.linear:build", "--max-wait-ms", "20") as s:
+        yield s
+
+
+def test_predict_routes_on_linear(linear_server):
+    model = build_linear()
+    rows = [[float(i + j) / 10 for j in range(10)] for i in range(5)]
+    want = model(torch.tensor(rows)).detach()
+    with linear_server.client() as c:
+        r = c.post("/v1/predict", json={"inputs": rows})
+        assert r.status_code == 200, r.text
+        got = torch.tensor(r.json()["outputs"])
+        assert got.shape == (5, 1) and torch.allclose(got, want, atol=1e-5)
+        r = c.post("/v1/predict", json={"inputs": rows[0]})
+        assert torch.allclose(torch.tensor(r.json()["outputs"]), want[:1], atol=1e-5)
+        r = c.post("/predict", json=rows[2])
+        assert r.status_code == 200 and isinstance(r.json()["result"], float)
+        assert abs(r.json()["result"] - float(want[2, 0])) < 1e-5
+        for bad in ([1.0] * 9, [[1.0] * 10], ["a"] * 10, {"inputs": rows}):
+            r = c.post("/predict", json=bad)
+            assert r.status_code == 400, (bad, r.text)
+        r = c.post("/v1/predict", json={"inputs": [[1.0] * 11]})
+        assert r.status_code == 400 and "[10]" in r.json()["error"]["message"]
+        r = c.post("/v1/completions", json={"prompt": "hi"})
+        assert r.status_code == 400 and "/v1/predict" in r.json()["error"]["message"]
+
+
+def test_concurrent_predicts_batch_together(linear_server):
+    model = build_linear()
+    before = metric(linear_server, "dscluster_batch_size_count", kind="predict")
+
+    async def run():
+        async with httpx.AsyncClient(base_url=linear_server.url, timeout=60) as c:
+            return await asyncio.gather(*(c.post("/predict", json=[float(i)] * 10) for i in range(32)))
+
+    replies = asyncio.run(run())
+    for i, r in enumerate(replies):
+        assert abs(r.json()["result"] - float(model(torch.full((1, 10), float(i))).detach()[0, 0])) < 1e-4
+    assert metric(linear_server, "dscluster_batch_size_count", kind="predict") - before < 32
