@@ -56,6 +56,7 @@ def parallelize(loaded: LoadedModel, engine: str, world_size: int,
         return ParallelModel(loaded.module, "replicated", 1, f"replicated on {world_size} rank(s)")
     import deepspeed
 
+    _shared_memory_only_within_one_node(world_size)
     if engine == "tp":
         try:
             wrapped = deepspeed.init_inference(loaded.module, tensor_parallel={"tp_size": world_size},
@@ -82,6 +83,20 @@ def parallelize(loaded: LoadedModel, engine: str, world_size: int,
     module.eval()
     log.info("engine: %s", desc)
     return ParallelModel(module, engine, world_size if engine == "tp" else 1, desc)
+
+
+def _shared_memory_only_within_one_node(world_size: int) -> None:
+    """DeepSpeed's CPU shared-memory all-reduce is for ranks on one machine. When ranks span nodes
+    (LOCAL_SIZE < world size) DeepSpeed 0.19 still calls its kernel, on buffers it never set up,
+    and every rank dies of SIGSEGV at the first all-reduce. Skip the op then: plain gloo."""
+    local = os.environ.get("LOCAL_SIZE", "")
+    if local.isdigit() and int(local) < world_size:
+        import importlib
+
+        comm_torch = importlib.import_module("deepspeed.comm.torch")
+        comm_torch.build_shm_op = lambda: None
+        log.info("ranks span nodes (%s of %d here): all-reduce over the process group, no shared memory",
+                 local, world_size)
 
 
 def release_shared_memory(rank: int) -> bool:
