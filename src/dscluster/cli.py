@@ -56,6 +56,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="seconds without a heartbeat before a rank is declared failed")
     p.add_argument("--collective-timeout", type=float, default=600.0,
                    help="seconds a model collective may block before the group is declared broken")
+    p.add_argument("--rendezvous-timeout", type=float, default=300.0,
+                   help="seconds for every rank to join at start-up before the group gives up (exit 3)")
     p.add_argument("--log-level", default=os.environ.get("DSCLUSTER_LOG_LEVEL", "INFO"))
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -16,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dscluster.cluster.rendezvous import Rendezvous
-from dscluster.errors import UsageError
+from dscluster.errors import PeerFailure, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +64,40 @@ class Groups:
         return self.rdzv.world_size
 
 
+def join_store(rdzv: Rendezvous, timeout_s: float) -> dist.Store:
+    """The env:// rendezvous store, bounded by `timeout_s`: rank 0 waits that long for every rank
+    to connect, the others that long to reach rank 0. Raises PeerFailure naming what is missing,
+    UsageError when rank 0 cannot listen on MASTER_PORT."""
+    where = f"{rdzv.master_addr}:{rdzv.master_port}"
+    try:
+        store, _, _ = next(dist.rendezvous("env://", rank=rdzv.rank, world_size=rdzv.world_size,
+                                           timeout=timedelta(seconds=timeout_s)))
+        return store
+    except dist.DistError as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "EADDRINUSE" in text or "address already in use" in text:
+            raise UsageError(f"rank 0 cannot listen on MASTER_PORT {rdzv.master_port}: the port is "
+                             "already in use on this node; choose another MASTER_PORT") from None
+        if rdzv.rank == 0:
+            joined = re.search(r"(\d+)/(\d+) clients joined", text)
+            count = f"only {joined.group(1)} of {joined.group(2)}" if joined else "not all"
+            raise PeerFailure(f"rendezvous timed out after {timeout_s:g} s (--rendezvous-timeout): {count} "
+                              f"ranks reached the master at {where}; check that every node started "
+                              "and can reach this address") from None
+        try:
+            socket.getaddrinfo(rdzv.master_addr, rdzv.master_port)
+            cause = "did not answer"
+        except OSError:
+            cause = "does not resolve"
+        raise PeerFailure(f"rendezvous timed out after {timeout_s:g} s (--rendezvous-timeout): the master "
+                          f"{where} (MASTER_ADDR, MASTER_PORT) {cause}; check the master address and "
+                          "that rank 0 is running") from None
+
+
 def init_groups(rdzv: Rendezvous, backend: str = "auto", timeout_s: float = 600.0,
-                control_timeout_s: float = 600.0) -> Groups:
-    """Join the default (data) group over env:// and create the gloo control group."""
+                control_timeout_s: float = 600.0, rendezvous_timeout_s: float | None = None) -> Groups:
+    """Join the default (data) group over env:// and create the gloo control group.
+    `rendezvous_timeout_s` bounds forming the group (default: `timeout_s`)."""
     backend = resolve_backend(backend)
     rdzv.export()
     device = torch.device("cpu")
@@ -72,7 +105,9 @@ def init_groups(rdzv: Rendezvous, backend: str = "auto", timeout_s: float = 600.
         device = torch.device("cuda", cuda_device_index(rdzv.local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://", rank=rdzv.rank,
+        store = join_store(rdzv, rendezvous_timeout_s or timeout_s)
+        store.set_timeout(timedelta(seconds=timeout_s))
+        dist.init_process_group(backend=backend, store=store, rank=rdzv.rank,
                                 world_size=rdzv.world_size, timeout=timedelta(seconds=timeout_s))
     control = None
     if rdzv.world_size > 1:

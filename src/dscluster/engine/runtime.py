@@ -44,6 +44,7 @@ class RuntimeOptions:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
     collective_timeout: float = 600.0
+    rendezvous_timeout: float = 300.0   # forming the group: every rank must arrive by then
     failure_grace: float = 1.0           # rank 0 answers in-flight requests 503 before it exits
     zero3_persistence_threshold: int = 0  # 0: partition every parameter, however small
 
@@ -316,7 +317,8 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
         from dscluster.engine.liveness import LivenessMonitor
 
         groups = init_groups(rdzv, options.backend, timeout_s=options.collective_timeout,
-                             control_timeout_s=options.heartbeat_timeout)
+                             control_timeout_s=options.heartbeat_timeout,
+                             rendezvous_timeout_s=options.rendezvous_timeout)
 
         def on_failure(reason: str) -> None:
             if rdzv.rank == 0 and "engine" in engine_ref:
