@@ -1,0 +1,102 @@
+"""The MPIJob launcher's exact command and environment, run here under a real `mpirun`.
+
+What a cluster would provide and this machine cannot is replaced, nothing else: the model path
+(a `dscluster tiny-model` directory instead of the PVC), MASTER_ADDR (127.0.0.1 instead of the
+`<name>-master` Service), the ports (free ones instead of 8000/29500, which may be taken here),
+and the MPI Operator's hostfile (`localhost slots=2`, found through OMPI_MCA_orte_default_hostfile
+as the operator sets it). The interface is rendered as `lo`, the one every machine has.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from dscluster.cluster.launch import free_port
+
+pytestmark = [pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI mpirun not installed"),
+              pytest.mark.timeout(420)]
+
+
+def rendered_launcher() -> dict:
+    r = subprocess.run([sys.executable, "-m", "dscluster", "k8s", "render", "mpijob", "--nodes", "1",
+                        "--gpus-per-node", "2", "--nccl-socket-ifname", "lo"],
+                       capture_output=True, text=True, check=True, timeout=60)
+    job = next(d for d in yaml.safe_load_all(r.stdout) if d and d["kind"] == "MPIJob")
+    return job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+
+
+def test_launcher_command_serves_under_mpirun(tiny, tmp_path):
+    launcher = rendered_launcher()
+    cmd = list(launcher["command"])
+    assert cmd[cmd.index("-np") + 1] == "2"  # nodes=1 x gpus=2 slots
+    http_port, master_port = free_port(), free_port()
+    while master_port == http_port:
+        master_port = free_port()
+    cmd[cmd.index("/mnt/checkpoints/model")] = tiny
+    cmd[cmd.index("--port") + 1] = str(http_port)
+
+    env = {e["name"]: e["value"] for e in launcher["env"]}
+    assert env["MASTER_ADDR"] == "dscluster-master"
+    env["MASTER_ADDR"] = "127.0.0.1"
+    env["MASTER_PORT"] = str(master_port)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    env["OMPI_MCA_orte_default_hostfile"] = str(hostfile)
+    # `dscluster` from this environment, for mpirun's local launch of both ranks. Two ranks fit the
+    # two slots the hostfile declares, so --oversubscribe is not needed.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    full_env = {**os.environ, **env}
+    full_env.pop("OMPI_COMM_WORLD_RANK", None)
+
+    log = tmp_path / "mpirun.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 300
+        ready = False
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                    ready = True
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        assert ready, f"not ready (mpirun exit {proc.poll()}):\n{log.read_text()[-4000:]}"
+        assert httpx.get(f"{url}/health/live", timeout=5).status_code == 200
+
+        model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+        r = httpx.post(f"{url}/v1/completions", timeout=120,
+                       json={"model": model, "prompt": "hello world", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["object"] == "text_completion"
+        assert isinstance(body["choices"][0]["text"], str)
+        assert body["usage"]["completion_tokens"] >= 1
+
+        # Kubernetes deleting the launcher pod: SIGTERM to mpirun, which forwards it to every rank.
+        # Rank 0 drains and sends the stop command; the other ranks leave on it. mpirun's own exit
+        # status says nothing here: OpenMPI 4.1 exits 1 whenever it is signalled, even when every
+        # rank exits 0 (checked with a plain Python job), so the ranks' shutdown is read from the log.
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(120)
+        text = log.read_text()
+        assert rc in (0, 1), f"mpirun exit {rc}:\n{text[-4000:]}"
+        assert "signal 15: shutting down" in text, text[-4000:]
+        assert "rank 1: stop received" in text, text[-4000:]
+        assert "Traceback" not in text, text[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
