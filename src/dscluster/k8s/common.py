@@ -15,6 +15,9 @@ API_KEY_SECRET_KEY = "api-key"
 # inherit the launcher pod's environment).
 FORWARDED_ENV = ("MASTER_ADDR", "MASTER_PORT", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME",
                  "GLOO_SOCKET_IFNAME", "NCCL_IB_DISABLE")
+# Also forwarded, from the image's environment: sshd gives ranks its own default PATH and no
+# LD_LIBRARY_PATH (where CUDA images and some clouds put the driver libraries).
+IMAGE_ENV = ("PATH", "LD_LIBRARY_PATH")
 
 Obj = dict[str, Any]
 
@@ -190,6 +193,8 @@ def mpirun_command(opts: argparse.Namespace) -> list[str]:
         cmd += ["-x", var]
     if opts.api_key_secret:
         cmd += ["-x", API_KEY_ENV]
+    for var in IMAGE_ENV:
+        cmd += ["-x", var]
     return cmd + serve_command(opts)
 
 
