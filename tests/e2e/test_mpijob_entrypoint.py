@@ -60,7 +60,7 @@ def test_launcher_command_serves_under_mpirun(tiny, tmp_path):
 
     log = tmp_path / "mpirun.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, process_group=0)
     url = f"http://127.0.0.1:{http_port}"
     try:
         deadline = time.monotonic() + 300
