@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import socket
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -69,10 +70,29 @@ def join_store(rdzv: Rendezvous, timeout_s: float) -> dist.Store:
     to connect, the others that long to reach rank 0. Raises PeerFailure naming what is missing,
     UsageError when rank 0 cannot listen on MASTER_PORT."""
     where = f"{rdzv.master_addr}:{rdzv.master_port}"
+    outcome: dict = {}
+
+    def attempt() -> None:
+        try:
+            outcome["store"] = next(dist.rendezvous("env://", rank=rdzv.rank, world_size=rdzv.world_size,
+                                                    timeout=timedelta(seconds=timeout_s)))[0]
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
+            outcome["error"] = exc
+
+    # A client connected to something that accepts but never answers (another program on
+    # MASTER_PORT) waits in torch forever; the thread bounds it. Connect retries can overrun the
+    # timeout by up to one more timeout, hence the factor 2.
+    thread = threading.Thread(target=attempt, name="dscluster-rendezvous", daemon=True)
+    thread.start()
+    thread.join(2 * timeout_s + 5)
+    if thread.is_alive():
+        raise PeerFailure(f"rendezvous timed out after {timeout_s:g} s (--rendezvous-timeout): something at "
+                          f"{where} accepted the connection but never answered as the rendezvous store; "
+                          "is another program listening on MASTER_PORT on the master?")
+    if "store" in outcome:
+        return outcome["store"]
     try:
-        store, _, _ = next(dist.rendezvous("env://", rank=rdzv.rank, world_size=rdzv.world_size,
-                                           timeout=timedelta(seconds=timeout_s)))
-        return store
+        raise outcome["error"]
     except dist.DistError as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "EADDRINUSE" in text or "address already in use" in text:
