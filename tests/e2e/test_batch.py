@@ -107,12 +107,12 @@ def test_batch_under_mpirun_equals_local(tiny, local_results, tmp_path):
 
 
 def test_killed_run_resumes_each_id_exactly_once(tiny, tmp_path):
-    n = 48
+    n = 24
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    bodies = [("/v1/completions", {"prompt": f"number {i}", "max_tokens": 40, "temperature": 0}) for i in range(n)]
+    bodies = [("/v1/completions", {"prompt": f"number {i}", "max_tokens": 24, "temperature": 0}) for i in range(n)]
     src.write_text("\n".join(batch_lines(bodies)) + "\n")
     cmd = [sys.executable, "-m", "dscluster", "batch", tiny, "--nproc", "2", "--input", str(src),
-           "--output", str(out), "--max-batch-size", "2"]
+           "--output", str(out), "--max-batch-size", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
@@ -127,7 +127,7 @@ def test_killed_run_resumes_each_id_exactly_once(tiny, tmp_path):
     assert 4 <= partial < n, partial
     resumed = run_batch([], tiny, src, out, "--nproc", "2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"{partial} already done" in resumed.stderr or "already done" in resumed.stderr
+    assert f"{partial} already done" in resumed.stderr
     results = read_results(out)  # asserts no id twice
     assert set(results) == {f"req-{i}" for i in range(n)}
     assert all(r["response"]["status_code"] == 200 for r in results.values())

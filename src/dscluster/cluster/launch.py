@@ -93,8 +93,10 @@ def launch(cmd: Sequence[str], nproc: int, grace: float = 10.0, rdzv: Rendezvous
     pumps: list[threading.Thread] = []
     for local_rank in range(nproc):
         env = rank_env(base, rdzv, local_rank, gpus)
+        # Own session: a terminal's Ctrl-C reaches ranks once, through the launcher's forwarding.
         proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)
+
         procs.append(proc)
         prefix = f"[rank {rdzv.rank + local_rank}] "
         for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
@@ -122,6 +124,17 @@ def launch(cmd: Sequence[str], nproc: int, grace: float = 10.0, rdzv: Rendezvous
         for t in pumps:
             t.join(timeout=2)
     return code
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL this rank if the launcher dies (even by SIGKILL), so a
+    killed launcher never leaves ranks behind holding ports, GPUs and half-written output."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: ranks then outlive a SIGKILLed launcher
+        pass
 
 
 def _gpus(base: dict[str, str]) -> list[str]:
