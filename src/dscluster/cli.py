@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("env", help="print the discovered rendezvous as one line of JSON")
     p.add_argument("--nproc", type=_positive_int, default=None,
                    help="processes per node, for per-node launchers (LWS, Trainer torch)")
+    p.add_argument("--check", action="store_true",
+                   help="also join the process group and check an all-reduce (run on every rank)")
+    p.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for every rank (--check)")
     p.set_defaults(handler=_cmd_env)
 
     # launch -------------------------------------------------------------------------------
@@ -180,7 +184,18 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
 def _cmd_env(args: argparse.Namespace) -> int:
     from dscluster.cluster.rendezvous import discover
 
-    print(discover(nproc_per_node=args.nproc).to_json())
+    rdzv = discover(nproc_per_node=args.nproc)
+    if not args.check:
+        print(rdzv.to_json())
+        return 0
+    import json
+
+    from dscluster.cluster.group import check_all_reduce, destroy_groups, init_groups
+
+    groups = init_groups(rdzv, args.backend, timeout_s=args.timeout, control_timeout_s=args.timeout)
+    total = check_all_reduce(groups)  # raises when a rank joined another group
+    destroy_groups()
+    print(json.dumps({**json.loads(rdzv.to_json()), "backend": groups.backend, "all_reduce": total}))
     return 0
 
 
