@@ -52,7 +52,12 @@ def run_server(engine: EngineClient, args: argparse.Namespace) -> int:
     config = config_from_args(args)
     app = create_app(engine, config)
     drain = (config.request_timeout or 60.0) + 5.0
-    server = uvicorn.Server(uvicorn.Config(
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.dscluster.serving = False  # readiness answers 503 from the first signal on
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
         timeout_graceful_shutdown=drain, lifespan="on"))
     # Uvicorn re-raises the signal it stopped for once it is done; a no-op handler keeps that
