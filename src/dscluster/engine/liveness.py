@@ -39,6 +39,8 @@ class LivenessMonitor:
         self._last: dict[int, tuple[int, float]] = {}
         self.hosts: dict[int, str] = {}
         self._thread = threading.Thread(target=self._run, name="dscluster-liveness", daemon=True)
+        self._fail_lock = threading.Lock()
+        self._last_round = time.monotonic()
 
     # -- store keys ------------------------------------------------------------------------
     def _key(self, name: str) -> str:
@@ -47,7 +49,9 @@ class LivenessMonitor:
     def start(self) -> None:
         self._store.set(self._key(f"host/{self.rank}"), socket.gethostname())
         self._beat()
+        self._last_round = time.monotonic()
         self._thread.start()
+        threading.Thread(target=self._watchdog, name="dscluster-liveness-watchdog", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -95,6 +99,7 @@ class LivenessMonitor:
                     previous = self._last.get(r)
                     if previous is None or value != previous[0]:
                         self._last[r] = (value, now)
+                self._last_round = time.monotonic()
                 stale = self.stale_ranks()
                 if stale:
                     who = ", ".join(self.describe(r) for r in stale)
@@ -107,7 +112,22 @@ class LivenessMonitor:
                 self._fail(f"{target} is unreachable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                 return
 
+    def _watchdog(self) -> None:
+        """A store call can block far past its timeout: with a node's link cut, TCP retransmits
+        for many minutes and `add` never returns. A watching round that has not completed within
+        the timeout is therefore a failure as well."""
+        while not self._stop.wait(self.interval):
+            if self._failed:
+                return
+            stalled = time.monotonic() - self._last_round
+            if stalled > self.timeout + self.interval:
+                target = "rank 0 (it hosts the rendezvous store)" if self.rank != 0 else "the rendezvous store"
+                self._fail(f"{target} is unreachable: no answer for {stalled:.1f} s")
+                return
+
     def _fail(self, reason: str) -> None:
-        if not self._failed:
+        with self._fail_lock:
+            if self._failed:
+                return
             self._failed = True
-            self.on_failure(reason)
+        self.on_failure(reason)
