@@ -304,8 +304,9 @@ def test_two_nodes_two_ranks_each_serve_then_drain_on_sigterm(nodes2, tiny, tmp_
     assert first.json()["usage"]["completion_tokens"] >= 1
     assert "ranks span nodes (2 of 4 here)" in group.log(1)
 
-    inflight = InFlight(group, {"prompt": "a long answer", "max_tokens": 40, "temperature": 0})
+    inflight = InFlight(group, {"prompt": "a long answer", "max_tokens": 60, "temperature": 0})
     time.sleep(1.0)
+    assert inflight.outcome is None, f"the request ended before SIGTERM: {inflight.outcome}"
     start = time.monotonic()
     for p in group.procs:
         p.send_signal(signal.SIGTERM)
@@ -412,3 +413,19 @@ def test_hung_worker(serving):
     assert "rank 1 (host node1) stopped answering" in group.log(0)
     resumed = group.procs[1].wait(timeout=GONE)
     assert resumed == 3, group.logs()
+
+
+def test_three_nodes_one_cut_off(nodes3, tiny, tmp_path):
+    """Three nodes (LWS, ZeRO-3 over 3 ranks); node2's link goes down mid-batch. Rank 0 names
+    node2; node1, which lost nothing itself, is stopped with the group; node2 gives up alone."""
+    group = Group(nodes3, tiny, tmp_path)
+    for i in range(3):
+        group.start(i, lws_env(i, 3), "--engine", "zero3")
+    report("startup-3x1-zero3", ready=group.wait_ready())
+    first = completion(group, {"prompt": "hello", "max_tokens": 4, "temperature": 0})
+    assert first.status_code == 200, first.text
+    codes = _fault_and_measure(group, "link-cut-mid-batch-3-nodes", lambda: nodes3.nodes[2].link(up=False),
+                               True, survivors=[0, 1, 2])
+    assert codes == {0: 3, 1: 3, 2: 3}, group.logs()
+    assert "rank 2 (host node2)" in group.log(0)
+    assert "rank 0" in group.log(2)
