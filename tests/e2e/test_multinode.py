@@ -310,7 +310,8 @@ def test_two_nodes_two_ranks_each_serve_then_drain_on_sigterm(nodes2, tiny, tmp_
     start = time.monotonic()
     for p in group.procs:
         p.send_signal(signal.SIGTERM)
-    noticed = _wait_not_ready(group, start)
+    noticed, status = _wait_not_ready(group, start)
+    assert status == 503, "draining: readiness answers 503 while the request in flight finishes"
     codes = group.wait_all(GONE, start)
     report("sigterm-group-drain", not_ready=noticed - start, all_exited=time.monotonic() - start)
     response = inflight.result(10)
@@ -318,12 +319,13 @@ def test_two_nodes_two_ranks_each_serve_then_drain_on_sigterm(nodes2, tiny, tmp_
     assert codes == [0, 0], group.logs()
 
 
-def _wait_not_ready(group: Group, start: float, bound: float = NOTICED) -> float:
-    while group.ready_status() == 200:
+def _wait_not_ready(group: Group, start: float, bound: float = NOTICED) -> tuple[float, int | None]:
+    """When readiness stopped answering 200, and what it answered instead (None: no answer)."""
+    while (status := group.ready_status()) == 200:
         if time.monotonic() - start > bound:
             pytest.fail(f"readiness still 200 {bound} s after the fault:\n{group.logs()}")
         time.sleep(0.05)
-    return time.monotonic()
+    return time.monotonic(), status
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +352,9 @@ def _fault_and_measure(group: Group, name: str, fault, mid_batch: bool, survivor
         assert inflight.outcome is None, f"the long request ended before the fault: {inflight.outcome}"
     start = time.monotonic()
     fault()
-    noticed = _wait_not_ready(group, start)
+    noticed, status = _wait_not_ready(group, start)
+    if 0 in survivors:
+        assert status == 503, f"rank 0 alive: readiness must answer 503, got {status}"
     codes = {}
     for i in survivors:
         try:
@@ -367,6 +371,9 @@ def _fault_and_measure(group: Group, name: str, fault, mid_batch: bool, survivor
             assert outcome.status_code >= 500, outcome.text
         times["request_failed"] = inflight.finished_at - start
     report(name, **times)
+    if inflight:
+        print(f"fault-outcome: {name} request: "
+              f"{getattr(outcome, 'status_code', None) or type(outcome).__name__} {getattr(outcome, 'text', '')[:200]}")
     return codes
 
 
