@@ -87,11 +87,24 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="dscluster-batcher", daemon=True)
+        self._running: list[WorkItem] = []       # the batch the batcher thread is executing
         self.batches = 0                         # executed units (tests and benchmarks read it)
 
     # -- event-loop side ---------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        threading.Thread(target=self._watch_failure, name="dscluster-batcher-watch", daemon=True).start()
+
+    def _watch_failure(self) -> None:
+        """The batcher thread can be stuck in a collective that a lost node never answers (a cut
+        link). When the engine reports the group broken, answer that batch 503 now, rather than
+        dropping the connections when the process exits."""
+        while not (self._stopping and not self._thread.is_alive()):
+            failure = self.engine.failure
+            if failure:
+                self._fail_all(list(self._running), unavailable(f"the group is broken ({failure})"))
+                return
+            time.sleep(0.1)
 
     @property
     def alive(self) -> bool:
@@ -167,6 +180,7 @@ class Batcher:
                 self.metrics.queue_time.observe(now - item.enqueued)
             kind = batch[0].key[0]
             self.metrics.batch_size.labels(kind).observe(len(batch))
+            self._running = batch
             try:
                 with self.metrics.forward_time.labels(kind).time():
                     results = self._execute(kind, batch)
@@ -179,6 +193,8 @@ class Batcher:
                 for item in batch:
                     item.resolve(error=error)
                 continue
+            finally:
+                self._running = []
             self.batches += 1
             for item, result in zip(batch, results):
                 item.resolve(result)
