@@ -88,7 +88,7 @@ class Node:
         out = open(log, "ab") if log else subprocess.DEVNULL
         try:
             proc = subprocess.Popen(self.command(cmd, hide), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, process_group=0)
         finally:
             if log:
                 out.close()
