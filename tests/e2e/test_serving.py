@@ -254,7 +254,8 @@ def test_health_and_metrics(server):
         assert c.get("/health/live").status_code == 200
         ready = c.get("/health/ready").json()
         assert ready["ranks_alive"] == 2 and ready["world_size"] == 2
-        c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+        assert c.post("/v1/completions", json={"prompt": ""}).status_code == 400
         text = c.get("/metrics").text
     names = {f.name for f in text_string_to_metric_families(text)}
     for name in ("dscluster_requests", "dscluster_request_latency_seconds", "dscluster_queue_time_seconds",
