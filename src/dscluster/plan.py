@@ -1,0 +1,196 @@
+"""`dscluster plan`: the smallest tensor-parallel layout that holds a model, and where to run it.
+
+Per GPU, for a tensor-parallel degree tp (a divisor of the attention heads):
+
+    weights    = parameters x bytes per parameter / tp
+    kv cache   = 2 x layers x kv_heads x head_dim x context x batch x bytes / min(tp, kv_heads)
+    activation = batch x context x (2 x hidden + intermediate / tp) x bytes + batch x vocab x 4
+    need       = (weights + kv cache + activation) x (1 + margin) + overhead per GPU
+
+The seeds' advice, with numbers: when one node's GPUs hold the model, deploy on one node (no
+inter-node traffic on every layer); only when they don't, run across nodes (MPIJob or LWS) with
+tensor parallelism over whole nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dscluster.errors import EXIT_RUNTIME, UsageError
+
+GIB = 1024**3
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MARGIN = 0.10                 # estimation error, allocator fragmentation
+OVERHEAD_GIB = 1.0            # CUDA context, NCCL buffers, the runtime itself
+DEFAULT_CONTEXT = 4096
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+# Llama-family shapes for --params without a config: (parameters, layers, hidden, heads, kv heads,
+# intermediate, vocab). The nearest by parameter count is used for the KV cache and the heads.
+KNOWN_SHAPES = (
+    (1.2e9, 16, 2048, 32, 8, 8192, 128256),
+    (3.2e9, 28, 3072, 24, 8, 8192, 128256),
+    (8.0e9, 32, 4096, 32, 8, 14336, 128256),
+    (13e9, 40, 5120, 40, 40, 13824, 32000),
+    (34e9, 48, 8192, 64, 8, 22016, 32000),
+    (70e9, 80, 8192, 64, 8, 28672, 128256),
+    (405e9, 126, 16384, 128, 8, 53248, 128256),
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    params: float
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    context: int
+    weight_bytes: float | None = None      # measured from the weight files, in the requested dtype
+    source: str = ""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+@dataclass(frozen=True)
+class Layout:
+    tensor_parallel: int
+    nodes: int
+    gpus_per_node: int
+    weights_gib: float
+    kv_cache_gib: float
+    activation_gib: float
+    per_gpu_gib: float
+    fits: bool
+
+
+def parse_params(text: str) -> float:
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        raise UsageError(f"--params {text!r} is not a number (e.g. 70e9)") from None
+    if not math.isfinite(value) or value < 1:
+        raise UsageError(f"--params {text!r} must be a positive parameter count")
+    return value
+
+
+def shape_from_params(params: float, context: int | None) -> Shape:
+    row = min(KNOWN_SHAPES, key=lambda r: abs(math.log(r[0] / params)))
+    _, layers, hidden, heads, kv, inter, vocab = row
+    return Shape(params, layers, hidden, heads, kv, inter, vocab, context or DEFAULT_CONTEXT,
+                 source=f"--params {params:.3g}, shaped like a {row[0] / 1e9:g}B Llama")
+
+
+def shape_from_model(path: str, dtype: str, context: int | None) -> Shape:
+    directory = Path(path)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise UsageError(f"--model {path!r}: no config.json there")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model {path!r}: config.json is not readable JSON: {exc}") from None
+    config = {**config.get("text_config", {}), **config}
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads") if k not in config]
+    if missing:
+        raise UsageError(f"--model {path!r}: config.json lacks {', '.join(missing)}")
+    layers, hidden, heads = config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    inter = config.get("intermediate_size") or 4 * hidden
+    vocab = config.get("vocab_size") or 32000
+    files = [f for f in directory.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file()]
+    stored = BYTES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", ""), 4)
+    weight_bytes = sum(f.stat().st_size for f in files) * BYTES[dtype] / stored if files else None
+    # Parameters: from the weight files when there are any, else from the shape.
+    params = (weight_bytes / BYTES[dtype]) if weight_bytes else (
+        layers * (4 * hidden * hidden + 3 * hidden * inter) + 2 * vocab * hidden)
+    max_context = config.get("max_position_embeddings")
+    return Shape(params, layers, hidden, heads, kv, inter, vocab,
+                 context or min(max_context or DEFAULT_CONTEXT, DEFAULT_CONTEXT),
+                 weight_bytes=weight_bytes, source=f"{path} ({len(files)} weight file(s))")
+
+
+def estimate(shape: Shape, dtype: str, tp: int, batch: int, gpus_per_node: int, gpu_mem_gib: float) -> Layout:
+    b = BYTES[dtype]
+    weights = (shape.weight_bytes or shape.params * b) / tp
+    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.context * batch * b / min(tp, shape.kv_heads)
+    act = batch * shape.context * (2 * shape.hidden + shape.intermediate / tp) * b + batch * shape.vocab * 4
+    need = (weights + kv + act) * (1 + MARGIN) / GIB + OVERHEAD_GIB
+    nodes = math.ceil(tp / gpus_per_node)
+    return Layout(tp, nodes, min(tp, gpus_per_node), round(weights / GIB, 2), round(kv / GIB, 2),
+                  round(act / GIB, 2), round(need, 2), need <= gpu_mem_gib)
+
+
+def candidates(shape: Shape, gpus_per_node: int, max_nodes: int) -> list[int]:
+    """Divisors of the attention heads that fill whole nodes once they span more than one."""
+    limit = gpus_per_node * max_nodes
+    return [tp for tp in range(1, min(shape.heads, limit) + 1)
+            if shape.heads % tp == 0 and (tp <= gpus_per_node or tp % gpus_per_node == 0)]
+
+
+def make_plan(args: argparse.Namespace) -> dict:
+    if args.gpu_mem_gib <= 0:
+        raise UsageError(f"--gpu-mem-gib {args.gpu_mem_gib:g} must be positive")
+    shape = (shape_from_model(args.model, args.dtype, args.context_len) if args.model
+             else shape_from_params(parse_params(args.params), args.context_len))
+    layouts = [estimate(shape, args.dtype, tp, args.batch_size, args.gpus_per_node, args.gpu_mem_gib)
+               for tp in candidates(shape, args.gpus_per_node, args.max_nodes)]
+    best = next((layout for layout in layouts if layout.fits), None)
+    plan = {"model": shape.source, "dtype": args.dtype, "params": shape.params, "context_len": shape.context,
+            "batch_size": args.batch_size, "gpu_mem_gib": args.gpu_mem_gib,
+            "candidates": [asdict(layout) for layout in layouts], "fits": best is not None}
+    if best is None:
+        largest = layouts[-1] if layouts else None
+        plan.update(tensor_parallel=None, nodes=None, gpus_per_node=None, recommendation=None,
+                    per_gpu_gib=largest.per_gpu_gib if largest else None,
+                    missing=(f"at tensor parallel {largest.tensor_parallel} over {largest.nodes} node(s) each GPU "
+                             f"needs {largest.per_gpu_gib:g} GiB, more than {args.gpu_mem_gib:g} GiB: allow more "
+                             "nodes (--max-nodes), use GPUs with more memory, a smaller --dtype, or a shorter "
+                             "--context-len / --batch-size") if largest else
+                            f"no tensor-parallel degree divides the model's {shape.heads} attention heads")
+        return plan
+    single = best.nodes == 1
+    model_arg = args.model or "/mnt/checkpoints/model"
+    kind = "lws" if single else "mpijob"
+    plan.update(tensor_parallel=best.tensor_parallel, nodes=best.nodes, gpus_per_node=best.gpus_per_node,
+                per_gpu_gib=best.per_gpu_gib, recommendation="single-node" if single else "multi-node",
+                render_command=(f"dscluster k8s render {kind} --nodes {best.nodes} --gpus-per-node "
+                                f"{best.gpus_per_node} --model {model_arg} --dtype {args.dtype}"))
+    return plan
+
+
+def describe(plan: dict) -> str:
+    lines = [f"model: {plan['model']}, {plan['params'] / 1e9:.3g}B parameters, {plan['dtype']}, "
+             f"context {plan['context_len']}, batch {plan['batch_size']}, {plan['gpu_mem_gib']:g} GiB per GPU",
+             "",
+             f"{'tp':>4} {'nodes':>5} {'weights':>9} {'kv cache':>9} {'activ.':>8} {'per GPU':>9}  fits"]
+    for c in plan["candidates"]:
+        lines.append(f"{c['tensor_parallel']:>4} {c['nodes']:>5} {c['weights_gib']:>8.2f}G {c['kv_cache_gib']:>8.2f}G "
+                     f"{c['activation_gib']:>7.2f}G {c['per_gpu_gib']:>8.2f}G  {'yes' if c['fits'] else 'no'}")
+    lines.append("")
+    if not plan["fits"]:
+        lines.append(f"does not fit: {plan['missing']}")
+    elif plan["recommendation"] == "single-node":
+        lines.append(f"fits on one node: tensor parallel {plan['tensor_parallel']} on {plan['gpus_per_node']} GPU(s), "
+                     f"{plan['per_gpu_gib']:g} GiB per GPU. Deploy on a single node; multi-node buys nothing here.")
+        lines.append(f"  {plan['render_command']}")
+    else:
+        lines.append(f"needs {plan['nodes']} nodes: tensor parallel {plan['tensor_parallel']} over {plan['nodes']} x "
+                     f"{plan['gpus_per_node']} GPUs, {plan['per_gpu_gib']:g} GiB per GPU.")
+        lines.append(f"  {plan['render_command']}")
+        lines.append("  (or `k8s render lws` with the same flags)")
+    return "\n".join(lines)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    plan = make_plan(args)
+    print(json.dumps(plan) if args.json else describe(plan))
+    return 0 if plan["fits"] else EXIT_RUNTIME
