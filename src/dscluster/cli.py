@@ -61,11 +61,16 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default=os.environ.get("DSCLUSTER_LOG_LEVEL", "INFO"))
 
 
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dscluster", description=__doc__.splitlines()[0])
     from dscluster import __version__
 
     parser.add_argument("--version", action="version", version=f"dscluster {__version__}")
+    # The `deepspeed` launcher puts --local_rank=N before the command unless told --no_local_rank;
+    # LOCAL_RANK in the environment says the same, so the flag is accepted and ignored.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     # serve --------------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""Every real launcher starts 2 ranks that find each other and all-reduce over gloo
+(`dscluster env --check` on each rank), and the local launcher supervises like torchrun's agent."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dscluster.cluster.launch import free_port
+
+BIN = Path(sys.executable).parent
+LAUNCHER_PREFIXES = ("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "OMPI_", "PMI_", "MPI_LOCAL", "SLURM_", "PET_",
+                     "LWS_", "TORCHELASTIC", "CROSS_", "DSCLUSTER_", "GROUP_RANK")
+CHECK = [sys.executable, "-m", "dscluster", "env", "--check", "--timeout", "60"]
+needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is not installed")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES)}, **extra}
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> list[dict]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or clean_env())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    # Ranks of mpirun and deepspeed share one stdout: two reports may land on one line.
+    reports = [json.loads(m) for m in re.findall(r'\{[^{}]*"all_reduce"[^{}]*\}', proc.stdout)]
+    return sorted(reports, key=lambda r: r["rank"])
+
+
+def assert_group(reports: list[dict], launcher: str) -> None:
+    assert [r["rank"] for r in reports] == [0, 1]
+    assert {r["world_size"] for r in reports} == {2} and {r["local_world_size"] for r in reports} == {2}
+    assert all(r["launcher"] == launcher and r["all_reduce"] == 3 for r in reports)
+    assert len({(r["master_addr"], r["master_port"]) for r in reports}) == 1
+
+
+def test_local_launcher():
+    assert_group(run([sys.executable, "-m", "dscluster", "launch", "--nproc", "2", "--", *CHECK]), "local")
+
+
+def test_torchrun():
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *CHECK[1:]]
+    assert_group(run(cmd), "torchrun")
+
+
+@pytest.mark.parametrize("local_rank_flag", [True, False], ids=["--local_rank appended", "--no_local_rank"])
+def test_deepspeed_launcher(local_rank_flag):
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    if not local_rank_flag:
+        cmd.append("--no_local_rank")
+    assert_group(run([*cmd, "--module", "dscluster", "env", "--check"]), "deepspeed")
+
+
+@needs_mpirun
+def test_mpirun_with_master_addr_given():
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "MASTER_ADDR=127.0.0.1",
+           "-x", f"MASTER_PORT={free_port()}", *CHECK]
+    reports = run(cmd)
+    assert_group(reports, "openmpi")
+    assert reports[0]["master_addr"] == "127.0.0.1"
+
+
+@needs_mpirun
+def test_mpirun_master_from_hostfile(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    cmd = ["mpirun", "--allow-run-as-root", "-np", "2", "--hostfile", str(hostfile),
+           "-x", f"OMPI_MCA_orte_default_hostfile={hostfile}", "-x", f"MASTER_PORT={free_port()}", *CHECK]
+    reports = run(cmd)
+    assert_group(reports, "openmpi")
+    assert reports[0]["master_addr"] == "localhost"
+
+
+@needs_mpirun
+def test_mpirun_master_broadcast_over_mpi():
+    """No MASTER_ADDR and no hostfile: rank 0 sends its own address to every rank with mpi4py."""
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", f"MASTER_PORT={free_port()}", *CHECK]
+    assert_group(run(cmd), "openmpi")
+
+
+# -- the local launcher as a supervisor -----------------------------------------------------------
+
+
+def test_output_is_prefixed_with_the_rank():
+    proc = subprocess.run([sys.executable, "-m", "dscluster", "launch", "--nproc", "2", "--", sys.executable, "-c",
+                           "import os; print('hello from', os.environ['RANK'], os.environ['LOCAL_SIZE'])"],
+                          capture_output=True, text=True, timeout=60, env=clean_env())
+    assert proc.returncode == 0
+    assert sorted(proc.stdout.splitlines()) == ["[rank 0] hello from 0 2", "[rank 1] hello from 1 2"]
+
+
+def test_one_rank_failing_stops_the_others_with_its_code():
+    script = "import os, sys, time\nif os.environ['RANK'] == '1': sys.exit(7)\ntime.sleep(120)"
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "dscluster", "launch", "--nproc", "2", "--grace", "3", "--",
+                           sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert proc.returncode == 7
+    assert time.monotonic() - started < 20, "rank 0 should have been stopped, not waited for"
+    assert "rank 1 exited with code 7; stopping the other ranks" in proc.stderr
+
+
+def test_sigterm_is_forwarded_to_every_rank(tmp_path):
+    script = ("import os, signal, sys, time\n"
+              "def bye(*_):\n"
+              f"    open(os.path.join({str(tmp_path)!r}, 'got-' + os.environ['RANK']), 'w').close(); sys.exit(0)\n"
+              "signal.signal(signal.SIGTERM, bye)\nprint('up', flush=True)\ntime.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-m", "dscluster", "launch", "--nproc", "2", "--", sys.executable, "-c",
+                             script], stdout=subprocess.PIPE, text=True, env=clean_env())
+    assert proc.stdout.readline().endswith("up\n") and proc.stdout.readline().endswith("up\n")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["got-0", "got-1"]
+
+
+def test_ranks_die_with_a_killed_launcher(tmp_path):
+    """SIGKILL cannot be forwarded: the ranks must still go (PR_SET_PDEATHSIG), never linger."""
+    pids = tmp_path / "pids"
+    script = f"import os, time\nopen({str(pids)!r} + os.environ['RANK'], 'w').write(str(os.getpid()))\ntime.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-m", "dscluster", "launch", "--nproc", "2", "--", sys.executable, "-c",
+                             script], env=clean_env())
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.glob("pids*"))) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    rank_pids = [int(p.read_text()) for p in tmp_path.glob("pids*")]
+    proc.kill()
+    proc.wait(10)
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in rank_pids):
+        assert time.monotonic() < deadline, "ranks outlived their launcher"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is gone for our purpose
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_launch_without_a_command_exits_2():
+    proc = subprocess.run([sys.executable, "-m", "dscluster", "launch", "--nproc", "2"], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2 and "needs a command" in proc.stderr
