@@ -22,6 +22,7 @@ BENCHMARKS = {
     "control_message": "benchmarks.control_message",
     "engine_memory": "benchmarks.engine_memory",
     "engine_speed": "benchmarks.engine_speed",
+    "serving": "benchmarks.serving",
 }
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

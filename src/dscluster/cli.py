@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a pod)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-wait-ms", type=_non_negative_float, default=5.0,
-                   help="how long a batch waits for more requests")
+    p.add_argument("--max-wait-ms", type=_non_negative_float, default=0.0,
+                   help="how long an idle server holds a request for more to batch with it (default 0: "
+                        "batches form from the requests that arrive while one runs)")
     p.add_argument("--max-queue", type=_positive_int, default=256, help="queued requests before 429")
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before 504")
     p.add_argument("--api-key", default=os.environ.get("DSCLUSTER_API_KEY"),

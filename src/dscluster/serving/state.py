@@ -18,7 +18,7 @@ from dscluster.serving.protocol import APIError
 @dataclass(frozen=True)
 class ServerConfig:
     max_batch_size: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0
     max_queue: int = 256
     request_timeout: float | None = 60.0     # None: no deadline (batch mode)
     api_key: str | None = None
