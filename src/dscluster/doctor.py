@@ -12,11 +12,13 @@ import os
 import shutil
 import socket
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dscluster.cluster.rendezvous import Rendezvous, RendezvousError, discover
-from dscluster.errors import EXIT_RUNTIME
+from dscluster.errors import EXIT_RUNTIME, UsageError
 
 GIB = 1024**3
 SHM_MIN = 1 * GIB          # Docker's 64 MiB default breaks NCCL and DeepSpeed's shared memory
@@ -41,46 +43,84 @@ def check_rendezvous(args) -> tuple[Check, Rendezvous | None]:
                  f"master {rdzv.master_addr}:{rdzv.master_port}, launcher {rdzv.launcher}"), rdzv
 
 
+def _resolve(addr: str, port: int, timeout: float) -> list[str]:
+    """getaddrinfo has no timeout of its own; a DNS server that never answers must not hang doctor."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        infos = pool.submit(socket.getaddrinfo, addr, port, type=socket.SOCK_STREAM).result(timeout=timeout)
+    finally:
+        pool.shutdown(wait=False)
+    return sorted({info[4][0] for info in infos})
+
+
 def check_master(rdzv: Rendezvous, timeout: float) -> Check:
     addr, port = rdzv.master_addr, rdzv.master_port
     if rdzv.world_size == 1:
         return Check("master", "PASS", "single process: no master needed")
     try:
-        socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+        addresses = _resolve(addr, port, timeout)
     except socket.gaierror as exc:
         return Check("master", "FAIL", f"MASTER_ADDR {addr} does not resolve ({exc.strerror})",
                      "use the headless Service's name for rank 0's pod, and check its selector and namespace")
+    except FutureTimeout:
+        return Check("master", "FAIL", f"MASTER_ADDR {addr} did not resolve within {timeout:g} s",
+                     "check the pod's DNS (dnsPolicy, CoreDNS) or use rank 0's IP address")
     if rdzv.rank == 0:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("", port))
             except OSError as exc:
-                return Check("master", "FAIL", f"rank 0 cannot listen on MASTER_PORT {port}: {exc.strerror}",
-                             "stop whatever holds the port, or choose another MASTER_PORT")
-        return Check("master", "PASS", f"rank 0: MASTER_PORT {port} is free to listen on; {addr} resolves")
+                return Check("master", "FAIL", f"port taken: rank 0 cannot listen on MASTER_PORT {port} "
+                             f"({exc.strerror})", "stop whatever holds the port, or choose another MASTER_PORT")
+        if not any(_is_local(a) for a in addresses):
+            return Check("master", "WARN", f"rank 0: MASTER_PORT {port} is free, but MASTER_ADDR {addr} resolves to "
+                         f"{', '.join(addresses)}, not an address of this host: other ranks will look elsewhere",
+                         "point MASTER_ADDR at rank 0's own pod (a headless Service, not a ClusterIP one)")
+        return Check("master", "PASS", f"rank 0: MASTER_PORT {port} is free to listen on; {addr} is this host")
     try:
         with socket.create_connection((addr, port), timeout=timeout):
             return Check("master", "PASS", f"{addr}:{port} accepts connections")
     except ConnectionRefusedError:
-        return Check("master", "WARN", f"{addr}:{port} refused the connection: rank 0 is not listening yet "
+        return Check("master", "WARN", f"{addr}:{port} refused the connection: master not listening yet "
                      "(normal before rank 0 starts)", "if rank 0 is running, check MASTER_PORT on both sides")
     except OSError as exc:
-        return Check("master", "FAIL", f"{addr}:{port} did not answer within {timeout:g} s ({exc})",
+        reason = f"did not answer within {timeout:g} s" if isinstance(exc, TimeoutError) else f"is unreachable ({exc})"
+        return Check("master", "FAIL", f"{addr}:{port} {reason}",
                      "check NetworkPolicies, the Service's port 29500 and that rank 0's pod is scheduled")
 
 
+def _is_local(address: str) -> bool:
+    """Whether this host can bind `address` (one of its own, or a wildcard/loopback)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((address, 0))
+        return True
+    except OSError:
+        return False
+
+
 def interface_matches(spec: str, names: list[str], prefix_match: bool) -> tuple[list[str], str | None]:
-    """Interfaces a NCCL/GLOO *_SOCKET_IFNAME selects. NCCL: comma-separated prefixes, `=` for an
-    exact name, `^` to exclude. gloo: exact names. Returns (selected, problem)."""
-    exclude = spec.startswith("^")
-    parts = [p for p in spec.lstrip("^").split(",") if p]
-    selected = []
-    for name in names:
-        hit = any(name == p[1:] if p.startswith("=") else (name.startswith(p) if prefix_match else name == p)
-                  for p in parts)
-        if hit != exclude:
-            selected.append(name)
+    """Interfaces a *_SOCKET_IFNAME value selects, and the problem when it selects none.
+
+    NCCL (prefix_match=True): a comma-separated list of name prefixes; a leading `^` excludes the
+    listed ones instead, and `=` (after any `^`) makes the whole list exact names: `eth`, `^lo,docker`,
+    `=eth0`, `^=docker0`. gloo: comma-separated exact names, no `^`.
+    """
+    rest, exclude, exact = spec, False, not prefix_match
+    if prefix_match:
+        if rest.startswith("^"):
+            exclude, rest = True, rest[1:]
+        if rest.startswith("="):
+            exact, rest = True, rest[1:]
+    elif rest.startswith(("^", "=")):
+        return [], f"{spec!r}: gloo takes exact interface names, without NCCL's ^ or = prefixes"
+    parts = [p for p in rest.split(",") if p]
+    if not parts:
+        return [], f"{spec!r} names no interface"
+    selected = [name for name in names
+                if any(name == p if exact else name.startswith(p) for p in parts) != exclude]
     if not selected:
         return [], f"{spec!r} selects no interface here (there are: {', '.join(names)})"
     return selected, None
@@ -103,30 +143,42 @@ def check_interfaces(environ) -> list[Check]:
     return checks
 
 
-def check_gpus(rdzv: Rendezvous | None) -> Check:
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd")
+
+
+def gpu_count() -> int:
+    """torch.cuda.device_count(), without importing torch (about a second) on a host with no GPU driver."""
+    if not any(os.path.exists(p) for p in GPU_DEVICE_NODES):
+        return 0
     try:
         import torch
-
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     except ImportError:
-        count = 0
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_gpus(rdzv: Rendezvous | None, require_gpu: bool = False, count: int | None = None) -> Check:
+    count = gpu_count() if count is None else count
     local = rdzv.local_world_size if rdzv else 1
     if count == 0:
-        return Check("gpus", "WARN", "no GPU visible: ranks run on CPU over gloo",
+        if require_gpu:
+            return Check("gpus", "FAIL", "no GPU visible, and a GPU is required",
+                         "request nvidia.com/gpu in the pod and check the NVIDIA device plugin on the node")
+        return Check("gpus", "WARN", "no GPU: gloo backend (ranks run on CPU)",
                      "on GPU nodes: request nvidia.com/gpu and check the device plugin")
-    if count < local and os.environ.get("CUDA_VISIBLE_DEVICES") is None:
+    if count < local:
         return Check("gpus", "FAIL", f"{local} local ranks but {count} GPU(s) visible",
-                     "request one nvidia.com/gpu per local rank, or start fewer ranks per node")
+                     "request one nvidia.com/gpu per local rank, or start fewer ranks per node (--nproc)")
     return Check("gpus", "PASS", f"{count} GPU(s) visible for {local} local rank(s)")
 
 
-def check_shm(path: str = "/dev/shm") -> Check:
+def check_shm(path: str = "/dev/shm", minimum: int = SHM_MIN) -> Check:
     try:
         stat = os.statvfs(path)
     except OSError:
         return Check("shm", "WARN", f"{path} is missing", "mount an emptyDir with medium: Memory at /dev/shm")
     size = stat.f_blocks * stat.f_frsize
-    if size < SHM_MIN:
+    if size < minimum:
         return Check("shm", "WARN", f"{path} is {size / 2**20:.0f} MiB; NCCL and DeepSpeed need more",
                      "mount an emptyDir with medium: Memory at /dev/shm (dscluster k8s render does)")
     return Check("shm", "PASS", f"{path} is {size / GIB:.1f} GiB")
@@ -181,9 +233,13 @@ def check_model(spec: str) -> list[Check]:
     return checks
 
 
-def check_disk(path: str) -> Check:
-    free = shutil.disk_usage(path).free
-    if free < DISK_MIN:
+def check_disk(path: str, minimum: int = DISK_MIN) -> Check:
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError as exc:
+        return Check("disk", "WARN", f"cannot read free space of {path}: {exc.strerror}",
+                     "set HOME to a writable directory")
+    if free < minimum:
         return Check("disk", "WARN", f"{free / 2**20:.0f} MiB free in {path}",
                      "DeepSpeed's op cache (~/.cache/torch_extensions) and logs need space")
     return Check("disk", "PASS", f"{free / GIB:.1f} GiB free in {path}")
@@ -196,7 +252,7 @@ def run_checks(args: argparse.Namespace, environ=None) -> list[Check]:
     if rdzv is not None:
         checks.append(check_master(rdzv, args.timeout))
     steps: list[Callable[[], Check | list[Check]]] = [
-        lambda: check_interfaces(environ), lambda: check_gpus(rdzv), check_shm,
+        lambda: check_interfaces(environ), lambda: check_gpus(rdzv, getattr(args, 'require_gpu', False)), check_shm,
         lambda: check_disk(os.path.expanduser("~")),
     ]
     if args.model:
@@ -208,6 +264,8 @@ def run_checks(args: argparse.Namespace, environ=None) -> list[Check]:
 
 
 def run_doctor(args: argparse.Namespace) -> int:
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout {args.timeout:g} must be a positive number of seconds")
     checks = run_checks(args)
     failed = any(c.status == "FAIL" for c in checks)
     if args.json:

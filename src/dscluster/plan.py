@@ -27,7 +27,7 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MARGIN = 0.10                 # estimation error, allocator fragmentation
 OVERHEAD_GIB = 1.0            # CUDA context, NCCL buffers, the runtime itself
 DEFAULT_CONTEXT = 4096
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+CHECKPOINTS = "/mnt/checkpoints"
 
 # Llama-family shapes for --params without a config: (parameters, layers, hidden, heads, kv heads,
 # intermediate, vocab). The nearest by parameter count is used for the KV cache and the heads.
@@ -89,6 +89,36 @@ def shape_from_params(params: float, context: int | None) -> Shape:
                  source=f"--params {params:.3g}, shaped like a {row[0] / 1e9:g}B Llama")
 
 
+# Config keys for the shape, Llama's name first (the one an error names), then other families'.
+LAYERS = ("num_hidden_layers", "n_layer", "num_layers")
+HIDDEN = ("hidden_size", "n_embd", "d_model")
+HEADS = ("num_attention_heads", "n_head", "num_heads")
+
+
+def _first(config: dict, names: tuple[str, ...]):
+    value = next((config[n] for n in names if config.get(n) is not None), None)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise UsageError(f"config.json: {names[0]} is {value!r}, not a positive integer")
+    return value
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The files that hold the weights. Repositories often ship the same weights twice (safetensors
+    and a PyTorch .bin); only the first format present counts."""
+    for suffixes in ((".safetensors",), (".bin",), (".pt", ".pth")):
+        files = sorted(f for f in directory.iterdir() if f.suffix in suffixes and f.is_file())
+        if files:
+            return files
+    return []
+
+
+def pod_model_path(path: str) -> str:
+    """Where the model will be inside the pod: the checkpoints PVC is mounted at /mnt/checkpoints."""
+    if path.startswith(CHECKPOINTS + "/"):
+        return path.rstrip("/")
+    return f"{CHECKPOINTS}/{Path(path).resolve().name}"
+
+
 def shape_from_model(path: str, dtype: str, context: int | None) -> Shape:
     directory = Path(path)
     config_path = directory / "config.json"
@@ -99,14 +129,14 @@ def shape_from_model(path: str, dtype: str, context: int | None) -> Shape:
     except (OSError, ValueError) as exc:
         raise UsageError(f"--model {path!r}: config.json is not readable JSON: {exc}") from None
     config = {**config.get("text_config", {}), **config}
-    missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads") if k not in config]
+    missing = [names[0] for names in (LAYERS, HIDDEN, HEADS) if _first(config, names) is None]
     if missing:
         raise UsageError(f"--model {path!r}: config.json lacks {', '.join(missing)}")
-    layers, hidden, heads = config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]
+    layers, hidden, heads = (_first(config, names) for names in (LAYERS, HIDDEN, HEADS))
     kv = config.get("num_key_value_heads") or heads
-    inter = config.get("intermediate_size") or 4 * hidden
+    inter = _first(config, ("intermediate_size", "n_inner", "ffn_dim")) or 4 * hidden
     vocab = config.get("vocab_size") or 32000
-    files = [f for f in directory.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file()]
+    files = weight_files(directory)
     stored = BYTES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", ""), 4)
     weight_bytes = sum(f.stat().st_size for f in files) * BYTES[dtype] / stored if files else None
     # Parameters: from the weight files when there are any, else from the shape.
@@ -136,6 +166,21 @@ def candidates(shape: Shape, gpus_per_node: int, max_nodes: int) -> list[int]:
             if shape.heads % tp == 0 and (tp <= gpus_per_node or tp % gpus_per_node == 0)]
 
 
+def _missing(shape: Shape, args: argparse.Namespace, largest: Layout) -> str:
+    """What is short when nothing fits: the shortfall per GPU, and the node count that would do."""
+    short = (f"at tensor parallel {largest.tensor_parallel} over {largest.nodes} node(s) of {args.gpus_per_node} "
+             f"each GPU needs {largest.per_gpu_gib:g} GiB, {largest.per_gpu_gib - args.gpu_mem_gib:.2f} GiB more "
+             f"than --gpu-mem-gib {args.gpu_mem_gib:g}")
+    unbounded = candidates(shape, args.gpus_per_node, max_nodes=shape.heads)
+    more = next((layout for layout in (estimate(shape, args.dtype, tp, args.batch_size, args.gpus_per_node,
+                                                 args.gpu_mem_gib) for tp in unbounded
+                                        if tp > largest.tensor_parallel) if layout.fits), None)
+    if more is not None:
+        return f"{short}; it fits at tensor parallel {more.tensor_parallel} over {more.nodes} nodes: pass --max-nodes {more.nodes}"
+    return (f"{short}; no more nodes help (tensor parallelism stops at the {shape.heads} attention heads): "
+            "use GPUs with more memory, a smaller --dtype, or a shorter --context-len / --batch-size")
+
+
 def make_plan(args: argparse.Namespace) -> dict:
     if args.gpu_mem_gib <= 0:
         raise UsageError(f"--gpu-mem-gib {args.gpu_mem_gib:g} must be positive")
@@ -148,22 +193,18 @@ def make_plan(args: argparse.Namespace) -> dict:
             "batch_size": args.batch_size, "gpu_mem_gib": args.gpu_mem_gib,
             "candidates": [asdict(layout) for layout in layouts], "fits": best is not None}
     if best is None:
-        largest = layouts[-1] if layouts else None
+        largest = layouts[-1]  # tp=1 is always a candidate
         plan.update(tensor_parallel=None, nodes=None, gpus_per_node=None, recommendation=None,
-                    per_gpu_gib=largest.per_gpu_gib if largest else None,
-                    missing=(f"at tensor parallel {largest.tensor_parallel} over {largest.nodes} node(s) each GPU "
-                             f"needs {largest.per_gpu_gib:g} GiB, more than {args.gpu_mem_gib:g} GiB: allow more "
-                             "nodes (--max-nodes), use GPUs with more memory, a smaller --dtype, or a shorter "
-                             "--context-len / --batch-size") if largest else
-                            f"no tensor-parallel degree divides the model's {shape.heads} attention heads")
+                    per_gpu_gib=largest.per_gpu_gib, missing=_missing(shape, args, largest))
         return plan
     single = best.nodes == 1
-    model_arg = args.model or "/mnt/checkpoints/model"
+    model_arg = pod_model_path(args.model) if args.model else f"{CHECKPOINTS}/model"
     kind = "lws" if single else "mpijob"
+    engine = "tp" if best.tensor_parallel > 1 else "replicated"
     plan.update(tensor_parallel=best.tensor_parallel, nodes=best.nodes, gpus_per_node=best.gpus_per_node,
                 per_gpu_gib=best.per_gpu_gib, recommendation="single-node" if single else "multi-node",
                 render_command=(f"dscluster k8s render {kind} --nodes {best.nodes} --gpus-per-node "
-                                f"{best.gpus_per_node} --model {model_arg} --dtype {args.dtype}"))
+                                f"{best.gpus_per_node} --model {model_arg} --engine {engine} --dtype {args.dtype}"))
     return plan
 
 
@@ -185,6 +226,8 @@ def describe(plan: dict) -> str:
     else:
         lines.append(f"needs {plan['nodes']} nodes: tensor parallel {plan['tensor_parallel']} over {plan['nodes']} x "
                      f"{plan['gpus_per_node']} GPUs, {plan['per_gpu_gib']:g} GiB per GPU.")
+        lines.append(f"  tensor parallelism spans all {plan['tensor_parallel']} GPUs of the {plan['nodes']} nodes: every "
+                     "layer's all-reduce crosses the network, so give the pods a fast interconnect (InfiniBand/RoCE).")
         lines.append(f"  {plan['render_command']}")
         lines.append("  (or `k8s render lws` with the same flags)")
     return "\n".join(lines)
