@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--nproc", type=_positive_int, default=None)
     p.add_argument("--timeout", type=float, default=3.0, help="seconds for network probes")
+    p.add_argument("--require-gpu", action="store_true", help="no visible GPU is a failure, not a warning")
     p.set_defaults(handler=_cmd_doctor)
 
     # plan ---------------------------------------------------------------------------------
