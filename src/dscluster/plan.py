@@ -54,10 +54,11 @@ class Shape:
     context: int
     weight_bytes: float | None = None      # measured from the weight files, in the requested dtype
     source: str = ""
+    dim_per_head: int | None = None        # config's head_dim, when it is not hidden / heads (Gemma, Qwen3)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.dim_per_head or self.hidden // self.heads
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,8 @@ def shape_from_model(path: str, dtype: str, context: int | None) -> Shape:
     max_context = config.get("max_position_embeddings")
     return Shape(params, layers, hidden, heads, kv, inter, vocab,
                  context or min(max_context or DEFAULT_CONTEXT, DEFAULT_CONTEXT),
-                 weight_bytes=weight_bytes, source=f"{path} ({len(files)} weight file(s))")
+                 weight_bytes=weight_bytes, source=f"{path} ({len(files)} weight file(s))",
+                 dim_per_head=_first(config, ("head_dim",)))
 
 
 def estimate(shape: Shape, dtype: str, tp: int, batch: int, gpus_per_node: int, gpu_mem_gib: float) -> Layout:
