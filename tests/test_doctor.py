@@ -9,11 +9,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from dscluster.cluster.launch import free_port
-from dscluster.doctor import interface_matches
+from dscluster.cluster.rendezvous import discover
+from dscluster.doctor import check_disk, check_gpus, check_shm, interface_matches
 
 LAUNCHER_PREFIXES = ("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "OMPI_", "PMI_", "MPI_", "SLURM_", "PET_", "LWS_",
                      "TORCHELASTIC", "CROSS_", "DSCLUSTER_", "NCCL_", "GLOO_")
@@ -84,6 +86,10 @@ def test_nccl_interface_syntax():
     assert interface_matches("=eth", names, True)[1] is not None
     assert interface_matches("^lo,ib", names, True)[0] == ["eth0", "eth1"]
     assert interface_matches("eth", names, False)[1] is not None  # gloo takes exact names
+    assert interface_matches("=eth0,ib0", names, True)[0] == ["eth0", "ib0"]  # = makes the whole list exact
+    assert interface_matches("^=eth0", names, True)[0] == ["lo", "eth1", "ib0"]
+    assert interface_matches("eth0,eth1", names, False)[0] == ["eth0", "eth1"]
+    assert "gloo takes exact" in interface_matches("^lo", names, False)[1]
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -125,3 +131,73 @@ def test_human_output_lists_fixes():
                           env={**os.environ, "NCCL_SOCKET_IFNAME": "nope0"})
     assert proc.returncode == 1
     assert "FAIL  NCCL_SOCKET_IFNAME" in proc.stdout and "fix: set NCCL_SOCKET_IFNAME" in proc.stdout
+
+
+def test_interface_exact_and_excluded_forms_against_this_host():
+    code, checks = doctor(NCCL_SOCKET_IFNAME="=lo", GLOO_SOCKET_IFNAME="lo")
+    assert code == 0 and checks["NCCL_SOCKET_IFNAME"]["message"].endswith("selects lo")
+    code, checks = doctor(GLOO_SOCKET_IFNAME="^lo")
+    assert code == 1 and "gloo takes exact interface names" in checks["GLOO_SOCKET_IFNAME"]["message"]
+
+
+def test_master_that_never_answers_fails_within_the_timeout():
+    # A listener that never accepts, with its backlog of 0 already taken by one connection: the
+    # kernel drops further SYNs, so the probe's connect times out as with a firewalled master.
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        filler.connect(("127.0.0.1", port))
+        start = time.monotonic()
+        code, checks = doctor(RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        elapsed = time.monotonic() - start
+    assert code == 1 and checks["master"]["status"] == "FAIL"
+    assert checks["master"]["message"] == f"127.0.0.1:{port} did not answer within 1 s"
+    assert 1 <= elapsed < 15
+
+
+def test_rank0_master_addr_of_another_host_warns():
+    code, checks = doctor(RANK="0", WORLD_SIZE="2", MASTER_ADDR="192.0.2.1", MASTER_PORT=str(free_port()))
+    assert code == 0 and checks["master"]["status"] == "WARN"
+    assert "not an address of this host" in checks["master"]["message"] and "headless" in checks["master"]["fix"]
+
+
+def test_no_gpu_warns_and_fails_when_required():
+    # This machine has no GPU: both outcomes are real here.
+    code, checks = doctor()
+    assert code == 0 and checks["gpus"]["status"] == "WARN" and "no GPU: gloo backend" in checks["gpus"]["message"]
+    code, checks = doctor("--require-gpu")
+    assert code == 1 and checks["gpus"]["status"] == "FAIL" and "a GPU is required" in checks["gpus"]["message"]
+
+
+def test_gpu_count_against_local_ranks():
+    # GPUs cannot exist on this machine: the device count is passed in instead of read from torch.
+    rdzv = discover({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4",
+                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+    assert rdzv.local_world_size == 4
+    short = check_gpus(rdzv, count=2)
+    assert short.status == "FAIL" and short.message == "4 local ranks but 2 GPU(s) visible"
+    assert check_gpus(rdzv, count=8).status == "PASS"
+    assert check_gpus(rdzv, require_gpu=True, count=0).status == "FAIL"
+
+
+def test_shm_size(tmp_path):
+    assert check_shm().status == "PASS" or os.statvfs("/dev/shm").f_blocks * os.statvfs("/dev/shm").f_frsize < 2**30
+    size = os.statvfs(tmp_path).f_blocks * os.statvfs(tmp_path).f_frsize
+    small = check_shm(str(tmp_path), minimum=size + 1)  # a real filesystem, held to a bar above its size
+    assert small.status == "WARN" and "NCCL and DeepSpeed need more" in small.message and "emptyDir" in small.fix
+    missing = check_shm(str(tmp_path / "absent"))
+    assert missing.status == "WARN" and "is missing" in missing.message
+
+
+def test_free_disk(tmp_path):
+    assert check_disk(str(tmp_path)).status == "PASS"
+    free = shutil.disk_usage(tmp_path).free
+    low = check_disk(str(tmp_path), minimum=free * 4)
+    assert low.status == "WARN" and "MiB free" in low.message and low.fix
+
+
+def test_bad_timeout_is_a_usage_error():
+    proc = subprocess.run([sys.executable, "-m", "dscluster", "doctor", "--timeout", "0"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "--timeout" in proc.stderr
