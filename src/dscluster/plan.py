@@ -87,7 +87,7 @@ def shape_from_params(params: float, context: int | None) -> Shape:
     row = min(KNOWN_SHAPES, key=lambda r: abs(math.log(r[0] / params)))
     _, layers, hidden, heads, kv, inter, vocab = row
     return Shape(params, layers, hidden, heads, kv, inter, vocab, context or DEFAULT_CONTEXT,
-                 source=f"--params {params:.3g}, shaped like a {row[0] / 1e9:g}B Llama")
+                 source=f"--params {params:.3g}, shaped like Llama {row[0] / 1e9:g}B")
 
 
 # Config keys for the shape, Llama's name first (the one an error names), then other families'.
@@ -210,8 +210,15 @@ def make_plan(args: argparse.Namespace) -> dict:
     return plan
 
 
+def _count(n: float) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:.0f}"
+
+
 def describe(plan: dict) -> str:
-    lines = [f"model: {plan['model']}, {plan['params'] / 1e9:.3g}B parameters, {plan['dtype']}, "
+    lines = [f"model: {plan['model']}, {_count(plan['params'])} parameters, {plan['dtype']}, "
              f"context {plan['context_len']}, batch {plan['batch_size']}, {plan['gpu_mem_gib']:g} GiB per GPU",
              "",
              f"{'tp':>4} {'nodes':>5} {'weights':>9} {'kv cache':>9} {'activ.':>8} {'per GPU':>9}  fits"]
