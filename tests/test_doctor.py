@@ -21,8 +21,13 @@ LAUNCHER_PREFIXES = ("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "OMPI_", "PMI_",
                      "TORCHELASTIC", "CROSS_", "DSCLUSTER_", "NCCL_", "GLOO_")
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without any launcher, rendezvous or NCCL/gloo variable."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES)}
+
+
 def doctor(*args: str, **env: str) -> tuple[int, dict]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES)}
+    base = clean_env()
     proc = subprocess.run([sys.executable, "-m", "dscluster", "doctor", "--json", "--timeout", "1", *args],
                           capture_output=True, text=True, timeout=60, env={**base, **env})
     report = json.loads(proc.stdout)
@@ -128,7 +133,7 @@ def test_missing_tokenizer_warns(tiny, tmp_path):
 
 def test_human_output_lists_fixes():
     proc = subprocess.run([sys.executable, "-m", "dscluster", "doctor"], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "NCCL_SOCKET_IFNAME": "nope0"})
+                          env={**clean_env(), "NCCL_SOCKET_IFNAME": "nope0"})
     assert proc.returncode == 1
     assert "FAIL  NCCL_SOCKET_IFNAME" in proc.stdout and "fix: set NCCL_SOCKET_IFNAME" in proc.stdout
 
