@@ -182,6 +182,27 @@ def leader_follower_probes(opts: argparse.Namespace, leader_addr_env: str) -> Ob
                                "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 2}}
 
 
+def ssh_rank_container(opts: argparse.Namespace, name: str, rank0_hostname: str) -> Obj:
+    """A pod where mpirun starts ranks over ssh (MPIJob workers, Trainer MPI nodes).
+
+    The ranks get their environment through `mpirun -x`; it is set here too so that
+    `dscluster doctor` in the pod sees the same values."""
+    container = {
+        "name": name,
+        "image": opts.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": sshd_command(),
+        "env": rank_env(opts),
+        "ports": rank_ports(opts) + [{"name": "ssh", "containerPort": 22, "protocol": "TCP"}],
+        "volumeMounts": rank_volume_mounts(),
+        **ssh_worker_probes(opts, rank0_hostname),
+    }
+    resources = gpu_resources(opts)
+    if resources:
+        container["resources"] = resources
+    return container
+
+
 def sshd_command() -> list[str]:
     return ["/usr/sbin/sshd", "-De"]
 

@@ -31,21 +31,7 @@ def mpijob(opts: argparse.Namespace) -> c.Obj:
         "env": c.rank_env(opts) + c.api_key_env(opts),
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
     }
-    worker = {
-        "name": "worker",
-        "image": opts.image,
-        "imagePullPolicy": "IfNotPresent",
-        "command": c.sshd_command(),
-        # The ranks are started by sshd (through mpirun's orted) and get these through `mpirun -x`;
-        # they are set here too so that `dscluster doctor` in the pod sees the same values.
-        "env": c.rank_env(opts),
-        "ports": c.rank_ports(opts) + [{"name": "ssh", "containerPort": 22, "protocol": "TCP"}],
-        "volumeMounts": c.rank_volume_mounts(),
-        **c.ssh_worker_probes(opts, f"{opts.name}-worker-0"),
-    }
-    resources = c.gpu_resources(opts)
-    if resources:
-        worker["resources"] = resources
+    worker = c.ssh_rank_container(opts, "worker", f"{opts.name}-worker-0")
     return {
         "apiVersion": "kubeflow.org/v2beta1",
         "kind": "MPIJob",

@@ -35,20 +35,8 @@ def rank0_selector(opts: argparse.Namespace) -> dict[str, str]:
 
 
 def training_runtime(opts: argparse.Namespace) -> c.Obj:
-    node = {
-        # The Trainer finds the containers it manages by the name `node`.
-        "name": "node",
-        "image": opts.image,
-        "imagePullPolicy": "IfNotPresent",
-        "command": c.sshd_command(),
-        "env": c.rank_env(opts),
-        "ports": c.rank_ports(opts) + [{"name": "ssh", "containerPort": 22, "protocol": "TCP"}],
-        "volumeMounts": c.rank_volume_mounts(),
-        **c.ssh_worker_probes(opts, f"{opts.name}-node-0-0"),
-    }
-    resources = c.gpu_resources(opts)
-    if resources:
-        node["resources"] = resources
+    # The Trainer finds the containers it manages by the name `node`.
+    node = c.ssh_rank_container(opts, "node", f"{opts.name}-node-0-0")
     launcher = {
         "name": "node",
         "image": opts.image,
