@@ -1,5 +1,9 @@
-"""Every real launcher starts 2 ranks that find each other and all-reduce over gloo
-(`dscluster env --check` on each rank), and the local launcher supervises like torchrun's agent."""
+"""Every real launcher starts 2 ranks that find each other and all-reduce over gloo, and the local
+launcher supervises like torchrun's agent.
+
+Each launcher runs two rank programs: `dscluster env --check` (the product's own check) and
+`rank_probe.py` (discover -> init_groups(gloo) -> all-reduce, reporting what the launcher set and
+what was exported)."""
 
 from __future__ import annotations
 
@@ -16,15 +20,21 @@ from pathlib import Path
 import pytest
 
 from dscluster.cluster.launch import free_port
+from dscluster.cluster.rendezvous import own_address
 
 BIN = Path(sys.executable).parent
+PROBE = str(Path(__file__).with_name("rank_probe.py"))
 LAUNCHER_PREFIXES = ("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "OMPI_", "PMI_", "MPI_LOCAL", "SLURM_", "PET_",
-                     "LWS_", "TORCHELASTIC", "CROSS_", "DSCLUSTER_", "GROUP_RANK")
+                     "LWS_", "TORCHELASTIC", "CROSS_", "DSCLUSTER_", "GROUP_RANK", "PRTE_", "PMIX_",
+                     "OMP_NUM_THREADS")
 CHECK = [sys.executable, "-m", "dscluster", "env", "--check", "--timeout", "60"]
+PROGRAMS = {"env --check": CHECK, "probe": [sys.executable, PROBE]}
 needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is not installed")
+each_program = pytest.mark.parametrize("program", PROGRAMS)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any launcher's variables, so the outer world cannot leak in."""
     return {**{k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES)}, **extra}
 
 
@@ -33,58 +43,91 @@ def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 120)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     # Ranks of mpirun and deepspeed share one stdout: two reports may land on one line.
     reports = [json.loads(m) for m in re.findall(r'\{[^{}]*"all_reduce"[^{}]*\}', proc.stdout)]
+    assert len(reports) == 2, proc.stdout[-3000:]
     return sorted(reports, key=lambda r: r["rank"])
 
 
 def assert_group(reports: list[dict], launcher: str) -> None:
     assert [r["rank"] for r in reports] == [0, 1]
+    assert [r["local_rank"] for r in reports] == [0, 1]
     assert {r["world_size"] for r in reports} == {2} and {r["local_world_size"] for r in reports} == {2}
     assert all(r["launcher"] == launcher and r["all_reduce"] == 3 for r in reports)
     assert len({(r["master_addr"], r["master_port"]) for r in reports}) == 1
+    for r in reports:
+        if "exported_local_size" in r:  # the probe reports the environment after discover().export()
+            assert r["exported_local_size"] == "2", r
 
 
-def test_local_launcher():
-    assert_group(run([sys.executable, "-m", "dscluster", "launch", "--nproc", "2", "--", *CHECK]), "local")
+@each_program
+def test_local_launcher(program):
+    reports = run([sys.executable, "-m", "dscluster", "launch", "--nproc", "2", "--", *PROGRAMS[program]])
+    assert_group(reports, "local")
+    if program == "probe":
+        # No OMP_NUM_THREADS outside: rank_env splits the cores between the 2 local ranks.
+        assert {r["omp_num_threads"] for r in reports} == {str(max(1, (os.cpu_count() or 1) // 2))}
 
 
-def test_torchrun():
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *CHECK[1:]]
-    assert_group(run(cmd), "torchrun")
+@each_program
+def test_torchrun(program):
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    reports = run([*cmd, *PROGRAMS[program][1:]])
+    assert_group(reports, "torchrun")
+    if program == "probe":
+        # torchrun sets LOCAL_WORLD_SIZE but not LOCAL_SIZE, which DeepSpeed's CPU all-reduce needs.
+        assert {r["launcher_local_size"] for r in reports} == {None}
+
+
+def test_deepspeed_launcher_script_with_local_rank_appended():
+    """The way users run it: `deepspeed --num_gpus 2 script.py`; the launcher appends --local_rank=N."""
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), PROBE]
+    reports = run(cmd)
+    assert_group(reports, "deepspeed")
+    assert [r["argv_local_rank"] for r in reports] == [0, 1]
+    assert {r["launcher_local_size"] for r in reports} == {"2"}
 
 
 @pytest.mark.parametrize("local_rank_flag", [True, False], ids=["--local_rank appended", "--no_local_rank"])
-def test_deepspeed_launcher(local_rank_flag):
+def test_deepspeed_launcher_env_check(local_rank_flag):
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     if not local_rank_flag:
         cmd.append("--no_local_rank")
     assert_group(run([*cmd, "--module", "dscluster", "env", "--check"]), "deepspeed")
 
 
+MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2"]
+
+
 @needs_mpirun
-def test_mpirun_with_master_addr_given():
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "MASTER_ADDR=127.0.0.1",
-           "-x", f"MASTER_PORT={free_port()}", *CHECK]
+@each_program
+def test_mpirun_with_master_addr_given(program):
+    cmd = [*MPIRUN, "-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={free_port()}", *PROGRAMS[program]]
     reports = run(cmd)
     assert_group(reports, "openmpi")
     assert reports[0]["master_addr"] == "127.0.0.1"
 
 
 @needs_mpirun
-def test_mpirun_master_from_hostfile(tmp_path):
+@each_program
+def test_mpirun_master_from_hostfile(tmp_path, program):
+    """As the MPI Operator runs it: no MASTER_ADDR, the hostfile named by OMPI_MCA_orte_default_hostfile
+    in mpirun's environment (OpenMPI forwards OMPI_MCA_* to the ranks); rank 0 is its first host."""
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text("localhost slots=2\n")
-    cmd = ["mpirun", "--allow-run-as-root", "-np", "2", "--hostfile", str(hostfile),
-           "-x", f"OMPI_MCA_orte_default_hostfile={hostfile}", "-x", f"MASTER_PORT={free_port()}", *CHECK]
-    reports = run(cmd)
+    hostfile.write_text("# written like the MPI Operator's\nlocalhost slots=2\n")
+    env = clean_env(OMPI_MCA_orte_default_hostfile=str(hostfile), MASTER_PORT=str(free_port()))
+    cmd = ["mpirun", "--allow-run-as-root", "-np", "2", "-x", "MASTER_PORT", *PROGRAMS[program]]
+    reports = run(cmd, env=env)
     assert_group(reports, "openmpi")
     assert reports[0]["master_addr"] == "localhost"
 
 
 @needs_mpirun
-def test_mpirun_master_broadcast_over_mpi():
+@each_program
+def test_mpirun_master_broadcast_over_mpi(program):
     """No MASTER_ADDR and no hostfile: rank 0 sends its own address to every rank with mpi4py."""
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", f"MASTER_PORT={free_port()}", *CHECK]
-    assert_group(run(cmd), "openmpi")
+    cmd = [*MPIRUN, "-x", f"MASTER_PORT={free_port()}", *PROGRAMS[program]]
+    reports = run(cmd)
+    assert_group(reports, "openmpi")
+    assert reports[0]["master_addr"] == own_address()
 
 
 # -- the local launcher as a supervisor -----------------------------------------------------------
@@ -106,6 +149,21 @@ def test_one_rank_failing_stops_the_others_with_its_code():
     assert proc.returncode == 7
     assert time.monotonic() - started < 20, "rank 0 should have been stopped, not waited for"
     assert "rank 1 exited with code 7; stopping the other ranks" in proc.stderr
+
+
+def test_a_rank_ignoring_sigterm_is_killed_after_the_grace(tmp_path):
+    pids = tmp_path / "pids"
+    script = ("import os, signal, sys, time\n"
+              f"open({str(pids)!r} + os.environ['RANK'], 'w').write(str(os.getpid()))\n"
+              "if os.environ['RANK'] == '0':\n"
+              "    signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)\n"
+              "time.sleep(1); sys.exit(5)")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "dscluster", "launch", "--nproc", "2", "--grace", "1", "--",
+                           sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert proc.returncode == 5, proc.stderr
+    assert time.monotonic() - started < 20
+    assert not _alive(int((tmp_path / "pids0").read_text())), "rank 0 survived SIGKILL after the grace"
 
 
 def test_sigterm_is_forwarded_to_every_rank(tmp_path):
