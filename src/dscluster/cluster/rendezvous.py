@@ -76,6 +76,7 @@ class LauncherRow:
     master_addr: str | None = None
     master_port: str | None = None
     per_node: bool = False            # rank/world_size count nodes, not processes
+    node_rank: str | None = None      # else rank // local_world_size (wrong when nodes differ in size)
     # Special ways to find a field (parse a Slurm nodelist, read a hostfile, ask MPI).
     derive: Mapping[str, Callable[[Mapping[str, str]], str | None]] = field(default_factory=dict)
 
@@ -203,7 +204,7 @@ LAUNCHERS: tuple[LauncherRow, ...] = (
                 local_rank="MPI_LOCALRANKID", local_world_size="MPI_LOCALNRANKS",
                 master_port="MASTER_PORT", derive={"master_addr": _mpi_master_addr}),
     LauncherRow("slurm", ("SLURM_PROCID",), rank="SLURM_PROCID", world_size="SLURM_NTASKS",
-                local_rank="SLURM_LOCALID", master_port="MASTER_PORT",
+                local_rank="SLURM_LOCALID", master_port="MASTER_PORT", node_rank="SLURM_NODEID",
                 derive={"master_addr": _slurm_master, "local_world_size": _slurm_tasks_on_this_node}),
     LauncherRow("env", ("RANK", "WORLD_SIZE"), local_world_size="LOCAL_WORLD_SIZE", **_TORCH),
     LauncherRow("trainer-torch", ("PET_NNODES", "PET_NODE_RANK"), rank="PET_NODE_RANK",
@@ -295,7 +296,9 @@ def discover(env: Mapping[str, str] | None = None, nproc_per_node: int | None = 
             raise RendezvousError(f"{lr_src}={local_rank} must be less than {lws_src}={local_world}")
         if local_world > world:
             raise RendezvousError(f"{lws_src}={local_world} must not exceed {row.world_size}={world}")
-        node_rank = rank // local_world
+        node_raw, node_src = _field(row, "node_rank", env)
+        node_rank = (_checked_int(node_raw, node_src, 0) if node_raw not in (None, "")
+                     else rank // local_world)
         spawn = 1
 
     _check_agreement(row, env, rank, world)
