@@ -130,6 +130,55 @@ def test_mpirun_master_broadcast_over_mpi(program):
     assert reports[0]["master_addr"] == own_address()
 
 
+# -- per-node rows: one process per node (LWS pod, Trainer node) spawns its local ranks -------------
+
+NODE_AGENT = ("import sys\n"
+              "from dscluster.cluster.launch import launch\n"
+              "from dscluster.cluster.rendezvous import discover\n"
+              "rdzv = discover(nproc_per_node=2)\n"
+              "sys.exit(launch([sys.executable, sys.argv[1]], nproc=rdzv.spawn_local, rdzv=rdzv))")
+
+
+@pytest.mark.parametrize("row", ["lws", "trainer-torch"])
+def test_per_node_rows_two_nodes_of_two_ranks(row):
+    """Two "nodes" on this machine, each told only its node index, each spawning 2 local ranks:
+    4 ranks in one real gloo group, ranks numbered node by node."""
+    port = str(free_port())
+    if row == "lws":  # LeaderWorkerSet's variables; ranks per pod come from --nproc (here 2)
+        nodes = [dict(LWS_LEADER_ADDRESS="127.0.0.1", LWS_GROUP_SIZE="2", LWS_WORKER_INDEX=str(i), MASTER_PORT=port)
+                 for i in range(2)]
+    else:  # Kubeflow Trainer's torch plugin
+        nodes = [dict(PET_NNODES="2", PET_NODE_RANK=str(i), PET_NPROC_PER_NODE="2", PET_MASTER_ADDR="127.0.0.1",
+                      PET_MASTER_PORT=port) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", NODE_AGENT, PROBE], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=clean_env(**env)) for env in nodes]
+    outputs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, (out + err)[-3000:]
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    reports = []
+    for node, out in enumerate(outputs):
+        for line in out.splitlines():
+            prefix, _, body = line.partition("] ")
+            report = json.loads(body)
+            assert prefix == f"[rank {report['rank']}"  # the launcher prefixes the global rank
+            assert report["node_rank"] == node
+            reports.append(report)
+    reports.sort(key=lambda r: r["rank"])
+    assert [r["rank"] for r in reports] == [0, 1, 2, 3]
+    assert [r["local_rank"] for r in reports] == [0, 1, 0, 1]
+    assert {r["world_size"] for r in reports} == {4} and {r["exported_local_size"] for r in reports} == {"2"}
+    assert {r["all_reduce"] for r in reports} == {10} and {r["launcher"] for r in reports} == {"local"}
+    assert {(r["master_addr"], r["master_port"]) for r in reports} == {("127.0.0.1", int(port))}
+
+
 # -- the local launcher as a supervisor -----------------------------------------------------------
 
 
