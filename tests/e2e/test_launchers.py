@@ -228,6 +228,25 @@ def test_sigterm_is_forwarded_to_every_rank(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["got-0", "got-1"]
 
 
+def test_sigterm_to_ranks_without_a_handler_exits_128_plus_15():
+    script = "import time\nprint('up', flush=True)\ntime.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-m", "dscluster", "launch", "--nproc", "2", "--", sys.executable, "-c",
+                             script], stdout=subprocess.PIPE, text=True, env=clean_env())
+    assert proc.stdout.readline().endswith("up\n") and proc.stdout.readline().endswith("up\n")
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 10
+
+
+def test_a_rank_killed_by_a_signal_is_a_peer_failure_exit_3():
+    script = "import os, signal, time\nif os.environ['RANK'] == '1': os.kill(os.getpid(), signal.SIGKILL)\ntime.sleep(120)"
+    proc = subprocess.run([sys.executable, "-m", "dscluster", "launch", "--nproc", "2", "--grace", "2", "--",
+                           sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert proc.returncode == 3
+    assert "rank 1 killed by SIGKILL; stopping the other ranks" in proc.stderr
+
+
 def test_ranks_die_with_a_killed_launcher(tmp_path):
     """SIGKILL cannot be forwarded: the ranks must still go (PR_SET_PDEATHSIG), never linger."""
     pids = tmp_path / "pids"
