@@ -1,5 +1,5 @@
 """Every real launcher starts 2 ranks that find each other and all-reduce over gloo, and the local
-launcher supervises like torchrun's agent.
+launcher supervises its ranks the way torchrun does.
 
 Each launcher runs two rank programs: `dscluster env --check` (the product's own check) and
 `rank_probe.py` (discover -> init_groups(gloo) -> all-reduce, reporting what the launcher set and
@@ -132,7 +132,7 @@ def test_mpirun_master_broadcast_over_mpi(program):
 
 # -- per-node rows: one process per node (LWS pod, Trainer node) spawns its local ranks -------------
 
-NODE_AGENT = ("import sys\n"
+PER_NODE_PROCESS = ("import sys\n"
               "from dscluster.cluster.launch import launch\n"
               "from dscluster.cluster.rendezvous import discover\n"
               "rdzv = discover(nproc_per_node=2)\n"
@@ -150,7 +150,7 @@ def test_per_node_rows_two_nodes_of_two_ranks(row):
     else:  # Kubeflow Trainer's torch plugin
         nodes = [dict(PET_NNODES="2", PET_NODE_RANK=str(i), PET_NPROC_PER_NODE="2", PET_MASTER_ADDR="127.0.0.1",
                       PET_MASTER_PORT=port) for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", NODE_AGENT, PROBE], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", PER_NODE_PROCESS, PROBE], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=clean_env(**env)) for env in nodes]
     outputs = []
     try:
