@@ -109,6 +109,29 @@ def test_stop_string_cuts_the_text(server):
     assert got.choices[0].finish_reason == "stop"
 
 
+def test_stop_token_ids_and_ignore_eos(server, unsharded):
+    """vLLM's extensions: extra stop token ids; and generation that runs past end-of-sequence."""
+    ids = prompt_ids(unsharded, PROMPTS[3])
+    (full,) = unsharded.generate([GenerationRequest(tuple(ids), SamplingParams(max_tokens=12, temperature=0,
+                                                                               ignore_eos=True))])
+    assert len(full.token_ids) == 12 and full.finish_reason == "length"
+    cut = next(i for i, t in enumerate(full.token_ids) if i > 0 and t not in full.token_ids[:i])
+    client = server.openai()
+    got = client.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0,
+                                    extra_body={"stop_token_ids": [full.token_ids[cut]], "ignore_eos": True})
+    assert got.choices[0].finish_reason == "stop" and got.usage.completion_tokens == cut
+    # A seed whose sampled text reaches end-of-sequence unsharded; with ignore_eos it runs to max_tokens.
+    seed = next(s for s in range(200) if unsharded.generate([GenerationRequest(
+        tuple(ids), SamplingParams(max_tokens=40, seed=s))])[0].finish_reason == "stop")
+    assert client.completions.create(model="tiny", prompt=ids, max_tokens=40, seed=seed).choices[0].finish_reason \
+        == "stop"
+    got = client.completions.create(model="tiny", prompt=ids, max_tokens=40, seed=seed, extra_body={"ignore_eos": True})
+    assert got.usage.completion_tokens == 40 and got.choices[0].finish_reason == "length"
+    with server.client() as c:
+        r = c.post("/v1/completions", json={"prompt": "a", "stop_token_ids": [10**9]})
+        assert r.status_code == 400 and "stop_token_ids" in r.json()["error"]["message"]
+
+
 def test_chat_equals_unsharded_and_streams(server, unsharded):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
     client = server.openai()
@@ -313,7 +336,8 @@ def test_full_queue_answers_429_and_deadline_504(strict_server):
 
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=strict_server.url, headers=headers, timeout=60) as c:
-            return await asyncio.gather(*(c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2000})
+            return await asyncio.gather(*(c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2000,
+                                                                      "ignore_eos": True})
                                           for _ in range(8)))
 
     replies = asyncio.run(run())
@@ -321,7 +345,7 @@ def test_full_queue_answers_429_and_deadline_504(strict_server):
     assert 429 in codes, codes
     busy = next(r for r in replies if r.status_code == 429)
     assert busy.headers["retry-after"] and busy.json()["error"]["code"] == "queue_full"
-    assert 504 in codes, codes  # 2000 tokens take longer than --request-timeout 2
+    assert 504 in codes, codes  # 2000 tokens (past end-of-sequence) take longer than --request-timeout 2
     with strict_server.client(headers=headers) as c:
         assert c.get("/health/ready").status_code == 200
         assert c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3}).status_code == 200

@@ -21,6 +21,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None         # None: rank 0 draws one, so every rank still samples alike
     stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False        # keep going past the model's end-of-sequence tokens
 
 
 @dataclass(frozen=True)

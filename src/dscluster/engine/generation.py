@@ -55,7 +55,7 @@ def generate(model: nn.Module, requests: list[GenerationRequest], *, is_rank0: b
 
     generators = [torch.Generator().manual_seed(r.params.seed if r.params.seed is not None else 0)
                   for r in requests]
-    stops = [set(r.params.stop_token_ids) | set(eos_ids) for r in requests]
+    stops = [set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(eos_ids)) for r in requests]
     out: list[list[int]] = [[] for _ in requests]
     finish: list[str | None] = [None] * batch
     steps = max(r.params.max_tokens for r in requests)

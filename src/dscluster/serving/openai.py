@@ -138,11 +138,17 @@ def _check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, wh
     return max_tokens
 
 
-def _params(req, max_tokens: int) -> SamplingParams:
+def _params(state: ServerState, req, max_tokens: int) -> SamplingParams:
+    vocab = state.engine.info.vocab_size
+    bad = [t for t in req.stop_token_ids if t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+        raise bad_request(f"stop_token_ids: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                          param="stop_token_ids")
     # Without a seed, draw one here: rank 0 samples, and a fixed default would make every
     # unseeded request with the same prompt return the same text.
     seed = req.seed if req.seed is not None else random.randrange(2**63)
-    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed)
+    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed,
+                          stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos)
 
 
 def _prompts(state: ServerState, prompt) -> list[tuple[str, list[int]]]:
@@ -193,7 +199,7 @@ async def completions(request: Request):
     prompts = _prompts(state, req.prompt)
     budgets = [_check_prompt(state, ids, req.max_tokens, where) for where, ids in prompts]
     events = asyncio.Queue() if req.stream else None
-    choices = [Choice(state, i, ids, _params(req, budget), req.stop, events)
+    choices = [Choice(state, i, ids, _params(state, req, budget), req.stop, events)
                for i, ((_, ids), budget) in enumerate(zip(prompts, budgets))]
     reply = _Reply("cmpl", "text_completion", state.engine.info.name)
     state.batcher.submit([c.item for c in choices])
@@ -228,7 +234,7 @@ async def chat_completions(request: Request):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     budget = _check_prompt(state, ids, req.max_completion_tokens or req.max_tokens, "messages")
     events = asyncio.Queue() if req.stream else None
-    choice = Choice(state, 0, ids, _params(req, budget), req.stop, events)
+    choice = Choice(state, 0, ids, _params(state, req, budget), req.stop, events)
     reply = _Reply("chatcmpl", "chat.completion", state.engine.info.name)
     state.batcher.submit([choice.item])
     if req.stream:

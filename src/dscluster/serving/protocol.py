@@ -110,6 +110,9 @@ class _SamplingFields(_Strict):
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="only 0 is supported")
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="only 0 is supported")
     logit_bias: dict[str, float] | None = Field(None, max_length=0)
+    # vLLM's extensions: stop on these token ids too; or do not stop at end-of-sequence.
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
