@@ -84,7 +84,8 @@ def group_factory(tmp_path, tiny):
         g.kill_all()
 
 
-LONG_GENERATION = {"generate": [{"prompt_ids": [1, 2, 3], "params": {"max_tokens": 2000, "temperature": 0}}]}
+LONG_GENERATION = {"generate": [{"prompt_ids": [1, 2, 3],
+                                 "params": {"max_tokens": 2000, "temperature": 0, "ignore_eos": True}}]}
 
 
 @pytest.mark.parametrize("when", ["idle", "mid-batch"])

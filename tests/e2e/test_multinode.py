@@ -35,7 +35,8 @@ GONE = 30.0                       # every process must have exited within this a
 RENDEZVOUS = 4.0                  # --rendezvous-timeout for the start-up faults
 STARTUP_BOUND = RENDEZVOUS + 20.0  # the timeout, the client's connect retries, interpreter start
 HTTP_PORT, MASTER_PORT = 8000, 29500
-LONG = {"prompt": ["The cluster", "A node", "One rank", "Every batch"], "max_tokens": 1500, "temperature": 0}
+LONG = {"prompt": ["The cluster", "A node", "One rank", "Every batch"], "max_tokens": 1500, "temperature": 0,
+        "ignore_eos": True}
 
 
 def lws_env(node_index: int, nodes: int, leader: str = "node0") -> dict[str, str]:

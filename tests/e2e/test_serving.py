@@ -192,7 +192,8 @@ def test_client_disconnect_stops_its_generation(server):
     tokens_before = metric(server, "dscluster_generated_tokens_total")
     batches_before = metric(server, "dscluster_batch_size_count", kind="generate")
     with server.client() as c, c.stream("POST", "/v1/completions",
-                                        json={"prompt": "hello", "max_tokens": 2000, "stream": True}) as r:
+                                        json={"prompt": "hello", "max_tokens": 2000, "stream": True,
+                                              "ignore_eos": True}) as r:
         for n, _ in enumerate(r.iter_lines()):
             if n > 4:
                 break
@@ -295,7 +296,8 @@ def test_sigterm_drains_in_flight_requests_and_all_ranks_exit_0(server):
 
     def long_request() -> None:
         with server.client(timeout=120) as c:
-            answers.append(c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 400, "temperature": 0}))
+            answers.append(c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 400, "temperature": 0,
+                                                                 "ignore_eos": True}))
 
     thread = threading.Thread(target=long_request)
     thread.start()
