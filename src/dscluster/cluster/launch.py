@@ -91,19 +91,6 @@ def launch(cmd: Sequence[str], nproc: int, grace: float = 10.0, rdzv: Rendezvous
     gpus = _gpus(base)
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
-    for local_rank in range(nproc):
-        env = rank_env(base, rdzv, local_rank, gpus)
-        # Own session: a terminal's Ctrl-C reaches ranks once, through the launcher's forwarding.
-        proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, preexec_fn=_die_with_parent)
-
-        procs.append(proc)
-        prefix = f"[rank {rdzv.rank + local_rank}] "
-        for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
-            t = threading.Thread(target=_pump, args=(stream, prefix, out), daemon=True)
-            t.start()
-            pumps.append(t)
-
     stopping = {"signal": None}
 
     def forward(signum, _frame):
@@ -115,8 +102,25 @@ def launch(cmd: Sequence[str], nproc: int, grace: float = 10.0, rdzv: Rendezvous
                 except ProcessLookupError:
                     pass
 
+    # Forward signals before the first rank starts: a rank may be up (and be signalled) before
+    # this thread gets to run again.
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        for local_rank in range(nproc):
+            if stopping["signal"] is not None:
+                break
+            env = rank_env(base, rdzv, local_rank, gpus)
+            # Own session: a terminal's Ctrl-C reaches ranks once, through the launcher's forwarding.
+            proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True, preexec_fn=_die_with_parent)
+            procs.append(proc)
+            prefix = f"[rank {rdzv.rank + local_rank}] "
+            for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
+                t = threading.Thread(target=_pump, args=(stream, prefix, out), daemon=True)
+                t.start()
+                pumps.append(t)
+        if stopping["signal"] is not None:  # arrived while a rank was being started
+            forward(stopping["signal"], None)
         code = _supervise(procs, rdzv.rank, grace, stopping)
     finally:
         for s, handler in old.items():
