@@ -212,6 +212,10 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         raise UsageError("launch needs a command after --, e.g. dscluster launch --nproc 2 -- dscluster env")
+    import shutil
+
+    if shutil.which(cmd[0]) is None:
+        raise UsageError(f"launch: {cmd[0]}: no such program (or not executable)")
     return launch(cmd, nproc=args.nproc, grace=args.grace)
 
 

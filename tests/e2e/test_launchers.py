@@ -279,3 +279,45 @@ def test_launch_without_a_command_exits_2():
     proc = subprocess.run([sys.executable, "-m", "dscluster", "launch", "--nproc", "2"], capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 2 and "needs a command" in proc.stderr
+
+
+def test_launch_of_a_missing_command_exits_2():
+    proc = subprocess.run([sys.executable, "-m", "dscluster", "launch", "--nproc", "2", "--", "/no/such/program"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "/no/such/program" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("local_size", [None, "2"])
+def test_hand_written_environment_serves(tiny, local_size):
+    """Two `dscluster serve` processes given only RANK, LOCAL_RANK, WORLD_SIZE and the master (and
+    maybe DeepSpeed's LOCAL_SIZE): ranks that guess their node size differently must still agree
+    on how to all-reduce, answer, and drain on SIGTERM."""
+    import httpx
+
+    http, master = free_port(), free_port()
+    procs = []
+    for rank in (0, 1):
+        env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(master), **({"LOCAL_SIZE": local_size} if local_size else {}))
+        procs.append(subprocess.Popen([sys.executable, "-m", "dscluster", "serve", tiny, "--port", str(http),
+                                       "--heartbeat-timeout", "10"], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True, start_new_session=True))
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "not ready"
+            try:
+                if httpx.get(f"http://127.0.0.1:{http}/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        r = httpx.post(f"http://127.0.0.1:{http}/v1/completions", timeout=60,
+                       json={"prompt": "hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        procs[0].send_signal(signal.SIGTERM)
+        assert [p.wait(60) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)

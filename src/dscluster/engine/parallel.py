@@ -51,12 +51,13 @@ def choose_engine(requested: str | None, loaded: LoadedModel, world_size: int) -
 
 
 def parallelize(loaded: LoadedModel, engine: str, world_size: int,
-                zero3_persistence_threshold: int = 0) -> ParallelModel:
+                zero3_persistence_threshold: int = 0, group=None) -> ParallelModel:
+    """`group`: a gloo group of all ranks (the control group) for agreeing on shared memory."""
     if engine == "replicated" or world_size == 1:
         return ParallelModel(loaded.module, "replicated", 1, f"replicated on {world_size} rank(s)")
     import deepspeed
 
-    _shared_memory_only_within_one_node(world_size)
+    _shared_memory_only_within_one_node(world_size, group)
     if engine == "tp":
         try:
             wrapped = deepspeed.init_inference(loaded.module, tensor_parallel={"tp_size": world_size},
@@ -85,18 +86,31 @@ def parallelize(loaded: LoadedModel, engine: str, world_size: int,
     return ParallelModel(module, engine, world_size if engine == "tp" else 1, desc)
 
 
-def _shared_memory_only_within_one_node(world_size: int) -> None:
-    """DeepSpeed's CPU shared-memory all-reduce is for ranks on one machine. When ranks span nodes
-    (LOCAL_SIZE < world size) DeepSpeed 0.19 still calls its kernel, on buffers it never set up,
-    and every rank dies of SIGSEGV at the first all-reduce. Skip the op then: plain gloo."""
-    local = os.environ.get("LOCAL_SIZE", "")
-    if local.isdigit() and int(local) < world_size:
-        import importlib
+def _shared_memory_only_within_one_node(world_size: int, group=None) -> None:
+    """DeepSpeed's CPU shared-memory all-reduce is for ranks on one machine that agree on it. When
+    ranks span nodes (LOCAL_SIZE < world size) DeepSpeed 0.19 still calls its kernel, on buffers it
+    never set up, and every rank dies of SIGSEGV at the first all-reduce; when ranks disagree about
+    LOCAL_SIZE (a hand-written environment) some wait in the kernel for peers that never come. So
+    every rank reports its host and LOCAL_SIZE, and all of them use the kernel only when all are on
+    one host with LOCAL_SIZE = world size; otherwise all skip it: plain gloo."""
+    import socket
 
-        comm_torch = importlib.import_module("deepspeed.comm.torch")
-        comm_torch.build_shm_op = lambda: None
-        log.info("ranks span nodes (%s of %d here): all-reduce over the process group, no shared memory",
-                 local, world_size)
+    import torch.distributed as dist
+
+    mine = (socket.gethostname(), os.environ.get("LOCAL_SIZE", ""))
+    views = [mine]
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        views = [None] * dist.get_world_size(group)
+        dist.all_gather_object(views, mine, group=group)
+    if all(host == mine[0] and local == str(world_size) for host, local in views):
+        return
+    import importlib
+
+    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    comm_torch.build_shm_op = lambda: None
+    hosts = len({host for host, _ in views})
+    log.info("ranks on %d host(s), LOCAL_SIZE %s for a world of %d: all-reduce over the process group, "
+             "no shared memory", hosts, "/".join(sorted({local or "unset" for _, local in views})), world_size)
 
 
 def release_shared_memory(rank: int) -> bool:

@@ -334,7 +334,8 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
         monitor.start()
     loaded = load_model(options.model, options.dtype, options.checkpoint)
     engine_name = choose_engine(options.engine, loaded, rdzv.world_size)
-    model = parallelize(loaded, engine_name, rdzv.world_size, options.zero3_persistence_threshold)
+    model = parallelize(loaded, engine_name, rdzv.world_size, options.zero3_persistence_threshold,
+                        group=groups.control if groups is not None else None)
     if monitor is not None:
         monitor.mark_ready()
         monitor.wait_all_ready()
