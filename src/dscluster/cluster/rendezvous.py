@@ -72,7 +72,7 @@ class LauncherRow:
     rank: str
     world_size: str
     local_rank: str | None = None
-    local_world_size: str | None = None
+    local_world_size: str | tuple[str, ...] | None = None  # a tuple: alternatives, first set wins
     master_addr: str | None = None
     master_port: str | None = None
     per_node: bool = False            # rank/world_size count nodes, not processes
@@ -206,8 +206,7 @@ LAUNCHERS: tuple[LauncherRow, ...] = (
     LauncherRow("slurm", ("SLURM_PROCID",), rank="SLURM_PROCID", world_size="SLURM_NTASKS",
                 local_rank="SLURM_LOCALID", master_port="MASTER_PORT", node_rank="SLURM_NODEID",
                 derive={"master_addr": _slurm_master, "local_world_size": _slurm_tasks_on_this_node}),
-    LauncherRow("env", ("RANK", "WORLD_SIZE"), **_TORCH,
-                derive={"local_world_size": lambda env: env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE")}),
+    LauncherRow("env", ("RANK", "WORLD_SIZE"), local_world_size=("LOCAL_WORLD_SIZE", "LOCAL_SIZE"), **_TORCH),
     LauncherRow("trainer-torch", ("PET_NNODES", "PET_NODE_RANK"), rank="PET_NODE_RANK",
                 world_size="PET_NNODES", master_addr="PET_MASTER_ADDR", master_port="PET_MASTER_PORT",
                 per_node=True, derive={"local_world_size": _nproc_per_node}),
@@ -237,6 +236,8 @@ def _field(row: LauncherRow, name: str, env: Mapping[str, str]) -> tuple[str | N
     var = getattr(row, name)
     if var is None:
         return None, None
+    if isinstance(var, tuple):  # alternatives: the first one set
+        var = next((v for v in var if env.get(v) not in (None, "")), var[0])
     return env.get(var), var
 
 
