@@ -127,3 +127,31 @@ def test_env_threads_default(monkeypatch):
     assert set_threads(2) == 1
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert set_threads(2) == max(1, (os.cpu_count() or 1) // 2)
+
+
+@pytest.mark.parametrize("architecture", ["BertModel", "BertForSequenceClassification"])
+def test_non_causal_transformers_model_loads_as_saved_and_splits(tmp_path, architecture):
+    """A directory saved from any transformers class is served as that class: the saved weights
+    (heads included), its own input (`input_ids` as integers), its own output (hidden states, or a
+    head's logits); and split over 2 ranks with AutoTP it gives the unsharded output."""
+    import transformers
+
+    torch.manual_seed(5)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    saved = getattr(transformers, architecture)(config).eval()
+    model_dir = tmp_path / architecture
+    saved.save_pretrained(model_dir)
+    ids = [[1, 5, 9, 42], [3, 4, 5, 6]]
+    with torch.no_grad():
+        out = saved(input_ids=torch.tensor(ids))
+    want = out.logits if architecture.endswith("Classification") else out.last_hidden_state
+
+    ref = open_engine(str(model_dir))
+    assert ref.info.kind == "module" and ref.info.input_dtype == torch.long
+    single = ref.predict([torch.tensor(x) for x in ids])
+    assert torch.allclose(torch.stack(single), want, atol=1e-5), "the loaded model is not the saved one"
+    two = run_ranks(tmp_path, {"model": str(model_dir), "engine": "tp"}, {"predict": ids})
+    assert two["engine"] == "tp" and two["world_size"] == 2
+    diff = (torch.tensor(two["predict"]) - want).abs().max().item()
+    assert diff < 1e-5, f"tp over 2 ranks differs from the unsharded {architecture} by {diff}"

@@ -32,6 +32,7 @@ class LoadedModel:
     vocab_size: int | None = None
     input_shape: tuple[int, ...] | None = None
     input_dtype: torch.dtype = torch.float32
+    input_name: str = "input_ids"  # the keyword a transformers model takes its input as
     hf: bool = False   # a transformers model (AutoTP knows how to split it)
 
 
@@ -86,8 +87,7 @@ def _load_hf_directory(path: Path, dtype: str) -> LoadedModel:
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise UsageError(f"model directory {str(path)!r}: config.json is not loadable: {exc}") from None
     torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
-    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    cls = AutoModelForCausalLM if causal else AutoModel
+    cls, causal = _model_class(config, AutoModel, AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     try:
         module = cls.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -101,12 +101,34 @@ def _load_hf_directory(path: Path, dtype: str) -> LoadedModel:
         if max_context is None or tokenizer.model_max_length < max_context:
             max_context = int(tokenizer.model_max_length)
     kind = "causal-lm" if causal else "module"
-    log.info("loaded %s from %s: %s, %.1fM parameters, %s", config.model_type, path, kind,
-             sum(p.numel() for p in module.parameters()) / 1e6, torch_dtype)
+    input_name = getattr(module, "main_input_name", "input_ids")
+    log.info("loaded %s from %s: %s (%s), %.1fM parameters, %s", config.model_type, path, kind,
+             type(module).__name__, sum(p.numel() for p in module.parameters()) / 1e6, torch_dtype)
     return LoadedModel(module=module, kind=kind, name=path.resolve().name, dtype=torch_dtype,
                        tokenizer=tokenizer, max_context=max_context,
                        vocab_size=getattr(config, "vocab_size", None),
-                       input_dtype=torch.long if causal else torch.float32, hf=True)
+                       input_dtype=torch.long if input_name == "input_ids" else torch_dtype,
+                       input_name=input_name, hf=True)
+
+
+def _model_class(config, auto_model, auto_causal_lm, causal_lm_names) -> tuple[type, bool]:
+    """The class the directory was saved from (config.json's `architectures`), so a head is never
+    dropped or replaced by a randomly initialised one: a causal LM goes through the causal-LM auto
+    class; any other saved class (BertModel, ...ForSequenceClassification) is loaded as itself.
+    Without `architectures`, the model type decides."""
+    import transformers
+
+    saved = list(getattr(config, "architectures", None) or [])
+    if not saved:
+        causal = config.model_type in causal_lm_names
+        return (auto_causal_lm if causal else auto_model), causal
+    if any(name in set(causal_lm_names.values()) for name in saved):
+        return auto_causal_lm, True
+    cls = getattr(transformers, saved[0], None)
+    if cls is None:
+        raise UsageError(f"config.json names architecture {saved[0]!r}, which this transformers "
+                         f"{transformers.__version__} does not have")
+    return cls, False
 
 
 def _load_import_spec(spec: str, dtype: str, checkpoint: str | None) -> LoadedModel:

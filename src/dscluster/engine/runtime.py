@@ -105,8 +105,9 @@ class Runtime:
         if self.loaded.kind == "causal-lm":
             out = self.model.module(input_ids=x).logits
         elif self.loaded.hf:
-            out = self.model.module(input_ids=x)
-            out = getattr(out, "last_hidden_state", out[0] if isinstance(out, (tuple, list)) else out)
+            out = self.model.module(**{self.loaded.input_name: x})
+            logits = getattr(out, "logits", None)  # a head's output, else the first (hidden states)
+            out = logits if logits is not None else out[0]
         else:
             out = self.model.module(x)
             if isinstance(out, (tuple, list)):
