@@ -52,7 +52,17 @@ def run(args: argparse.Namespace, role: str) -> int:
     from dscluster.cluster.group import destroy_groups
     from dscluster.engine.runtime import RuntimeOptions, build_runtime, make_engine, run_worker
 
-    runtime = build_runtime(RuntimeOptions.from_args(args), rdzv)
+    placeholder = None
+    if role == "serve" and rdzv.rank == 0:  # 503 on the port, not a refused connection, while loading
+        from dscluster.serving.placeholder import PlaceholderServer
+
+        placeholder = PlaceholderServer(args.host, args.port, "loading: the group is forming and loading the model")
+        placeholder.start()
+    try:
+        runtime = build_runtime(RuntimeOptions.from_args(args), rdzv)
+    finally:
+        if placeholder is not None:
+            placeholder.stop()
     if rdzv.rank != 0:
         code = run_worker(runtime)
         destroy_groups()

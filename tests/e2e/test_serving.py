@@ -7,6 +7,10 @@ Answers are compared with the unsharded engine in this process: same prompt, sam
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,6 +20,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from dscluster.cluster.launch import free_port
 from dscluster.engine.api import GenerationRequest, SamplingParams
 from dscluster.engine.runtime import open_engine
 from dscluster.examples.linear import build as build_linear
@@ -302,13 +307,59 @@ def test_sigterm_drains_in_flight_requests_and_all_ranks_exit_0(server):
     thread = threading.Thread(target=long_request)
     thread.start()
     time.sleep(0.5)
-    code = server.terminate(timeout=90)
+    server.proc.send_signal(signal.SIGTERM)  # once: a second signal means "stop now" to Uvicorn
+    readiness = []
+    while thread.is_alive() and len(readiness) < 20:
+        readiness.append(ready_status(server.url))
+        time.sleep(0.05)
+    code = server.proc.wait(90)
     thread.join(30)
     assert code == 0, server.output()[-3000:]
     assert answers and answers[0].status_code == 200
     assert answers[0].json()["usage"]["completion_tokens"] > 0
+    # While the request drains, readiness answers (503, not a refused connection).
+    assert readiness and all(isinstance(status, int) for status, _ in readiness), readiness
+    assert any("draining" in reason for _, reason in readiness), readiness
     log = server.output()
     assert "rank 1: stop received" in log
+
+
+def ready_status(url: str) -> tuple[int | str, str]:
+    try:
+        r = httpx.get(f"{url}/health/ready", timeout=5)
+        return r.status_code, r.json().get("reason", "")
+    except httpx.HTTPError as exc:
+        return type(exc).__name__, ""
+
+
+def test_port_answers_503_while_the_model_loads(tiny):
+    """From the moment rank 0 starts until every rank has loaded the model, the HTTP port answers:
+    readiness 503 (reason: loading), liveness 200, other routes 503 in the OpenAI error shape."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "dscluster", "serve", tiny, "--nproc", "2", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        seen, loading = [], None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            status, reason = ready_status(url)
+            seen.append(status)
+            if status == 503 and loading is None:
+                with httpx.Client(base_url=url, timeout=5) as c:
+                    loading = (reason, c.get("/health/live").status_code, c.post("/v1/completions", json={}))
+            if status == 200:
+                break
+            time.sleep(0.05)
+        assert seen and seen[-1] == 200, seen[-10:]
+        assert loading is not None, f"never saw 503 while loading: {sorted(set(map(str, seen)))}"
+        reason, live, completion = loading
+        assert "loading" in reason and live == 200
+        assert completion.status_code == 503 and completion.headers["retry-after"]
+        assert completion.json()["error"]["code"] == "unavailable"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
 
 
 # -- a server with tight limits: queue, deadline, API key -----------------------------------------

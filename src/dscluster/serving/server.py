@@ -48,14 +48,23 @@ def run_server(engine: EngineClient, args: argparse.Namespace) -> int:
     import uvicorn
 
     from dscluster.serving.app import create_app
+    from dscluster.serving.placeholder import PlaceholderServer
 
     config = config_from_args(args)
     app = create_app(engine, config)
     drain = (config.request_timeout or 60.0) + 5.0
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
             app.state.dscluster.serving = False  # readiness answers 503 from the first signal on
             super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None) -> None:
+            # Uvicorn stops listening first; answer 503 on the port while requests in flight drain.
+            for listener in self.servers:
+                listener.close()
+            with PlaceholderServer(args.host, args.port, "draining: the server is shutting down"):
+                await super().shutdown(sockets)
 
     server = Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
