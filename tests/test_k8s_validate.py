@@ -105,6 +105,14 @@ def test_mpijob_launchers_key_and_launcher_replicas(tmp_path):
     assert rc == 2 and "spec.mpiReplicaSpecs.Launcher.replicas: must be 1" in out
 
 
+def test_lws_size_below_one(tmp_path):
+    """The LWS webhook rejects size < 1; the CRD schema has no minimum, so validate checks it."""
+    docs = objects("lws")
+    the_kind(docs, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]["size"] = 0
+    rc, out = check(tmp_path, docs)
+    assert rc == 2 and "spec.leaderWorkerTemplate.size: must be at least 1 (got 0)" in out
+
+
 def test_bad_names(tmp_path):
     docs = objects("mpijob")
     the_kind(docs, "MPIJob")["metadata"]["name"] = "My_Job"
