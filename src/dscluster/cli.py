@@ -24,16 +24,33 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} must be >= 1")
     return value
 
 
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be > 0")
     return value
 
 
@@ -50,13 +67,13 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="state_dict (.pt) or .safetensors file for an import-spec model")
     p.add_argument("--max-batch-size", type=_positive_int, default=32)
-    p.add_argument("--heartbeat-interval", type=float, default=1.0,
+    p.add_argument("--heartbeat-interval", type=_positive_float, default=1.0,
                    help="seconds between liveness heartbeats")
-    p.add_argument("--heartbeat-timeout", type=float, default=10.0,
+    p.add_argument("--heartbeat-timeout", type=_positive_float, default=10.0,
                    help="seconds without a heartbeat before a rank is declared failed")
-    p.add_argument("--collective-timeout", type=float, default=600.0,
+    p.add_argument("--collective-timeout", type=_positive_float, default=600.0,
                    help="seconds a model collective may block before the group is declared broken")
-    p.add_argument("--rendezvous-timeout", type=float, default=300.0,
+    p.add_argument("--rendezvous-timeout", type=_positive_float, default=300.0,
                    help="seconds for every rank to join at start-up before the group gives up (exit 3)")
     p.add_argument("--log-level", default=os.environ.get("DSCLUSTER_LOG_LEVEL", "INFO"))
 
@@ -82,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long an idle server holds a request for more to batch with it (default 0: "
                         "batches form from the requests that arrive while one runs)")
     p.add_argument("--max-queue", type=_positive_int, default=256, help="queued requests before 429")
-    p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before 504")
+    p.add_argument("--request-timeout", type=_non_negative_float, default=60.0,
+                   help="seconds before 504 (0: no deadline)")
     p.add_argument("--api-key", default=os.environ.get("DSCLUSTER_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (env DSCLUSTER_API_KEY)")
     p.add_argument("--served-model-name", default=None)
@@ -114,13 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="also join the process group and check an all-reduce (run on every rank)")
     p.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for every rank (--check)")
+    p.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds to wait for every rank (--check)")
     p.set_defaults(handler=_cmd_env)
 
     # launch -------------------------------------------------------------------------------
     p = sub.add_parser("launch", help="run CMD as N local ranks: dscluster launch --nproc N -- CMD ...")
     p.add_argument("--nproc", type=_positive_int, required=True)
-    p.add_argument("--grace", type=float, default=10.0,
+    p.add_argument("--grace", type=_non_negative_float, default=10.0,
                    help="seconds ranks get to exit after SIGTERM before SIGKILL")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     p.set_defaults(handler=_cmd_launch)
@@ -130,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model directory to check")
     p.add_argument("--json", action="store_true")
     p.add_argument("--nproc", type=_positive_int, default=None)
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds for network probes")
+    p.add_argument("--timeout", type=_positive_float, default=3.0, help="seconds for network probes")
     p.add_argument("--require-gpu", action="store_true", help="no visible GPU is a failure, not a warning")
     p.set_defaults(handler=_cmd_doctor)
 

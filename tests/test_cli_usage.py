@@ -1,0 +1,26 @@
+"""Bad command lines exit 2 with one line naming the flag, before any rank starts or any model loads."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("args, named", [
+    (["serve", "some-model", "--request-timeout", "-5"], "--request-timeout: -5 must be >= 0"),
+    (["serve", "some-model", "--heartbeat-interval", "-1"], "--heartbeat-interval: -1 must be > 0"),
+    (["serve", "some-model", "--heartbeat-timeout", "0"], "--heartbeat-timeout: 0 must be > 0"),
+    (["serve", "some-model", "--rendezvous-timeout", "soon"], "--rendezvous-timeout: 'soon' is not a number"),
+    (["serve", "some-model", "--max-batch-size", "0"], "--max-batch-size: 0 must be >= 1"),
+    (["serve", "some-model", "--max-queue", "many"], "--max-queue: 'many' is not an integer"),
+    (["serve", "some-model", "--max-wait-ms", "nan"], "--max-wait-ms: nan must be >= 0"),
+    (["batch", "some-model", "--input", "in.jsonl", "--output", "out.jsonl", "--collective-timeout", "-1"],
+     "--collective-timeout: -1 must be > 0"),
+    (["launch", "--nproc", "2", "--grace", "-1", "--", "true"], "--grace: -1 must be >= 0"),
+    (["env", "--check", "--timeout", "0"], "--timeout: 0 must be > 0"),
+])
+def test_bad_flag_exits_2_in_one_line(args, named):
+    proc = subprocess.run([sys.executable, "-m", "dscluster", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert named in line, line
