@@ -24,3 +24,12 @@ def test_bad_flag_exits_2_in_one_line(args, named):
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert named in line, line
+
+
+def test_tiny_model_into_an_unwritable_place_exits_2(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for where in ("/proc/no-such-model", str(tmp_path / "a-file" / "model")):
+        proc = subprocess.run([sys.executable, "-m", "dscluster", "tiny-model", where], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2 and f"cannot create {where}" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr

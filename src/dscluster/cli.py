@@ -200,6 +200,10 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from dscluster.tiny_model import write_tiny_model
 
+    try:
+        os.makedirs(args.dir, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"tiny-model: cannot create {args.dir}: {exc.strerror or exc}") from None
     path = write_tiny_model(args.dir, seed=args.seed, layers=args.layers, hidden=args.hidden,
                             vocab_size=args.vocab_size)
     print(path)
