@@ -82,3 +82,6 @@ async def wait_results(items: list[WorkItem], request: Request, timeout: float |
         watcher.cancel()
         if not gathered.done():
             gathered.cancel()
+            # A cancelled gather ends holding a CancelledError; read it, or asyncio logs
+            # "exception was never retrieved" for every 504.
+            gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
