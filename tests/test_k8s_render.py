@@ -193,9 +193,8 @@ def check_lws(docs, nodes, gpus, existing_pvc, secret) -> None:
     assert leader["livenessProbe"]["httpGet"]["path"] == "/health/live"
     assert leader["startupProbe"]["failureThreshold"] * leader["startupProbe"]["periodSeconds"] >= 600
     assert ("DSCLUSTER_API_KEY" in env_of(leader)) == bool(secret)
-    check_common(docs, existing_pvc, master_selector=None,
-                 http_selector={"leaderworkerset.sigs.k8s.io/name": "dscluster",
-                                "leaderworkerset.sigs.k8s.io/worker-index": "0"})
+    leaders = {"leaderworkerset.sigs.k8s.io/name": "dscluster", "leaderworkerset.sigs.k8s.io/worker-index": "0"}
+    check_common(docs, existing_pvc, master_selector=leaders, http_selector=leaders)
 
 
 CHECKS = {"mpijob": check_mpijob, "trainjob": check_trainjob, "lws": check_lws}

@@ -3,10 +3,11 @@
 Every pod runs `dscluster serve --nproc <gpus>`, which starts one rank per GPU in the pod; the
 rendezvous comes from LWS_LEADER_ADDRESS, LWS_GROUP_SIZE and LWS_WORKER_INDEX, which LWS injects
 into every pod, with MASTER_PORT from the pod's env. The leader (worker index 0) runs rank 0 and the
-HTTP server. Each group has its own leader, so the rendezvous address is LWS_LEADER_ADDRESS and no
-`<name>-master` Service is rendered (LWS itself creates the headless Service `<name>` that makes
-that address resolvable). The `<name>-http` Service selects the leaders of all groups and so
-balances across groups.
+HTTP server. Each group has its own leader, so the rendezvous address is LWS_LEADER_ADDRESS (LWS
+itself creates the headless Service `<name>` that makes it resolvable). The `<name>-master`
+headless Service, like the other kinds', publishes the leaders' rendezvous port: with one replica
+it names the one master (for `dscluster doctor`, debugging), with several it lists every group's.
+The `<name>-http` Service selects the leaders of all groups and so balances across groups.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def leader_worker_set(opts: argparse.Namespace) -> c.Obj:
 
 
 def render_objects(opts: argparse.Namespace) -> list[c.Obj]:
-    objs = [leader_worker_set(opts), c.http_service(opts, leaders_selector(opts))]
+    objs = [leader_worker_set(opts), c.master_service(opts, leaders_selector(opts)),
+            c.http_service(opts, leaders_selector(opts))]
     pvc = c.checkpoint_pvc(opts)
     return objs + ([pvc] if pvc else [])
