@@ -272,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # local ranks re-run the same command
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    code = _run(args)
+    group = sys.modules.get("dscluster.cluster.group")  # imported only by commands that join a group
+    return group.exit_now_if_joined(code) if group is not None else code
+
+
+def _run(args: argparse.Namespace) -> int:
     from dscluster.cluster.rendezvous import RendezvousError
 
     try:

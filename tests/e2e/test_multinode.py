@@ -307,7 +307,7 @@ def test_two_nodes_two_ranks_each_serve_then_drain_on_sigterm(nodes2, tiny, tmp_
     first = completion(group, {"prompt": "hello", "max_tokens": 8, "temperature": 0})
     assert first.status_code == 200, first.text
     assert first.json()["usage"]["completion_tokens"] >= 1
-    assert "ranks span nodes (2 of 4 here)" in group.log(1)
+    assert "LOCAL_SIZE 2 for a world of 4: all-reduce over the process group" in group.log(1)
 
     inflight = InFlight(group, {"prompt": "a long answer", "max_tokens": 60, "temperature": 0})
     time.sleep(1.0)

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -127,6 +128,7 @@ def init_groups(rdzv: Rendezvous, backend: str = "auto", timeout_s: float = 600.
     if not dist.is_initialized():
         store = join_store(rdzv, rendezvous_timeout_s or timeout_s)
         store.set_timeout(timedelta(seconds=timeout_s))
+        _mark_joined()
         dist.init_process_group(backend=backend, store=store, rank=rdzv.rank,
                                 world_size=rdzv.world_size, timeout=timedelta(seconds=timeout_s))
     control = None
@@ -136,6 +138,35 @@ def init_groups(rdzv: Rendezvous, backend: str = "auto", timeout_s: float = 600.
     log.info("rank %d/%d joined: backend=%s control=gloo master=%s:%d launcher=%s",
              rdzv.rank, rdzv.world_size, backend, rdzv.master_addr, rdzv.master_port, rdzv.launcher)
     return Groups(rdzv, backend, control, device)
+
+
+_joined = False  # this process joined a process group (torch's C++ threads may be running)
+
+
+def _mark_joined() -> None:
+    global _joined
+    _joined = True
+
+
+def exit_now_if_joined(code: int) -> int:
+    """End a process that joined a group with `code` once its work is flushed, skipping the
+    interpreter's teardown: torch's C++ threads (gloo, the store client) can still be running
+    then, and destroying them aborts the process ("terminate called without an active
+    exception", SIGABRT) after a clean finish. Returns `code` when this process never joined."""
+    if not _joined:
+        return code
+    # mpi4py (the master address) wants MPI finalized after a clean finish; after a failure, skip
+    # it (it may wait for a dead peer) and let mpirun end the job.
+    mpi = sys.modules.get("mpi4py.MPI")
+    if code == 0 and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def destroy_groups() -> None:
