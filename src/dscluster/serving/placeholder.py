@@ -35,7 +35,8 @@ class PlaceholderServer:
             protocol_version = "HTTP/1.1"
 
             def _answer(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
+                length = self.headers.get("Content-Length", "")
+                length = int(length) if length.isdigit() else 0
                 if 0 < length <= MAX_DRAINED_BODY:
                     self.rfile.read(length)
                 path = self.path.split("?", 1)[0]
