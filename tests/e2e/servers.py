@@ -12,10 +12,25 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import httpx
 
 from dscluster.cluster.launch import free_port
+
+
+def poll_ready(url: str, running: Callable[[], bool], timeout: float) -> bool:
+    """True once `url`/health/ready answers 200; False when `running()` turns False or time is up.
+    Any other answer (503 while the model loads) or none at all means: not yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and running():
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
 
 
 class RemoteServer:
@@ -31,16 +46,10 @@ class RemoteServer:
         self._wait_ready(ready_timeout)
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode} before ready:\n{self.output()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        if poll_ready(self.url, lambda: self.proc.poll() is None, timeout):
+            return
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited {self.proc.returncode} before ready:\n{self.output()[-4000:]}")
         self.kill()
         raise RuntimeError(f"server not ready within {timeout} s:\n{self.output()[-4000:]}")
 

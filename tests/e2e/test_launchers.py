@@ -294,6 +294,8 @@ def test_hand_written_environment_serves(tiny, local_size):
     on how to all-reduce, answer, and drain on SIGTERM."""
     import httpx
 
+    from servers import poll_ready  # tests/e2e/servers.py
+
     http, master = free_port(), free_port()
     procs = []
     for rank in (0, 1):
@@ -301,16 +303,10 @@ def test_hand_written_environment_serves(tiny, local_size):
                         MASTER_PORT=str(master), **({"LOCAL_SIZE": local_size} if local_size else {}))
         procs.append(subprocess.Popen([sys.executable, "-m", "dscluster", "serve", tiny, "--port", str(http),
                                        "--heartbeat-timeout", "10"], env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True, start_new_session=True))
+                                      stderr=subprocess.DEVNULL, start_new_session=True))
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "not ready"
-            try:
-                if httpx.get(f"http://127.0.0.1:{http}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        assert poll_ready(f"http://127.0.0.1:{http}", lambda: all(p.poll() is None for p in procs), 180), \
+            "not ready"
         r = httpx.post(f"http://127.0.0.1:{http}/v1/completions", timeout=60,
                        json={"prompt": "hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4

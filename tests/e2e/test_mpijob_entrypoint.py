@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,6 +21,7 @@ import pytest
 import yaml
 
 from dscluster.cluster.launch import free_port
+from servers import poll_ready  # tests/e2e/servers.py
 
 pytestmark = [pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI mpirun not installed"),
               pytest.mark.timeout(420)]
@@ -63,16 +63,7 @@ def test_launcher_command_serves_under_mpirun(tiny, tmp_path):
         proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, process_group=0)
     url = f"http://127.0.0.1:{http_port}"
     try:
-        deadline = time.monotonic() + 300
-        ready = False
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                    ready = True
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        ready = poll_ready(url, lambda: proc.poll() is None, 300)
         assert ready, f"not ready (mpirun exit {proc.poll()}):\n{log.read_text()[-4000:]}"
         assert httpx.get(f"{url}/health/live", timeout=5).status_code == 200
 

@@ -79,15 +79,14 @@ def load_model(spec: str, dtype: str = "auto", checkpoint: str | None = None) ->
 
 
 def _load_hf_directory(path: Path, dtype: str) -> LoadedModel:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise UsageError(f"model directory {str(path)!r}: config.json is not loadable: {exc}") from None
     torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
-    cls, causal = _model_class(config, AutoModel, AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    cls, causal = _model_class(config)
     try:
         module = cls.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -111,19 +110,20 @@ def _load_hf_directory(path: Path, dtype: str) -> LoadedModel:
                        input_name=input_name, hf=True)
 
 
-def _model_class(config, auto_model, auto_causal_lm, causal_lm_names) -> tuple[type, bool]:
+def _model_class(config) -> tuple[type, bool]:
     """The class the directory was saved from (config.json's `architectures`), so a head is never
     dropped or replaced by a randomly initialised one: a causal LM goes through the causal-LM auto
     class; any other saved class (BertModel, ...ForSequenceClassification) is loaded as itself.
     Without `architectures`, the model type decides."""
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL_LMS
 
     saved = list(getattr(config, "architectures", None) or [])
     if not saved:
-        causal = config.model_type in causal_lm_names
-        return (auto_causal_lm if causal else auto_model), causal
-    if any(name in set(causal_lm_names.values()) for name in saved):
-        return auto_causal_lm, True
+        causal = config.model_type in CAUSAL_LMS
+        return (transformers.AutoModelForCausalLM if causal else transformers.AutoModel), causal
+    if set(saved) & set(CAUSAL_LMS.values()):
+        return transformers.AutoModelForCausalLM, True
     cls = getattr(transformers, saved[0], None)
     if cls is None:
         raise UsageError(f"config.json names architecture {saved[0]!r}, which this transformers "

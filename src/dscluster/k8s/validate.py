@@ -380,9 +380,9 @@ def _operator_problems(doc: dict) -> list[Problem]:
                                                   f"(got {', '.join(chosen)})"))
     elif kind == "LeaderWorkerSet":
         size = ((spec.get("leaderWorkerTemplate") or {}).get("size", 1))
-        if isinstance(size, int) and size < 1:  # the LWS webhook's rule; the CRD has no minimum
-            problems.append(("spec.leaderWorkerTemplate.size", f"must be at least 1 (got {size})"))
         if isinstance(size, int):
+            if size < 1:  # the LWS webhook's rule; the CRD has no minimum
+                problems.append(("spec.leaderWorkerTemplate.size", f"must be at least 1 (got {size})"))
             name_fits(f"-0-{max(size - 1, 0)}", "pod")
     return problems
 

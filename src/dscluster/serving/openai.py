@@ -115,16 +115,20 @@ def _check_model(state: ServerState, requested: str | None) -> None:
                        "use POST /v1/predict", code="unsupported_model")
 
 
+def _check_in_vocabulary(state: ServerState, ids: list[int], where: str) -> None:
+    vocab = state.engine.info.vocab_size
+    bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+        raise bad_request(f"{where}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param=where)
+
+
 def _check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, where: str,
                   default_max: int | None = None) -> int:
     """Returns max_tokens, after checking the prompt and the context length."""
     info = state.engine.info
     if not ids:
         raise bad_request(f"{where} is empty", param=where)
-    vocab = info.vocab_size
-    bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
-    if bad:
-        raise bad_request(f"{where}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param=where)
+    _check_in_vocabulary(state, ids, where)
     context = info.max_context
     if context is not None and len(ids) >= context:
         raise bad_request(f"{where} has {len(ids)} tokens; the model's context is {context} tokens",
@@ -139,11 +143,7 @@ def _check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, wh
 
 
 def _params(state: ServerState, req, max_tokens: int) -> SamplingParams:
-    vocab = state.engine.info.vocab_size
-    bad = [t for t in req.stop_token_ids if t < 0 or (vocab is not None and t >= vocab)]
-    if bad:
-        raise bad_request(f"stop_token_ids: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
-                          param="stop_token_ids")
+    _check_in_vocabulary(state, req.stop_token_ids, "stop_token_ids")
     # Without a seed, draw one here: rank 0 samples, and a fixed default would make every
     # unseeded request with the same prompt return the same text.
     seed = req.seed if req.seed is not None else random.randrange(2**63)
