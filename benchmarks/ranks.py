@@ -254,4 +254,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from dscluster.cluster.group import exit_now_if_joined
+
+    raise SystemExit(exit_now_if_joined(main()))  # as the product does: no teardown abort

@@ -47,4 +47,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from dscluster.cluster.group import exit_now_if_joined
+
+    sys.exit(exit_now_if_joined(main(sys.argv[1:])))  # as the product does: no teardown abort
