@@ -213,7 +213,8 @@ async def _run(engine, args) -> int:
     done = read_done_ids(output)
     todo = sum(1 for line in iter_lines(Path(args.input)) if line.custom_id not in done)
     summary = Summary(skipped=len(done))
-    window = max(2, 2 * args.max_batch_size)  # enough requests in flight to fill every batch
+    # Enough requests in flight to fill every predict batch and every generation step.
+    window = max(2, 2 * max(args.max_batch_size, args.max_num_seqs))
     app = create_app(engine, config_from_args(args))
     progress = Progress(todo)
     limit = asyncio.Semaphore(window)

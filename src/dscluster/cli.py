@@ -66,7 +66,16 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="data-plane backend: auto = nccl on CUDA, gloo on CPU")
     p.add_argument("--checkpoint", default=None,
                    help="state_dict (.pt) or .safetensors file for an import-spec model")
-    p.add_argument("--max-batch-size", type=_positive_int, default=32)
+    p.add_argument("--max-batch-size", type=_positive_int, default=32,
+                   help="examples per predict batch (generation is limited by --max-num-seqs)")
+    p.add_argument("--max-num-seqs", type=_positive_int, default=32,
+                   help="generation requests running at once (the rest wait to join)")
+    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
+                   help="tokens computed per generation step: prompt chunks plus one per running request "
+                        "(default: the larger of 256 and --max-num-seqs); smaller keeps steps short while "
+                        "long prompts arrive")
+    p.add_argument("--max-model-len", type=_positive_int, default=None,
+                   help="longest request, prompt plus output tokens (default: the model's context)")
     p.add_argument("--heartbeat-interval", type=_positive_float, default=1.0,
                    help="seconds between liveness heartbeats")
     p.add_argument("--heartbeat-timeout", type=_positive_float, default=10.0,

@@ -15,6 +15,8 @@ from dscluster.cluster.rendezvous import discover
 from dscluster.engine.loading import check_model_spec
 from dscluster.errors import EXIT_PEER_FAILED, UsageError
 
+DEFAULT_BATCHED_TOKENS = 256  # a step of 256 tokens keeps decoding requests moving on CPUs, too
+
 log = logging.getLogger(__name__)
 
 
@@ -23,6 +25,11 @@ def _preflight(args: argparse.Namespace, role: str) -> None:
     if args.heartbeat_timeout <= args.heartbeat_interval:
         raise UsageError(f"--heartbeat-timeout {args.heartbeat_timeout:g} must exceed "
                          f"--heartbeat-interval {args.heartbeat_interval:g}")
+    if args.max_num_batched_tokens is None:
+        args.max_num_batched_tokens = max(DEFAULT_BATCHED_TOKENS, args.max_num_seqs)
+    if args.max_num_batched_tokens < args.max_num_seqs:
+        raise UsageError(f"--max-num-batched-tokens {args.max_num_batched_tokens} must be at least --max-num-seqs "
+                         f"{args.max_num_seqs}: every running request computes one token per step")
     if role == "batch":
         from dscluster.batch import check_batch_files
 

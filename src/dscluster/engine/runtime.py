@@ -1,10 +1,20 @@
 """The lockstep runtime: every rank holds a `Runtime`; rank 0 drives it through an `Engine`.
 
-Rank 0's `Engine` sends each unit of work (predict, generate) over the control channel and runs
-it itself; every other rank sits in `run_worker`, receiving and running the same unit. Each unit
-ends with an all-reduce of a success flag, so every rank agrees on the outcome before the next.
-Between units rank 0 sends heartbeats. A broken group (a failed collective, a silent rank) ends
-the process with exit code 3 after a short grace, so launchers and Kubernetes restart the group.
+Rank 0's `Engine` sends each unit of work over the control channel and runs it itself; every other
+rank sits in `run_worker`, receiving and running the same unit. The units:
+
+- a predict batch, which ends with an all-reduce of a success flag, so every rank agrees on the
+  outcome before the next unit;
+- a generation step (continuous batching): the step's plan (requests joining and leaving, the
+  tokens sampled at the previous step) in one message; every rank applies it to its copy of the
+  running batch and runs the forward pass. Rank 0 alone then samples and runs the requests'
+  callbacks, before it sends the next step: a failure there ends one request, not the group. A
+  step that raised on some rank is reported in the next message's header, and every rank drops
+  the batch together (its requests fail; the group is intact);
+- a heartbeat, sent by rank 0 when no other unit has gone for an interval.
+
+A broken group (a failed collective, a silent rank) ends the process with exit code 3 after a
+short grace, so launchers and Kubernetes restart the group.
 """
 
 from __future__ import annotations
@@ -23,12 +33,21 @@ import torch
 
 from dscluster.cluster.group import Groups, default_threads, init_groups
 from dscluster.cluster.rendezvous import Rendezvous
-from dscluster.engine import generation
-from dscluster.engine.api import GenerationRequest, GenerationResult, ModelInfo, TokenCallback
+from dscluster.engine.api import (
+    GenerationLimits,
+    GenerationRequest,
+    GenerationResult,
+    GenerationSink,
+    GenerationStats,
+    ModelInfo,
+    TokenCallback,
+)
+from dscluster.engine.batch import RunningBatch, StepOutput
 from dscluster.engine.loading import LoadedModel, load_model
 from dscluster.engine.parallel import ParallelModel, choose_engine, parallelize, release_shared_memory
-from dscluster.engine.protocol import ControlChannel, Op
-from dscluster.errors import EXIT_PEER_FAILED, PeerFailure
+from dscluster.engine.protocol import ControlChannel, Message, Op, StepPlan
+from dscluster.engine.scheduler import Scheduler
+from dscluster.errors import EXIT_PEER_FAILED, PeerFailure, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +66,9 @@ class RuntimeOptions:
     rendezvous_timeout: float = 300.0   # forming the group: every rank must arrive by then
     failure_grace: float = 1.0           # rank 0 answers in-flight requests 503 before it exits
     zero3_persistence_threshold: int = 0  # 0: partition every parameter, however small
+    max_num_seqs: int = GenerationLimits.max_num_seqs
+    max_num_batched_tokens: int = GenerationLimits.max_num_batched_tokens
+    max_model_len: int | None = None     # None: the model's context
 
     @classmethod
     def from_args(cls, args) -> RuntimeOptions:
@@ -66,8 +88,24 @@ def exit_group_broken(reason: str, rank: int) -> None:
     os._exit(EXIT_PEER_FAILED)
 
 
+def resolve_limits(options: RuntimeOptions, context: int | None) -> tuple[GenerationLimits, int]:
+    """The generation limits, and the longest request (prompt + output): --max-model-len, which may
+    not exceed the model's context, else the context itself."""
+    if options.max_num_batched_tokens < options.max_num_seqs:
+        raise UsageError(f"--max-num-batched-tokens {options.max_num_batched_tokens} must be at least "
+                         f"--max-num-seqs {options.max_num_seqs} (every running request computes a token per step)")
+    length = options.max_model_len or context
+    if context is not None and length > context:
+        raise UsageError(f"--max-model-len {length} exceeds the model's context of {context} tokens")
+    if length is None:
+        raise UsageError("the model does not say its context length: set --max-model-len")
+    limits = GenerationLimits(options.max_num_seqs, options.max_num_batched_tokens, length)
+    return limits, length
+
+
 class Runtime:
-    """What every rank holds: the split model, the control channel and the liveness monitor."""
+    """What every rank holds: the split model, the running generation batch, the control channel
+    and the liveness monitor."""
 
     def __init__(self, options: RuntimeOptions, loaded: LoadedModel, model: ParallelModel,
                  groups: Groups | None, monitor=None):
@@ -90,13 +128,24 @@ class Runtime:
             eos = tok.eos_token_id
         if eos is not None:
             self.eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        self.batch: RunningBatch | None = None
+        self.limits = GenerationLimits(options.max_num_seqs, options.max_num_batched_tokens, None)
+        if loaded.kind == "causal-lm":
+            self.limits, max_len = resolve_limits(options, loaded.max_context)
+            self.batch = RunningBatch(model.module, self.device, self.limits.max_num_seqs, max_len)
+            if self.batch.unsupported:
+                log.warning("generation is off for this model: %s", self.batch.unsupported)
+        self.step_failed = False        # this rank's last generation step raised (said in the next header)
 
     def info(self) -> ModelInfo:
         lm = self.loaded
         return ModelInfo(name=self.options.served_model_name or lm.name, kind=lm.kind, engine=self.model.engine,
-                         world_size=self.world_size, dtype=lm.dtype, max_context=lm.max_context,
+                         world_size=self.world_size, dtype=lm.dtype,
+                         max_context=self.limits.max_model_len or lm.max_context,
                          vocab_size=lm.vocab_size, input_dtype=lm.input_dtype, input_shape=lm.input_shape,
-                         tokenizer=lm.tokenizer, extra={"description": self.model.description})
+                         tokenizer=lm.tokenizer,
+                         generation_unsupported=self.batch.unsupported if self.batch else None,
+                         extra={"description": self.model.description})
 
     # -- the units of work, identical on every rank ----------------------------------------
     @torch.no_grad()
@@ -114,12 +163,40 @@ class Runtime:
                 out = out[0]
         return out.detach().to("cpu")
 
-    def run_generate(self, requests: list[GenerationRequest], on_token: TokenCallback | None = None
-                     ) -> list[GenerationResult]:
-        sync = self.channel.broadcast_tensor if self.channel else None
-        return generation.generate(self.model.module, requests, is_rank0=self.rank == 0, sync=sync,
-                                   pad_id=self.pad_id, eos_ids=self.eos_ids, on_token=on_token,
-                                   device=self.device)
+    def run_step(self, plan: StepPlan) -> StepOutput:
+        """Apply one generation step to the running batch and run its forward pass. The row count
+        the next header is sized by is settled before anything can fail; a failure is remembered
+        for the next header, and re-raised."""
+        if self.batch is None:
+            raise RuntimeError(f"{self.loaded.name} is not a causal language model")
+        rows = self.batch.rows_after(plan) if len(plan.actions) == len(self.batch.rows) else len(plan.joins)
+        if self.channel is not None:
+            self.channel.rows = rows
+        try:
+            return self.batch.step(plan)
+        except Exception:
+            self.step_failed = True
+            raise
+
+    def before_message(self) -> None:
+        """Put this rank's failed-step flag into the next header (said once)."""
+        if self.channel is not None:
+            self.channel.step_failed, self.step_failed = self.step_failed, False
+
+    def after_message(self, message: Message) -> bool:
+        """A generation step failed somewhere: every rank drops the running batch now. True if so."""
+        if not message.failed:
+            return False
+        log.warning("rank %d: a generation step failed on %d rank(s); dropping the running batch",
+                    self.rank, message.failed)
+        self.reset_generation()
+        return True
+
+    def reset_generation(self) -> None:
+        if self.batch is not None:
+            self.batch.reset()
+        if self.channel is not None:
+            self.channel.rows = 0
 
     def close(self) -> None:
         if self.monitor is not None:
@@ -129,18 +206,23 @@ class Runtime:
 class Engine:
     """Rank 0's handle on the group (implements `dscluster.engine.api.EngineClient`).
 
-    Thread-safe through one lock: the HTTP batcher, batch mode and the heartbeat thread take turns.
+    Thread-safe through one lock: the batcher thread, batch mode and the heartbeat thread take turns.
     """
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
         self.info = runtime.info()
+        self.limits = runtime.limits
         self.heartbeat_interval = runtime.options.heartbeat_interval
         self.failure: str | None = None
         self._lock = threading.Lock()
         self._last_unit = time.monotonic()
         self._closed = False
         self._alive = runtime.world_size
+        self.scheduler: Scheduler | None = None
+        if runtime.batch is not None:
+            self.scheduler = Scheduler(runtime.batch, runtime.limits, runtime.limits.max_model_len,
+                                       runtime.eos_ids)
         if runtime.channel is not None:
             threading.Thread(target=self._heartbeats, name="dscluster-heartbeat", daemon=True).start()
 
@@ -154,10 +236,62 @@ class Engine:
             out = self.runtime.run_predict(batch)
         return list(out.unbind(0))
 
+    def submit(self, request: GenerationRequest, sink: GenerationSink) -> None:
+        if self.scheduler is None or self.info.generation_unsupported:
+            reason = self.info.generation_unsupported or f"{self.info.name} is not a causal language model"
+            sink.on_error(RuntimeError(f"generation is not available: {reason}"))
+            return
+        self.scheduler.submit(request, sink)
+
+    def has_generation_work(self) -> bool:
+        return self.scheduler is not None and self.scheduler.has_work()
+
+    def generation_stats(self) -> GenerationStats:
+        return self.scheduler.stats() if self.scheduler is not None else GenerationStats()
+
+    def step(self) -> None:
+        """One generation step. Rank-0-only work (planning before, sampling and the requests'
+        callbacks after) never breaks the group: a failure ends the requests it concerns."""
+        scheduler = self.scheduler
+        with self._lock:
+            self._check()
+            try:
+                plan = scheduler.schedule()
+            except Exception as exc:  # noqa: BLE001 - a planning bug: drop the batch on every rank
+                log.exception("planning a generation step failed")
+                scheduler.fail_running(exc)
+                self.runtime.step_failed = True
+                plan = StepPlan(actions=[0] * len(self.runtime.batch.rows))
+            reset = self._send_step(plan)
+            if reset:
+                scheduler.reset(f"a generation step failed on {reset} rank(s)", keep=plan.joins)
+                plan = StepPlan(actions=[], joins=plan.joins)
+            try:
+                out = self.runtime.run_step(plan)
+            except Exception as exc:  # noqa: BLE001 - every rank drops the batch at the next message
+                log.exception("generation step failed")
+                scheduler.fail_running(exc)
+                return
+            try:
+                scheduler.after_step(out)
+            except Exception as exc:  # noqa: BLE001 - a bug after the step: its requests end, the group goes on
+                log.exception("finishing a generation step failed")
+                scheduler.fail_running(exc)
+                self.runtime.step_failed = True
+
     def generate(self, requests: list[GenerationRequest], on_token: TokenCallback | None = None
                  ) -> list[GenerationResult]:
-        with self._unit(Op.GENERATE, list(requests)):
-            return self.runtime.run_generate(list(requests), on_token)
+        sinks = [_CollectingSink(i, on_token) for i in range(len(requests))]
+        for request, sink in zip(requests, sinks, strict=True):
+            self.submit(request, sink)
+        while not all(s.done for s in sinks):
+            if not self.has_generation_work():
+                raise EngineError("generation stopped with requests unfinished")
+            self.step()
+        errors = [s.error for s in sinks if s.error is not None]
+        if errors:
+            raise EngineError(f"generate failed: {_first_line(errors[0])}") from errors[0]
+        return [s.result for s in sinks]
 
     def heartbeat(self) -> None:
         with self._lock:
@@ -182,12 +316,28 @@ class Engine:
         if self._closed:
             raise PeerFailure("the engine is shut down")
 
-    def _send(self, op: Op, payload=None) -> None:
+    def _send(self, op: Op, payload=None, actions: list[int] | None = None) -> int:
+        """Send a message; returns how many ranks reported a failed generation step (then every
+        rank, this one included, has dropped the running batch)."""
+        self.runtime.before_message()
         try:
-            self.runtime.channel.send(op, payload)
+            message = self.runtime.channel.send(op, payload, actions)
         except Exception as exc:  # noqa: BLE001 - any failure of the control group breaks the group
             self._broken(f"control channel failed ({_first_line(exc)})")
         self._last_unit = time.monotonic()
+        if self.runtime.after_message(message):
+            if op is not Op.STEP and self.scheduler is not None:
+                self.scheduler.reset(f"a generation step failed on {message.failed} rank(s)")
+            return message.failed
+        return 0
+
+    def _send_step(self, plan: StepPlan) -> int:
+        if self.runtime.channel is None:  # one rank: a failed step is dropped here alone
+            failed, self.runtime.step_failed = self.runtime.step_failed, False
+            if failed:
+                self.runtime.reset_generation()
+            return int(failed)
+        return self._send(Op.STEP, plan.joins or None, plan.actions)
 
     @contextlib.contextmanager
     def _unit(self, op: Op, payload):
@@ -255,6 +405,27 @@ class Engine:
         exit_group_broken(reason, 0)
 
 
+class _CollectingSink:
+    """`Engine.generate`'s sink: keeps the result, passes tokens to an optional callback."""
+
+    def __init__(self, index: int, on_token: TokenCallback | None):
+        self.index = index
+        self.callback = on_token
+        self.result: GenerationResult | None = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.cancelled = False
+
+    def on_token(self, token: int) -> bool:
+        return self.callback is None or self.callback(self.index, token) is not False
+
+    def on_finish(self, result: GenerationResult) -> None:
+        self.result, self.done = result, True
+
+    def on_error(self, error: BaseException) -> None:
+        self.error, self.done = error, True
+
+
 def _first_line(exc: BaseException | None) -> str:
     """A collective error in one readable line: gloo's source location and advice removed."""
     text = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else type(exc).__name__
@@ -271,22 +442,28 @@ def run_worker(runtime: Runtime) -> int:
     channel = runtime.channel
     signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: waiting for rank 0 to stop the group"))
     while True:
+        runtime.before_message()
         try:
             message = channel.recv()
         except Exception as exc:  # noqa: BLE001
             exit_group_broken(f"lost rank 0 ({_first_line(exc)})", runtime.rank)
+        reset = runtime.after_message(message)
         if message.op is Op.STOP:
             log.info("rank %d: stop received", runtime.rank)
             runtime.close()
             return 0
         if message.op is Op.HEARTBEAT:
             continue
+        if message.op is Op.STEP:
+            plan = StepPlan(actions=[] if reset else message.actions, joins=message.payload or [])
+            try:
+                runtime.run_step(plan)
+            except Exception:  # noqa: BLE001 - reported to every rank in the next header
+                log.exception("rank %d: generation step failed", runtime.rank)
+            continue
         ok = True
         try:
-            if message.op is Op.PREDICT:
-                runtime.run_predict(message.payload)
-            elif message.op is Op.GENERATE:
-                runtime.run_generate(message.payload)
+            runtime.run_predict(message.payload)
         except Exception:  # noqa: BLE001 - reported to rank 0 through the agreement below
             log.exception("rank %d: %s failed", runtime.rank, message.op.name.lower())
             ok = False
@@ -354,11 +531,12 @@ def make_engine(runtime: Runtime) -> Engine:
 
 
 def open_engine(model: str, *, engine: str | None = None, dtype: str = "auto", checkpoint: str | None = None,
-                served_model_name: str | None = None) -> Engine:
+                served_model_name: str | None = None, **limits) -> Engine:
     """A single-rank engine in this process (no process group): the unsharded reference, and the
-    engine for a model that fits one device."""
+    engine for a model that fits one device. `limits`: max_num_seqs, max_num_batched_tokens,
+    max_model_len."""
     options = RuntimeOptions(model=model, engine=engine, dtype=dtype, checkpoint=checkpoint,
-                             served_model_name=served_model_name)
+                             served_model_name=served_model_name, **limits)
     loaded = load_model(model, dtype, checkpoint)
     parallel = parallelize(loaded, choose_engine(engine, loaded, 1), 1)
     return Engine(Runtime(options, loaded, parallel, None))

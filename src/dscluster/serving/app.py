@@ -32,7 +32,7 @@ OPEN_ROUTES = ("/health/live", "/health/ready")   # reachable without the API ke
 
 
 def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
-    metrics = Metrics(engine.ranks_alive, engine.info.world_size)
+    metrics = Metrics(engine.ranks_alive, engine.info.world_size, engine.generation_stats)
     batcher = Batcher(engine, metrics, config.max_batch_size, config.max_wait_ms / 1000.0, config.max_queue)
     state = ServerState(config=config, engine=engine, metrics=metrics, batcher=batcher)
 

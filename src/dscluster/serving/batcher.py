@@ -1,12 +1,18 @@
-"""Dynamic batching: requests that arrive together run as one unit on every rank.
+"""The engine's one thread: predict batches and generation steps, taking turns.
 
-The event loop (HTTP handlers) puts work items in a bounded queue; one thread owns the engine and
-takes items out as batches: it waits up to `max_wait` after the oldest item for up to
-`max_batch_size` items of the same kind (predict items must also share a shape; generation items
-of any length batch together). Results go back to each handler's future on the event loop.
+The event loop (HTTP handlers) puts work items in a bounded queue; one thread owns the engine.
 
-Engine calls block (they are collectives on every rank), so they never run on the event loop:
-the loop stays free to accept, validate and stream while a batch runs.
+- Predict items are batched: the thread waits up to `max_wait` after the oldest item for up to
+  `max_batch_size` items of the same key (same example shape), then runs them as one unit.
+- Generation items are handed to the engine's scheduler as they come, and the thread runs one
+  generation step after another while any request waits or runs (continuous batching: requests
+  join and leave the running batch at every step). A predict batch that is ready runs between two
+  steps, so neither kind starves the other.
+
+Results go back to each handler's future on the event loop; a generation's tokens go to its
+`on_token` as they are made, from this thread (rank-0-only work inside the step: a failure there
+ends that request with a 500, not the others). Engine calls block (they are collectives on every
+rank), so they never run on the event loop: the loop stays free to accept, validate and stream.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 
 import torch
 
-from dscluster.engine.api import EngineClient, GenerationRequest
+from dscluster.engine.api import EngineClient, GenerationRequest, GenerationResult
 from dscluster.errors import PeerFailure
 from dscluster.serving.metrics import Metrics
 from dscluster.serving.protocol import APIError
@@ -75,6 +81,39 @@ def predict_key(example: torch.Tensor) -> tuple:
 GENERATE_KEY = ("generate",)
 
 
+class _GenerationSink:
+    """The engine's view of one generation item (`dscluster.engine.api.GenerationSink`)."""
+
+    def __init__(self, item: WorkItem, batcher: Batcher):
+        self.item = item
+        self.batcher = batcher
+        self.first_token = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self.item.cancelled
+
+    def on_token(self, token: int) -> bool:
+        if self.first_token:
+            self.first_token = False
+            self.batcher.metrics.time_to_first_token.observe(time.monotonic() - self.item.enqueued)
+        if self.item.cancelled:
+            return False
+        return self.item.on_token is None or self.item.on_token(token) is not False
+
+    def on_finish(self, result: GenerationResult) -> None:
+        self.batcher.metrics.prompt_tokens.inc(result.prompt_tokens)
+        self.batcher.metrics.generated_tokens.inc(len(result.token_ids))
+        self.batcher.finished(self.item)
+        self.item.resolve(result)
+
+    def on_error(self, error: BaseException) -> None:
+        log.error("a generation request failed: %s: %s", type(error).__name__, error)
+        self.batcher.finished(self.item)
+        self.item.resolve(error=APIError(500, f"generation failed: {type(error).__name__}: {error}",
+                                         type="server_error", code="engine_error"))
+
+
 class Batcher:
     def __init__(self, engine: EngineClient, metrics: Metrics, max_batch_size: int, max_wait_s: float,
                  max_queue: int):
@@ -83,12 +122,14 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
-        self._items: deque[WorkItem] = deque()
+        self._items: deque[WorkItem] = deque()   # predict items
+        self._inbox: deque[WorkItem] = deque()   # generation items not yet handed to the engine
+        self._generating: set[WorkItem] = set()  # generation items the engine holds
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="dscluster-batcher", daemon=True)
-        self._running: list[WorkItem] = []       # the batch the batcher thread is executing
-        self.batches = 0                         # executed units (tests and benchmarks read it)
+        self._running: list[WorkItem] = []       # the predict batch the batcher thread is executing
+        self.batches = 0                         # executed predict units (tests and benchmarks read it)
 
     # -- event-loop side ---------------------------------------------------------------------
     def start(self) -> None:
@@ -102,7 +143,9 @@ class Batcher:
         while not (self._stopping and not self._thread.is_alive()):
             failure = self.engine.failure
             if failure:
-                self._fail_all(list(self._running), unavailable(f"the group is broken ({failure})"))
+                with self._cond:
+                    held = list(self._running) + list(self._generating)
+                self._fail_all(held, unavailable(f"the group is broken ({failure})"))
                 return
             time.sleep(0.1)
 
@@ -121,11 +164,16 @@ class Batcher:
                 raise unavailable(f"the group is broken ({self.engine.failure})")
             if self._stopping or not self.alive:
                 raise unavailable("the server is shutting down")
-            if len(self._items) + len(items) > self.max_queue:
+            if self.queued() + len(items) > self.max_queue:
                 raise QueueFull(self.max_queue)
-            self._items.extend(items)
+            for item in items:
+                (self._inbox if item.key == GENERATE_KEY else self._items).append(item)
             self.metrics.queue_depth.set(len(self._items))
             self._cond.notify()
+
+    def queued(self) -> int:
+        """Requests not yet running: predict items, and generation requests not yet in the batch."""
+        return len(self._items) + len(self._inbox) + self.engine.generation_stats().waiting
 
     def stop(self, timeout: float | None = None) -> None:
         """Run what is queued, then stop the thread (the engine itself is shut down by its owner)."""
@@ -135,13 +183,29 @@ class Batcher:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def finished(self, item: WorkItem) -> None:
+        with self._cond:
+            self._generating.discard(item)
+
     # -- batcher thread ------------------------------------------------------------------------
-    def _next_batch(self) -> list[WorkItem] | None:
+    def _take_inbox(self) -> list[WorkItem]:
+        with self._cond:
+            items = [item for item in self._inbox if not item.cancelled]
+            self._inbox.clear()
+            self._generating.update(items)
+            return items
+
+    def _next_batch(self, block: bool = True) -> list[WorkItem] | None:
+        """The next predict batch; None when stopping and nothing is left. With block=False (while
+        generation runs) it returns at once: a batch if one is ready (full, or its wait is over),
+        else an empty list."""
         with self._cond:
             while True:
                 self._drop_cancelled()
                 if self._items:
                     break
+                if not block or self._inbox:
+                    return []
                 if self._stopping:
                     return None
                 self._cond.wait()
@@ -151,6 +215,8 @@ class Batcher:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
+                if not block:
+                    return []
                 self._cond.wait(remaining)
             self._drop_cancelled()
             batch, rest = [], deque()
@@ -170,54 +236,64 @@ class Batcher:
 
     def _run(self) -> None:
         while True:
-            batch = self._next_batch()
+            for item in self._take_inbox():
+                self.engine.submit(item.payload, _GenerationSink(item, self))
+            generating = self.engine.has_generation_work()
+            batch = self._next_batch(block=not generating)
             if batch is None:
                 return
-            if not batch:
-                continue
-            now = time.monotonic()
-            for item in batch:
-                self.metrics.queue_time.observe(now - item.enqueued)
-            kind = batch[0].key[0]
-            self.metrics.batch_size.labels(kind).observe(len(batch))
-            self._running = batch
-            try:
-                with self.metrics.forward_time.labels(kind).time():
-                    results = self._execute(kind, batch)
-            except PeerFailure as exc:
-                self._fail_all(batch, unavailable(f"the group is broken ({exc})"))
+            if batch and not self._run_predict(batch):
                 return
-            except Exception as exc:  # noqa: BLE001 - the unit failed; the group is still in step
-                log.exception("%s batch of %d failed", kind, len(batch))
-                error = APIError(500, f"{kind} failed: {exc}", type="server_error", code="engine_error")
-                for item in batch:
-                    item.resolve(error=error)
-                continue
-            finally:
-                self._running = []
-            self.batches += 1
-            for item, result in zip(batch, results):
-                item.resolve(result)
+            if generating and not self._run_step():
+                return
 
-    def _execute(self, kind: str, batch: list[WorkItem]) -> list:
-        if kind == "predict":
-            return self.engine.predict([item.payload for item in batch])
+    def _run_predict(self, batch: list[WorkItem]) -> bool:
+        """One predict unit. False when the group broke (every item has been answered 503)."""
+        now = time.monotonic()
+        for item in batch:
+            self.metrics.queue_time.observe(now - item.enqueued)
+        self.metrics.batch_size.labels("predict").observe(len(batch))
+        self._running = batch
+        try:
+            with self.metrics.forward_time.labels("predict").time():
+                results = self.engine.predict([item.payload for item in batch])
+        except PeerFailure as exc:
+            self._fail_all(batch, unavailable(f"the group is broken ({exc})"))
+            return False
+        except Exception as exc:  # noqa: BLE001 - the unit failed; the group is still in step
+            log.exception("predict batch of %d failed", len(batch))
+            error = APIError(500, f"predict failed: {exc}", type="server_error", code="engine_error")
+            for item in batch:
+                item.resolve(error=error)
+            return True
+        finally:
+            self._running = []
+        self.batches += 1
+        for item, result in zip(batch, results):
+            item.resolve(result)
+        return True
 
-        def on_token(index: int, token: int) -> bool:
-            item = batch[index]
-            if item.cancelled:
-                return False
-            return item.on_token is None or item.on_token(token) is not False
-
-        results = self.engine.generate([item.payload for item in batch], on_token)
-        self.metrics.prompt_tokens.inc(sum(r.prompt_tokens for r in results))
-        self.metrics.generated_tokens.inc(sum(len(r.token_ids) for r in results))
-        return results
+    def _run_step(self) -> bool:
+        """One generation step. False when the group broke (every request has been answered 503)."""
+        try:
+            with self.metrics.forward_time.labels("generate").time():
+                self.engine.step()
+        except PeerFailure as exc:
+            with self._cond:
+                held = list(self._generating)
+            self._fail_all(held, unavailable(f"the group is broken ({exc})"))
+            return False
+        stats = self.engine.generation_stats()
+        if stats.step_rows:
+            self.metrics.batch_size.labels("generate").observe(stats.step_rows)
+        return True
 
     def _fail_all(self, batch: list[WorkItem], error: APIError) -> None:
         with self._cond:
-            pending = list(self._items)
+            pending = list(self._items) + list(self._inbox)
             self._items.clear()
+            self._inbox.clear()
+            self._generating.clear()
             self._stopping = True
             self.metrics.queue_depth.set(0)
         for item in batch + pending:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from dscluster.engine.api import GenerationStats
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -14,7 +16,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, ranks_alive: Callable[[], int], world_size: int):
+    def __init__(self, ranks_alive: Callable[[], int], world_size: int,
+                 generation_stats: Callable[[], GenerationStats] = GenerationStats):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("dscluster_requests", "HTTP requests by route and status code",
                                 ["route", "status"], registry=r)
@@ -23,11 +26,21 @@ class Metrics:
         self.queue_time = Histogram("dscluster_queue_time_seconds", "time a request waited for its batch",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("dscluster_queue_depth", "requests waiting for a batch", registry=r)
-        self.batch_size = Histogram("dscluster_batch_size", "requests per executed batch", ["kind"],
+        self.batch_size = Histogram("dscluster_batch_size",
+                                    "requests per executed predict batch, or per generation step", ["kind"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.forward_time = Histogram("dscluster_forward_seconds",
-                                      "time to execute one batch on all ranks (a whole decode for generate)",
+                                      "time to execute one predict batch or one generation step on all ranks",
                                       ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram("dscluster_time_to_first_token_seconds",
+                                             "from a generation request's arrival to its first token",
+                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.requests_running = Gauge("dscluster_requests_running", "generation requests in the running batch",
+                                      registry=r)
+        self.requests_running.set_function(lambda: float(generation_stats().running))
+        self.requests_waiting = Gauge("dscluster_requests_waiting", "generation requests waiting to join",
+                                      registry=r)
+        self.requests_waiting.set_function(lambda: float(generation_stats().waiting))
         self.prompt_tokens = Counter("dscluster_prompt_tokens", "prompt tokens processed", registry=r)
         self.generated_tokens = Counter("dscluster_generated_tokens", "tokens generated", registry=r)
         self.ranks_alive = Gauge("dscluster_ranks_alive", "ranks that answered the last heartbeat", registry=r)

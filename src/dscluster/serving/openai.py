@@ -38,8 +38,10 @@ DEFAULT_CHAT_MAX_TOKENS = 256  # chat requests without max_tokens: up to this, w
 class TextTracker:
     """Incremental detokenization with stop strings.
 
-    Text is decoded from all tokens so far (a token may complete a multi-byte character or merge
-    with its neighbour); text that could still turn out to start a stop string is held back.
+    Each token is decoded with a few tokens before it as context (a token may complete a multi-byte
+    character, or a tokenizer may render a word's leading space only next to its neighbour), so a
+    step costs the same however long the text is: this runs on the engine's thread, inside the
+    step. Text that could still turn out to start a stop string is held back.
     """
 
     def __init__(self, tokenizer: Any, stops: list[str] | None):
@@ -50,23 +52,35 @@ class TextTracker:
         self.text = ""
         self.sent = 0
         self.stopped = False
+        self._prefix = 0          # ids[_prefix:_read] were decoded last time: context for the next piece
+        self._read = 0
+        self._prefix_text = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, token: int) -> str:
         """Take one token; return the text that is now safe to send."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.stopped:
+            return ""
+        current = self._decode(self.ids[self._prefix:])
+        if len(current) <= len(self._prefix_text) or current.endswith("\ufffd"):
+            return ""  # nothing new yet (an incomplete UTF-8 sequence, a special token)
+        piece = current[len(self._prefix_text):]
+        self._prefix, self._read = self._read, len(self.ids)
+        self._prefix_text = self._decode(self.ids[self._prefix:self._read])
+        searched = len(self.text)
+        self.text += piece
         for stop in self.stops:
-            at = text.find(stop, max(0, self.sent - len(stop)))
+            at = self.text.find(stop, max(0, searched - len(stop) + 1))
             if at != -1:
                 self.stopped = True
-                text = text[:at]
-        self.text = text
+                self.text = self.text[:at]
         if self.stopped:
             return self.flush()
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return ""
-        safe = max(self.sent, len(text) - self.hold)
-        delta, self.sent = text[self.sent:safe], safe
+        safe = max(self.sent, len(self.text) - self.hold)
+        delta, self.sent = self.text[self.sent:safe], safe
         return delta
 
     def flush(self) -> str:
@@ -112,6 +126,9 @@ def _check_model(state: ServerState, requested: str | None) -> None:
                        code="model_not_found", param="model")
     if info.kind != "causal-lm" or info.tokenizer is None:
         raise APIError(400, f"model {info.name!r} is not a text-generation model with a tokenizer; "
+                       "use POST /v1/predict", code="unsupported_model")
+    if info.generation_unsupported:
+        raise APIError(400, f"model {info.name!r} cannot generate on this server ({info.generation_unsupported}); "
                        "use POST /v1/predict", code="unsupported_model")
 
 

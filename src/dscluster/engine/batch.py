@@ -1,0 +1,164 @@
+"""Every rank: the running generation batch (its rows and their key/value cache) and one step.
+
+Every rank holds a `RunningBatch` and applies the same `StepPlan`s in the same order, so the rows,
+the cache's shape and every forward pass's inputs are identical on all ranks, as a split model
+needs (tensor parallel and ZeRO-3 collectives run inside the forward pass). Applying a plan:
+
+1. each current row's action is read: a token to feed, a prompt chunk to compute, or leave;
+2. leaving rows go, highest index first, each replaced by the last row (one row of cache copied);
+3. joining rows are appended;
+4. the step's new tokens (one per decoding row, a chunk per prefilling row) go through the model as
+   one packed sequence; the logits come back for the rows whose next token is sampled now (every
+   decoding row, and a prefilling row whose chunk ends its prompt).
+
+Only rank 0 looks at the logits; the other ranks compute them too because the last projection
+is split (and gathered) like every other layer.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dscluster.engine import kv_cache
+from dscluster.engine.kv_cache import KVCache, StepLayout
+from dscluster.engine.protocol import LEAVE, StepPlan, prefill_count
+
+
+@dataclass
+class Row:
+    request_id: int
+    prompt: tuple[int, ...]
+    computed: int = 0               # positions whose keys and values are in the cache
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.prompt)
+
+
+@dataclass
+class StepOutput:
+    sampled_rows: list[int]         # rows (after the step's changes) whose next token is drawn now
+    logits: torch.Tensor | None     # [len(sampled_rows), vocab], on this rank's device
+    tokens: int = 0                 # tokens computed in the step
+
+
+class RunningBatch:
+    def __init__(self, module: nn.Module, device: torch.device, max_rows: int, max_len: int):
+        self.module = module
+        self.device = device
+        self.max_len = max_len
+        self.rows: list[Row] = []
+        self.cache = KVCache(device, max_rows, max_len)
+        self.unsupported = kv_cache.install(module)
+        params = inspect.signature(module.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in params
+
+    def rows_after(self, plan: StepPlan) -> int:
+        """How many rows the batch holds once `plan` is applied (known before anything can fail)."""
+        return len(self.rows) - sum(1 for a in plan.actions if a == LEAVE) + len(plan.joins)
+
+    def reset(self) -> None:
+        """Drop every row and free the cache (after a failed step, on every rank together)."""
+        self.rows.clear()
+        self.cache.clear()
+
+    def used_positions(self) -> int:
+        return sum(row.computed for row in self.rows)
+
+    @torch.no_grad()
+    def step(self, plan: StepPlan) -> StepOutput:
+        if len(plan.actions) != len(self.rows):
+            raise ValueError(f"step plan has {len(plan.actions)} actions for {len(self.rows)} rows")
+        if self.unsupported and (self.rows or plan.joins):
+            raise RuntimeError(f"generation is not supported for this model: {self.unsupported}")
+        # What each surviving row computes, keyed by the row object (rows move when others leave).
+        feed: dict[int, int] = {}
+        chunk: dict[int, int] = {}
+        for row, action in zip(self.rows, plan.actions, strict=True):
+            if action >= 0:
+                if row.prefilling:
+                    raise ValueError(f"request {row.request_id}: a token fed before its prompt is done")
+                feed[id(row)] = action
+            elif action != LEAVE:
+                n = prefill_count(action)
+                if not row.prefilling or row.computed + n > len(row.prompt):
+                    raise ValueError(f"request {row.request_id}: a prompt chunk of {n} past its prompt")
+                chunk[id(row)] = n
+        leaving = [i for i, action in enumerate(plan.actions) if action == LEAVE]
+        for i in reversed(leaving):
+            last = len(self.rows) - 1
+            if i != last:
+                self.cache.move_row(last, i, self.rows[last].computed)
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+        for join in plan.joins:
+            row = Row(join.request_id, tuple(join.prompt_ids))
+            if not 0 < len(row.prompt) <= self.max_len or join.first_chunk > len(row.prompt):
+                raise ValueError(f"request {join.request_id}: a prompt of {len(row.prompt)} tokens "
+                                 f"(limit {self.max_len}), first chunk {join.first_chunk}")
+            self.rows.append(row)
+            chunk[id(row)] = join.first_chunk
+        if not self.rows:
+            self.cache.clear()
+            return StepOutput([], None)
+        return self._forward(feed, chunk)
+
+    def _forward(self, feed: dict[int, int], chunk: dict[int, int]) -> StepOutput:
+        ids: list[int] = []
+        rows: list[int] = []
+        positions: list[int] = []
+        singles: list[tuple[int, int, int]] = []        # packed index, row, position
+        chunks: list[tuple[int, int, int, int]] = []     # row, packed start, count, first position
+        sampled_rows: list[int] = []
+        keep: list[int] = []                              # packed index of each sampled row's last token
+        longest = 0
+        for r, row in enumerate(self.rows):
+            start, first = len(ids), row.computed
+            if id(row) in feed:
+                new = [feed[id(row)]]
+            else:
+                n = chunk.get(id(row), 0)
+                new = list(row.prompt[first:first + n])
+            if not new:
+                continue
+            count = len(new)
+            if first + count > self.max_len:
+                raise ValueError(f"request {row.request_id} would pass {self.max_len} tokens")
+            ids += new
+            rows += [r] * count
+            positions += range(first, first + count)
+            if count == 1:
+                singles.append((start, r, first))
+            else:
+                chunks.append((r, start, count, first))
+            row.computed = first + count
+            longest = max(longest, row.computed)
+            if not row.prefilling:
+                sampled_rows.append(r)
+                keep.append(len(ids) - 1)
+        if not ids:
+            return StepOutput([], None)
+        self.cache.reserve(len(self.rows), longest)
+        device = self.device
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        layout = StepLayout(
+            cache=self.cache, token_rows=tensor(rows), token_pos=tensor(positions),
+            single_index=tensor([s[0] for s in singles]), single_rows=tensor([s[1] for s in singles]),
+            single_pos=tensor([s[2] for s in singles]),
+            single_span=max((s[1] for s in singles), default=-1) + 1, chunks=chunks)
+        # At least one row of logits: a step that samples nothing (prompt chunks only) still runs
+        # the last projection the same way on every rank.
+        wanted = tensor(keep or [len(ids) - 1])
+        kwargs = {"logits_to_keep": wanted} if self._logits_to_keep else {}
+        with kv_cache.active_step(layout):
+            out = self.module(input_ids=tensor(ids)[None], position_ids=tensor(positions)[None],
+                              use_cache=False, **kwargs)
+        logits = out.logits[0] if self._logits_to_keep else out.logits[0, wanted]
+        return StepOutput(sampled_rows, logits if keep else None, tokens=len(ids))

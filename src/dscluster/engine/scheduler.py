@@ -1,0 +1,200 @@
+"""Rank 0 only: which requests wait and run, and the plan of every generation step.
+
+Before a step is sent, `schedule` decides, within the user's limits (`--max-num-seqs` rows,
+`--max-num-batched-tokens` tokens per step):
+
+- running requests that ended (finished, failed, cancelled) leave;
+- every decoding request computes one token: the one sampled for it at the previous step;
+- requests still in their prompt get the next chunk of it, oldest first, from the tokens left;
+- waiting requests join, oldest first, while there are rows and tokens left (a long prompt joins
+  with a chunk and finishes its prompt over the next steps, so it never stalls the decoding ones).
+
+After the step's forward pass, `after_step` samples every row that is due a token, checks stop
+tokens and lengths, and hands each token to the request's sink. All of this is rank-0-only work
+between two broadcasts: whatever fails in it for one request (its sampling, its sink) ends that
+request with the error, and the step goes on for the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from dscluster.engine.api import (
+    FinishReason,
+    GenerationLimits,
+    GenerationRequest,
+    GenerationResult,
+    GenerationSink,
+    GenerationStats,
+)
+from dscluster.engine.batch import RunningBatch, StepOutput
+from dscluster.engine.protocol import LEAVE, Join, StepPlan, prefill
+from dscluster.engine.sampling import RequestSampler, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Request:
+    id: int
+    request: GenerationRequest
+    sink: GenerationSink
+    sampler: RequestSampler
+    stops: frozenset[int]
+    arrived: float = field(default_factory=time.monotonic)
+    next_token: int | None = None       # sampled at the last step, fed at the next
+    done: bool = False
+
+    @property
+    def output(self) -> list[int]:
+        return self.sampler.output_ids
+
+
+class Scheduler:
+    def __init__(self, batch: RunningBatch, limits: GenerationLimits, max_model_len: int,
+                 eos_ids: tuple[int, ...] = ()):
+        self.batch = batch
+        self.limits = limits
+        self.max_model_len = max_model_len
+        self.eos_ids = eos_ids
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}    # by request id: every request that holds a row
+        self._ids = itertools.count()
+        self.last_step = (0, 0)                  # rows and tokens of the last step
+
+    # -- requests ---------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, sink: GenerationSink) -> None:
+        prompt, params = request.prompt_ids, request.params
+        if not prompt or params.max_tokens < 1 or len(prompt) + params.max_tokens > self.max_model_len:
+            _safe(sink.on_error, ValueError(
+                f"a prompt of {len(prompt)} tokens with max_tokens {params.max_tokens} does not fit "
+                f"--max-model-len {self.max_model_len}"))
+            return
+        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_ids))
+        self.waiting.append(Request(next(self._ids), request, sink, RequestSampler(params, prompt), stops))
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.batch.rows)
+
+    def stats(self) -> GenerationStats:
+        rows, tokens = self.last_step
+        cache = self.batch.cache
+        per_position = cache.nbytes() // max(1, cache.rows * cache.length)
+        return GenerationStats(waiting=len(self.waiting), running=len(self.running), step_rows=rows,
+                               step_tokens=tokens, kv_bytes=cache.nbytes(),
+                               kv_used_bytes=per_position * self.batch.used_positions())
+
+    # -- before the step ----------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        budget = self.limits.max_num_batched_tokens
+        actions: list[int | None] = []
+        for row in self.batch.rows:
+            req = self.running[row.request_id]
+            if not req.done and _cancelled(req):
+                self._finish(req, "cancelled")
+            if req.done:
+                actions.append(LEAVE)
+                del self.running[req.id]
+            elif row.prefilling:
+                actions.append(None)                 # a chunk, decided below
+            else:
+                actions.append(req.next_token)
+                budget -= 1
+        prefilling = sorted((i for i, a in enumerate(actions) if a is None),
+                            key=lambda i: self.running[self.batch.rows[i].request_id].arrived)
+        for i in prefilling:
+            row = self.batch.rows[i]
+            n = max(0, min(budget, len(row.prompt) - row.computed))
+            actions[i] = prefill(n)
+            budget -= n
+        rows = sum(1 for a in actions if a != LEAVE)
+        joins: list[Join] = []
+        while self.waiting and budget > 0 and rows < self.limits.max_num_seqs:
+            req = self.waiting.popleft()
+            if _cancelled(req):
+                self._finish(req, "cancelled")
+                continue
+            prompt = req.request.prompt_ids
+            n = min(budget, len(prompt))
+            joins.append(Join(req.id, prompt, n, req.request.params))
+            self.running[req.id] = req
+            budget -= n
+            rows += 1
+        self.last_step = (rows, self.limits.max_num_batched_tokens - budget)
+        return StepPlan(actions=actions, joins=joins)
+
+    # -- after the step -----------------------------------------------------------------------
+    def after_step(self, out: StepOutput) -> None:
+        if out.logits is None:
+            return
+        reqs = [self.running[self.batch.rows[r].request_id] for r in out.sampled_rows]
+        for req, drawn in zip(reqs, sample(out.logits, [r.sampler for r in reqs]), strict=True):
+            if drawn.error is not None:
+                self._fail(req, drawn.error)
+                continue
+            self._take(req, drawn.token)
+
+    def _take(self, req: Request, token: int) -> None:
+        if token in req.stops:          # a stop token ends the request and is not part of its text
+            self._finish(req, "stop")
+            return
+        req.sampler.accept(token)
+        try:
+            keep = req.sink.on_token(token)
+        except Exception as exc:  # noqa: BLE001 - the sink's problem (detokenising, a stream): this request only
+            self._fail(req, exc)
+            return
+        if keep is False:
+            self._finish(req, "cancelled")
+        elif len(req.output) >= req.request.params.max_tokens or \
+                len(req.request.prompt_ids) + len(req.output) >= self.max_model_len:
+            self._finish(req, "length")
+        else:
+            req.next_token = token
+
+    def fail_running(self, error: BaseException) -> None:
+        """The step failed: every request in it ends with the error (their rows leave)."""
+        for req in self.running.values():
+            self._fail(req, error)
+
+    def reset(self, reason: str, keep: list[Join] | tuple = ()) -> None:
+        """Every rank dropped the batch: its requests end (those not already ended, with `reason`).
+        Requests joining in this very step (`keep`) start afresh in the empty batch."""
+        joining = {j.request_id for j in keep}
+        for req in list(self.running.values()):
+            if req.id not in joining:
+                self._fail(req, RuntimeError(reason))
+                del self.running[req.id]
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        if req.done:
+            return
+        req.done = True
+        result = GenerationResult(token_ids=list(req.output), finish_reason=reason,
+                                  prompt_tokens=len(req.request.prompt_ids))
+        _safe(req.sink.on_finish, result)
+
+    def _fail(self, req: Request, error: BaseException) -> None:
+        if req.done:
+            return
+        req.done = True
+        _safe(req.sink.on_error, error)
+
+
+def _cancelled(req: Request) -> bool:
+    try:
+        return bool(req.sink.cancelled)
+    except Exception:  # noqa: BLE001 - a sink that cannot say is treated as gone
+        log.exception("request %d: sink.cancelled failed", req.id)
+        return True
+
+
+def _safe(call, arg) -> None:
+    try:
+        call(arg)
+    except Exception:  # noqa: BLE001 - a sink failing at the end harms nobody else
+        log.exception("a request's sink failed")

@@ -1,0 +1,75 @@
+"""Rank 0's sampling: per-request generators, tiny temperatures and top_p, and a failure that stays
+with its own request."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dscluster.engine.api import SamplingParams
+from dscluster.engine.sampling import RequestSampler, sample
+
+
+def logits(rows: int = 4, vocab: int = 50, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_takes_the_argmax():
+    x = logits()
+    out = sample(x, [RequestSampler(SamplingParams(temperature=0)) for _ in range(4)])
+    assert [s.token for s in out] == x.argmax(-1).tolist()
+    assert all(s.error is None for s in out)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1e-320),            # a valid OpenAI temperature: logits / t overflows
+    SamplingParams(temperature=5e-6, seed=1),
+    SamplingParams(temperature=1.0, top_p=1e-300, seed=2),   # keeps only the most likely token
+    SamplingParams(temperature=0.7, top_p=1e-300, seed=3),
+])
+def test_tiny_temperature_and_top_p_sample_the_most_likely_token(params):
+    x = logits()
+    out = sample(x, [RequestSampler(params) for _ in range(4)])
+    assert all(s.error is None for s in out), [s.error for s in out]
+    assert [s.token for s in out] == x.argmax(-1).tolist()
+
+
+def test_same_seed_same_tokens_whatever_the_neighbours():
+    x = logits(rows=1, vocab=200, seed=5)
+
+    def draw(neighbours: int) -> list[int]:
+        mine = RequestSampler(SamplingParams(temperature=1.0, seed=7))
+        others = [RequestSampler(SamplingParams(temperature=1.0, seed=100 + i)) for i in range(neighbours)]
+        tokens = []
+        for _ in range(20):
+            rows = torch.cat([x, logits(rows=neighbours, vocab=200, seed=len(tokens))]) if neighbours else x
+            tokens.append(sample(rows, [mine, *others])[0].token)
+        return tokens
+
+    alone = draw(0)
+    assert alone == draw(3)
+    assert len(set(alone)) > 3, "20 draws at temperature 1 over 200 tokens should not repeat one token"
+
+
+def test_top_p_never_draws_outside_the_nucleus():
+    x = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    sampler = RequestSampler(SamplingParams(temperature=1.0, top_p=0.75, seed=0))
+    drawn = {sample(x, [sampler])[0].token for _ in range(200)}
+    assert drawn == {0, 1}
+
+
+def test_a_failing_request_fails_alone():
+    x = logits()
+    x[2, 5] = float("nan")
+    samplers = [RequestSampler(SamplingParams(temperature=t, seed=1)) for t in (0, 0.8, 0.8, 0)]
+
+    class Boom(RequestSampler):
+        def choose(self, row):
+            raise RuntimeError("injected")
+
+    samplers[1] = Boom(SamplingParams(temperature=0.8, seed=1))
+    out = sample(x, samplers)
+    assert isinstance(out[1].error, RuntimeError)
+    assert isinstance(out[2].error, FloatingPointError)     # non-finite logits
+    assert out[0].error is None and out[0].token == int(x[0].argmax())
+    assert out[3].error is None and out[3].token == int(x[3].argmax())
