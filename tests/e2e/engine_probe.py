@@ -1,6 +1,11 @@
 """A rank program for engine tests: every rank builds the runtime; rank 0 runs the work in a JSON
 file through the Engine (so every unit goes through the control channel to all ranks) and writes
-the results as JSON. Started by the local launcher, torchrun or mpirun like any dscluster rank."""
+the results as JSON. Started by the local launcher, torchrun or mpirun like any dscluster rank.
+
+Work: `predict` (examples), `generate` (requests all submitted at once), `schedule` (requests
+submitted at given steps: they join a running batch). `fail_step_of_request`: an injected fault,
+on every rank, in the first step that computes that request (by submission order), to show that a
+failed step drops the batch on every rank and the group goes on."""
 
 import json
 import os
@@ -10,6 +15,7 @@ import time
 import torch
 
 from dscluster.cluster.rendezvous import discover
+from dscluster.engine import batch as batch_mod
 from dscluster.engine.api import GenerationRequest, SamplingParams
 from dscluster.engine.runtime import RuntimeOptions, build_runtime, make_engine, run_worker
 
@@ -32,12 +38,59 @@ def run_work(engine, work: dict) -> dict:
                     for g in work["generate"]]
         results = engine.generate(requests)
         out["generate"] = [{"token_ids": r.token_ids, "finish_reason": r.finish_reason} for r in results]
+    if "schedule" in work:
+        out["schedule"] = run_schedule(engine, work["schedule"])
     return out
+
+
+class Sink:
+    def __init__(self):
+        self.outcome = None
+        self.cancelled = False
+
+    def on_token(self, token: int) -> bool:
+        return True
+
+    def on_finish(self, result) -> None:
+        self.outcome = {"token_ids": result.token_ids, "finish_reason": result.finish_reason}
+
+    def on_error(self, error: BaseException) -> None:
+        self.outcome = {"error": str(error)}
+
+
+def run_schedule(engine, schedule: list[dict]) -> list[dict]:
+    """Submit each request at its step ("arrive"), step until all are done."""
+    sinks = [Sink() for _ in schedule]
+    step = 0
+    while any(s.outcome is None for s in sinks) or engine.has_generation_work():
+        for entry, sink in zip(schedule, sinks):
+            if entry["arrive"] == step:
+                engine.submit(GenerationRequest(tuple(entry["prompt_ids"]), SamplingParams(**entry["params"])), sink)
+        if engine.has_generation_work():
+            engine.step()
+        step += 1
+    return [s.outcome for s in sinks]
+
+
+def inject_step_fault(request_id: int) -> None:
+    """Fail (once, on this rank) the first step that computes request `request_id`, before its forward."""
+    original = batch_mod.RunningBatch._forward
+    state = {"fired": False}
+
+    def forward(self, feed, chunk):
+        if not state["fired"] and any(row.request_id == request_id for row in self.rows):
+            state["fired"] = True
+            raise RuntimeError("injected step failure")
+        return original(self, feed, chunk)
+
+    batch_mod.RunningBatch._forward = forward
 
 
 def main() -> int:
     spec = json.loads(open(sys.argv[1]).read())
     options = RuntimeOptions(**spec["options"])
+    if "fail_step_of_request" in spec:
+        inject_step_fault(spec["fail_step_of_request"])
     runtime = build_runtime(options, discover())
     if runtime.rank != 0:
         return run_worker(runtime)

@@ -1,6 +1,7 @@
 """The core promise: a model split across 2 real rank processes (gloo, DeepSpeed AutoTP or ZeRO-3)
 gives the unsharded model's output. Ranks run `engine_probe.py` under the local launcher; the
-unsharded reference runs in this process through `open_engine`."""
+unsharded reference runs in this process through `open_engine`, and transformers' own `generate`
+is the reference for greedy decoding, each prompt alone."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from dscluster.engine.api import GenerationRequest, SamplingParams
 from dscluster.engine.runtime import open_engine
+from engine_probe import run_schedule  # tests/e2e/engine_probe.py
 
 PROBE = Path(__file__).with_name("engine_probe.py")
 
@@ -23,6 +25,14 @@ PROMPTS = [
     [1, 20, 30],
     [1, 500, 501, 502, 503, 504],
 ]
+# Requests joining a running batch at different steps; with 3 rows and 16 tokens per step at most,
+# long prompts are computed in chunks and later requests wait for a row.
+LIMITS = {"max_num_seqs": 3, "max_num_batched_tokens": 16}
+SCHEDULE = [
+    {"arrive": arrive, "prompt_ids": prompt, "params": {"max_tokens": n, "temperature": 0, "ignore_eos": True}}
+    for arrive, prompt, n in [(0, PROMPTS[0], 12), (0, PROMPTS[1], 5), (1, [1, *range(300, 340)], 9),
+                              (2, PROMPTS[2], 14), (5, [9], 6), (7, [1, *range(700, 730)], 8)]
+]
 WORK = {
     "predict": [PROMPTS[0], PROMPTS[0][::-1]],
     "generate": (
@@ -30,13 +40,14 @@ WORK = {
         + [{"prompt_ids": p, "params": {"max_tokens": 10, "temperature": 0.8, "top_p": 0.9, "seed": 11 + i}}
            for i, p in enumerate(PROMPTS)]
     ),
+    "schedule": SCHEDULE,
 }
 
 
-def run_ranks(tmp_path: Path, options: dict, work: dict, nproc: int = 2, timeout: float = 240) -> dict:
+def run_ranks(tmp_path: Path, options: dict, work: dict, nproc: int = 2, timeout: float = 240, **extra) -> dict:
     out = tmp_path / f"out-{options.get('engine')}-{nproc}.json"
     spec = tmp_path / f"spec-{options.get('engine')}-{nproc}.json"
-    spec.write_text(json.dumps({"options": options, "work": work, "output": str(out)}))
+    spec.write_text(json.dumps({"options": options, "work": work, "output": str(out), **extra}))
     cmd = [sys.executable, "-m", "dscluster", "launch", "--nproc", str(nproc), "--",
            sys.executable, str(PROBE), str(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -44,8 +55,8 @@ def run_ranks(tmp_path: Path, options: dict, work: dict, nproc: int = 2, timeout
     return json.loads(out.read_text())
 
 
-def reference(model: str, work: dict, engine: str | None = None) -> dict:
-    ref = open_engine(model, engine=engine)
+def reference(model: str, work: dict, engine: str | None = None, **limits) -> dict:
+    ref = open_engine(model, engine=engine, **limits)
     out = {}
     if "predict" in work:
         outs = ref.predict([torch.tensor(x, dtype=ref.info.input_dtype) for x in work["predict"]])
@@ -55,17 +66,40 @@ def reference(model: str, work: dict, engine: str | None = None) -> dict:
         out["generate"] = [r.token_ids for r in ref.generate(reqs)]
         # Each prompt alone: padding in a mixed-length batch must not change the tokens.
         out["generate_alone"] = [ref.generate([r])[0].token_ids for r in reqs]
+    if "schedule" in work:
+        out["schedule"] = run_schedule(ref, work["schedule"])
+    return out
+
+
+def transformers_greedy(model: str, schedule: list[dict]) -> list[list[int]]:
+    """transformers' `generate`, each prompt alone, max_tokens new tokens (end-of-sequence ignored)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model).eval()
+    out = []
+    for entry in schedule:
+        ids, n = torch.tensor([entry["prompt_ids"]]), entry["params"]["max_tokens"]
+        generated = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False, pad_token_id=0)
+        out.append(generated[0, ids.shape[1]:].tolist())
     return out
 
 
 @pytest.fixture(scope="module")
 def tiny_reference(tiny) -> dict:
-    return reference(tiny, WORK)
+    return reference(tiny, WORK, **LIMITS)
+
+
+@pytest.fixture(scope="module")
+def schedule_expected(tiny) -> list[list[int]]:
+    expected = transformers_greedy(tiny, SCHEDULE)
+    assert [len(t) for t in expected] == [e["params"]["max_tokens"] for e in SCHEDULE]
+    return expected
 
 
 @pytest.mark.parametrize("engine", ["tp", "zero3"])
-def test_sharded_llama_equals_unsharded(tmp_path, tiny, tiny_reference, engine):
-    got = run_ranks(tmp_path, {"model": tiny, "engine": engine}, WORK)
+def test_sharded_llama_equals_unsharded(tmp_path, tiny, tiny_reference, schedule_expected, engine):
+    got = run_ranks(tmp_path, {"model": tiny, "engine": engine, **LIMITS}, WORK)
     assert got["engine"] == engine and got["world_size"] == 2
     full = sum(p.numel() for p in open_engine(tiny).runtime.model.module.parameters())
     assert got["local_params"] < 0.65 * full, f"{engine}: rank 0 holds {got['local_params']} of {full}"
@@ -80,6 +114,25 @@ def test_sharded_llama_equals_unsharded(tmp_path, tiny, tiny_reference, engine):
     greedy = len(PROMPTS)
     assert tokens[:greedy] == tiny_reference["generate_alone"][:greedy]
     assert all(len(t) > 0 for t in tokens)
+    # Joining mid-batch, prompts in chunks: every request as transformers generates it alone.
+    assert [r.get("token_ids") for r in got["schedule"]] == schedule_expected
+    assert tiny_reference["schedule"] == got["schedule"]
+
+
+def test_failed_step_drops_the_batch_on_every_rank_and_the_group_goes_on(tmp_path, tiny, schedule_expected):
+    """A step that raises (here: injected on both ranks, before the forward pass) ends the requests
+    it computed; every rank drops the batch at the next message; requests after it, and the group,
+    carry on, and every rank exits 0."""
+    got = run_ranks(tmp_path, {"model": tiny, "engine": "tp", **LIMITS}, {"schedule": SCHEDULE},
+                    fail_step_of_request=2)
+    outcomes = got["schedule"]
+    failed = [i for i, r in enumerate(outcomes) if "error" in r]
+    assert 2 in failed and set(failed) <= {0, 1, 2}, outcomes
+    assert all("injected step failure" in outcomes[i]["error"] for i in failed), outcomes
+    for i, outcome in enumerate(outcomes):
+        if i not in failed:
+            assert outcome["token_ids"] == schedule_expected[i], f"request {i}"
+    assert not {3, 4, 5} & set(failed), "requests arriving after the failed step run normally"
 
 
 def test_greedy_matches_transformers_generate(tiny, tiny_reference):
