@@ -35,12 +35,17 @@ def poll_ready(url: str, running: Callable[[], bool], timeout: float) -> bool:
 
 class RemoteServer:
     def __init__(self, model: str, *args: str, nproc: int = 2, env: dict[str, str] | None = None,
-                 ready_timeout: float = 240.0):
+                 ready_timeout: float = 240.0, program: str | None = None):
+        """`program`: a Python file that runs dscluster's command line (a fault injected first),
+        started on every rank by the local launcher instead of `python -m dscluster`."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="dscluster-serve-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "dscluster", "serve", model, "--nproc", str(nproc),
                "--port", str(self.port), *args]
+        if program is not None:
+            cmd = [sys.executable, "-m", "dscluster", "launch", "--nproc", str(nproc), "--",
+                   sys.executable, program, "serve", model, "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})}, start_new_session=True)
         self._wait_ready(ready_timeout)

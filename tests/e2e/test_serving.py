@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -175,7 +176,8 @@ def test_unseeded_sampling_differs_between_requests(server):
 def test_64_concurrent_requests_batched_and_correct(server, unsharded):
     expected = {p: reference_text(unsharded, prompt_ids(unsharded, p), max_tokens=8, temperature=0)[0]
                 for p in PROMPTS}
-    batches_before = metric(server, "dscluster_batch_size_count", kind="generate")
+    steps_before = metric(server, "dscluster_batch_size_count", kind="generate")
+    rows_before = metric(server, "dscluster_batch_size_sum", kind="generate")
 
     async def run() -> list[tuple[str, str]]:
         async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0,
@@ -189,13 +191,13 @@ def test_64_concurrent_requests_batched_and_correct(server, unsharded):
     answers = asyncio.run(run())
     assert len(answers) == 64
     assert all(text == expected[prompt] for prompt, text in answers)
-    batches = metric(server, "dscluster_batch_size_count", kind="generate") - batches_before
-    assert batches < 64, f"64 requests ran in {batches} batches"
+    steps = metric(server, "dscluster_batch_size_count", kind="generate") - steps_before
+    rows = metric(server, "dscluster_batch_size_sum", kind="generate") - rows_before
+    assert rows / steps > 2, f"64 requests ran {rows / steps:.1f} at a time on average over {steps} steps"
 
 
 def test_client_disconnect_stops_its_generation(server):
     tokens_before = metric(server, "dscluster_generated_tokens_total")
-    batches_before = metric(server, "dscluster_batch_size_count", kind="generate")
     with server.client() as c, c.stream("POST", "/v1/completions",
                                         json={"prompt": "hello", "max_tokens": 2000, "stream": True,
                                               "ignore_eos": True}) as r:
@@ -203,11 +205,138 @@ def test_client_disconnect_stops_its_generation(server):
             if n > 4:
                 break
     deadline = time.monotonic() + 30
-    while metric(server, "dscluster_batch_size_count", kind="generate") == batches_before:
+    while metric(server, "dscluster_generated_tokens_total") == tokens_before:  # counted when it ends
         assert time.monotonic() < deadline, "the abandoned generation never ended"
         time.sleep(0.2)
     generated = metric(server, "dscluster_generated_tokens_total") - tokens_before
     assert 0 < generated < 1000, f"{generated} tokens generated for a client that left after 5"
+    assert metric(server, "dscluster_requests_running") == 0
+
+
+def test_each_stream_ends_when_its_own_request_ends(server, unsharded):
+    """Continuous batching: a short request that arrives while a long one runs joins it, and its
+    stream ends (finish, usage, [DONE]) while the long one is still generating."""
+    long_chunks: list[str] = []
+    stop = threading.Event()
+
+    def long_stream() -> None:
+        with server.client(timeout=120) as c, c.stream("POST", "/v1/completions", json={
+                "prompt": PROMPTS[3], "max_tokens": 1500, "stream": True, "ignore_eos": True}) as r:
+            for line in r.iter_lines():
+                if line:
+                    long_chunks.append(line)
+                if stop.is_set():
+                    return
+
+    thread = threading.Thread(target=long_stream)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(long_chunks) < 3:
+            assert time.monotonic() < deadline and thread.is_alive(), "the long stream never started"
+            time.sleep(0.05)
+        chunks = list(server.openai().completions.create(
+            model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0, stream=True,
+            stream_options={"include_usage": True}))
+        assert not any("[DONE]" in line for line in long_chunks), "the long request ended first"
+        assert thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(60)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    want, _ = reference_text(unsharded, prompt_ids(unsharded, PROMPTS[0]), max_tokens=6, temperature=0)
+    assert text == want and chunks[-1].usage.completion_tokens >= 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+
+
+def test_hostile_requests_get_no_5xx_and_the_server_stays_ready(server, unsharded):
+    """Valid but extreme requests, all at once: tiny temperature and top_p (they sample greedily),
+    stop strings of 100k characters, 256 prompts in one request, and streams cancelled
+    mid-generation. None gets a 5xx, and afterwards the server is ready and answers as before."""
+    greedy = reference_text(unsharded, prompt_ids(unsharded, PROMPTS[1]), max_tokens=8, temperature=0)[0]
+    assert greedy, "the reference must generate text for the comparison to mean anything"
+    short = reference_text(unsharded, prompt_ids(unsharded, "a"), max_tokens=3, temperature=0)[0]
+    bodies = [
+        {"prompt": PROMPTS[1], "max_tokens": 8, "temperature": 1e-320},
+        {"prompt": PROMPTS[1], "max_tokens": 8, "temperature": 1.0, "top_p": 1e-300, "seed": 1},
+        {"prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0, "stop": ["x" * 100_000, "y" * 100_000]},
+        {"prompt": ["a"] * 256, "max_tokens": 3, "temperature": 0},
+    ]
+
+    async def cancelled_stream(client: httpx.AsyncClient) -> int:
+        async with client.stream("POST", "/v1/completions", json={
+                "prompt": "hello", "max_tokens": 1000, "stream": True, "ignore_eos": True}) as r:
+            lines = 0
+            async for line in r.aiter_lines():
+                lines += bool(line)
+                if lines >= 3:
+                    break  # the client goes away mid-generation
+            return r.status_code
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            # 256 prompts fill the whole queue (--max-queue 256) by themselves: sent first.
+            first = await client.post("/v1/completions", json=bodies[3])
+            plain = [client.post("/v1/completions", json=body) for body in bodies[:3]]
+            streams = [cancelled_stream(client) for _ in range(4)]
+            replies = await asyncio.gather(*plain, *streams)
+            return [*replies[:3], first, *replies[3:]]
+
+    replies = asyncio.run(run())
+    plain, streamed = replies[:len(bodies)], replies[len(bodies):]
+    for body, reply in zip(bodies, plain, strict=True):
+        assert reply.status_code == 200, (str(body)[:120], reply.status_code, reply.text[:300])
+    for reply in plain[:3]:
+        assert reply.json()["choices"][0]["text"] == greedy
+    many = plain[3].json()["choices"]
+    assert len(many) == 256 and all(c["text"] == short for c in many)
+    assert streamed == [200] * 4
+    with server.client() as c:
+        assert c.get("/health/ready").status_code == 200
+    deadline = time.monotonic() + 30
+    while metric(server, "dscluster_requests_running") > 0:  # the cancelled streams left the batch
+        assert time.monotonic() < deadline, "cancelled streams still running"
+        time.sleep(0.2)
+    got = server.openai().completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+    assert got.choices[0].text == greedy
+
+
+@pytest.fixture(scope="module")
+def faulty_server(tiny):
+    """2 ranks whose rank 0 fails the sampling of any request with seed 4242 at its third token."""
+    with RemoteServer(tiny, program=str(Path(__file__).with_name("fault_injection.py"))) as s:
+        yield s
+
+
+def test_a_failure_in_one_requests_sampling_ends_only_that_request(faulty_server, unsharded):
+    expected = [reference_text(unsharded, prompt_ids(unsharded, p), max_tokens=16, temperature=0,
+                               ignore_eos=True)[0] for p in PROMPTS]
+    victim = {"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0.7, "seed": 4242}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=faulty_server.url, timeout=120) as client:
+            async def stream_events() -> list[str]:
+                async with client.stream("POST", "/v1/completions", json={**victim, "stream": True}) as r:
+                    return [line async for line in r.aiter_lines() if line]
+
+            neighbours = [client.post("/v1/completions", json={"prompt": p, "max_tokens": 16, "temperature": 0,
+                                                               "ignore_eos": True}) for p in PROMPTS]
+            return await asyncio.gather(client.post("/v1/completions", json=victim), stream_events(), *neighbours)
+
+    plain, events, *neighbours = asyncio.run(run())
+    assert plain.status_code == 500, plain.text
+    assert "injected sampling failure" in plain.json()["error"]["message"]
+    assert events[-1] == "data: [DONE]" and "injected sampling failure" in events[-2], events
+    for reply, want in zip(neighbours, expected, strict=True):
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"] == want and reply.json()["usage"]["completion_tokens"] == 16
+    with faulty_server.client() as c:
+        ready = c.get("/health/ready")
+        assert ready.status_code == 200 and ready.json()["ranks_alive"] == 2
+    got = faulty_server.openai().completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=8, temperature=0)
+    assert got.choices[0].text == reference_text(unsharded, prompt_ids(unsharded, PROMPTS[2]), max_tokens=8,
+                                                 temperature=0)[0]
+    assert "group broken" not in faulty_server.output()
 
 
 # -- bad input ------------------------------------------------------------------------------------
@@ -367,7 +496,7 @@ def test_port_answers_503_while_the_model_loads(tiny):
 
 @pytest.fixture(scope="module")
 def strict_server(tiny):
-    with RemoteServer(tiny, "--max-batch-size", "1", "--max-queue", "2", "--request-timeout", "2",
+    with RemoteServer(tiny, "--max-num-seqs", "1", "--max-queue", "2", "--request-timeout", "2",
                       "--api-key", "s3cret") as s:
         yield s
 

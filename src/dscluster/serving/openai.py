@@ -55,6 +55,7 @@ class TextTracker:
         self._prefix = 0          # ids[_prefix:_read] were decoded last time: context for the next piece
         self._read = 0
         self._prefix_text = ""
+        self._finished = False
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -87,6 +88,17 @@ class TextTracker:
         delta, self.sent = self.text[self.sent:], len(self.text)
         return delta
 
+    def finish(self) -> str:
+        """The request ended: the text is all its tokens decoded at once (a last incomplete
+        character included, as a whole decode shows it), cut at a stop string; returns what is
+        left to send."""
+        if not self.stopped and not self._finished:
+            whole = self._decode(self.ids)
+            if whole.startswith(self.text):
+                self.text = whole
+        self._finished = True
+        return self.flush()
+
 
 class Choice:
     """One prompt of a request: its work item, text tracker and (when streaming) event queue."""
@@ -112,6 +124,7 @@ class Choice:
         return "stop" if self.tracker.stopped or result.finish_reason == "stop" else "length"
 
     def final_text(self) -> str:
+        self.tracker.finish()
         return self.tracker.text
 
 
@@ -329,7 +342,7 @@ async def _stream(state: ServerState, request: Request, choices: list[Choice], e
                 break
             result = choice.item.future.result()
             results.append(result)
-            tail = choice.tracker.flush()
+            tail = choice.tracker.finish()
             if tail:
                 yield piece(index, tail)
             yield piece(index, None if chat else "", finish=choice.finish_reason(result))
