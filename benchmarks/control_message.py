@@ -1,10 +1,12 @@
 """Cost of one control message between rank 0 and a worker, 2 ranks over gloo on this machine.
 
-Every unit of work (and every heartbeat) crosses `ControlChannel`: a 2-int header all-reduce, then
-a broadcast of the pickled payload. During decoding, each step adds one `broadcast_tensor` of the
-chosen tokens. This measures their one-way latency (rank 0 starts sending -> the worker holds the
-decoded message), against `torch.distributed.broadcast_object_list` of the same payload and
-against the encoding alone, so a change to the protocol shows up as a ratio, not a guess.
+Every unit of work (and every heartbeat) crosses `ControlChannel`: a header all-reduce (opcode,
+length, failed steps, one action per running generation row), then a broadcast of the pickled
+payload if there is one. A generation step in which every request decodes is the header alone; a
+step in which requests join also carries their prompts. This measures their one-way latency
+(rank 0 starts sending -> the worker holds the decoded message), against
+`torch.distributed.broadcast_object_list` of the same payload and against the encoding alone, so
+a change to the protocol shows up as a ratio, not a guess.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.common import launch_ranks, load_avg, pyplot, stats, table
+from dscluster.engine.protocol import HEADER
 
 PAYLOADS = {
     "heartbeat": "heartbeat (header only)",
     "predict_1x10": "predict, (1, 10) float32",
     "predict_32x10": "predict, (32, 10) float32",
-    "generate_8x64": "generate, 8 prompts x 64 token ids",
+    "join_8x64": "generation step, 8 requests join (64 prompt tokens each)",
 }
-TOKEN_STEP = "token_step_8"
+DECODE_STEPS = {"decode_step_8": 8, "decode_step_32": 32}
+HEADER_BYTES = 8 * HEADER  # int64 opcode, payload length, failed steps (no running rows)
 
 
 def _us(ns: list[int]) -> list[float]:
@@ -43,16 +47,17 @@ def run(out_dir: Path, quick: bool) -> dict:
         channel, objects = latency(f"channel/{name}"), latency(f"object_list/{name}")
         entry = {"label": label, "channel_us": channel, "object_list_us": objects,
                  "channel_sender_us": _r(stats(_us(rank0["blocked_ns"][f"channel/{name}"]))),
-                 "object_list_vs_channel_p50": round(objects["p50"] / channel["p50"], 2), "wire_bytes": 16}
+                 "object_list_vs_channel_p50": round(objects["p50"] / channel["p50"], 2), "wire_bytes": HEADER_BYTES}
         if name in rank0["encode_ns"]:
-            entry.update(wire_bytes=16 + rank0["encoded_bytes"][name], encoded_bytes=rank0["encoded_bytes"][name],
+            entry.update(wire_bytes=HEADER_BYTES + rank0["encoded_bytes"][name], encoded_bytes=rank0["encoded_bytes"][name],
                          object_list_bytes=rank0["object_bytes"][name],
                          encode_us=_r(stats(_us(rank0["encode_ns"][name]))),
                          decode_us=_r(stats(_us(rank0["decode_ns"][name]))))
         cases[name] = entry
-    cases[TOKEN_STEP] = {"label": "per-step token broadcast, 2 x 8 int64",
-                         "channel_us": latency(f"channel/{TOKEN_STEP}"), "wire_bytes": 16 * 8,
-                         "channel_sender_us": _r(stats(_us(rank0["blocked_ns"][f"channel/{TOKEN_STEP}"])))}
+    for name, rows in DECODE_STEPS.items():
+        cases[name] = {"label": f"generation step, {rows} requests decode (header only)",
+                       "channel_us": latency(f"channel/{name}"), "wire_bytes": HEADER_BYTES + 8 * rows,
+                       "channel_sender_us": _r(stats(_us(rank0["blocked_ns"][f"channel/{name}"])))}
     primitives = {name: latency(f"primitive/{name}") for name in ("all_reduce_2xint64", "broadcast_2xint64")}
     result = {"ranks": 2, "backend": "gloo", "threads_per_rank": 1, "repetitions": reps,
               "load_avg_1min_at_end": load_avg(), "cases": cases, "primitives_us": primitives,
@@ -104,9 +109,10 @@ def summary(result: dict) -> str:
                  f"{ar['p50']:.0f} / {ar['p90']:.0f} / {ar['p99']:.0f} us, broadcast of 2 int64 "
                  f"{bc['p50']:.0f} / {bc['p90']:.0f} / {bc['p99']:.0f} us (p50 / p90 / p99).")
     c = result["cases"]
-    headline = (f"A heartbeat costs {c['heartbeat']['channel_us']['p50']:.0f} us (p50), a generate unit of 8 x 64 "
-                f"token ids {c['generate_8x64']['channel_us']['p50']:.0f} us, the per-step token broadcast "
-                f"{c['token_step_8']['channel_us']['p50']:.0f} us; encoding is a small part of it.\n\n")
+    headline = (f"A heartbeat costs {c['heartbeat']['channel_us']['p50']:.0f} us (p50), a generation step of 8 "
+                f"decoding requests {c['decode_step_8']['channel_us']['p50']:.0f} us (the header alone), a step in "
+                f"which 8 requests of 64 prompt tokens join {c['join_8x64']['channel_us']['p50']:.0f} us; encoding "
+                f"is a small part of it.\n\n")
     return (headline + f"One-way latency in microseconds, p50 / p90 / p99 over {result['repetitions']} messages each, "
             f"2 ranks, gloo, 1 thread per rank.\n\n"
             + table(["message", "ControlChannel", "broadcast_object_list", "object_list / channel (p50)",

@@ -128,9 +128,13 @@ def memory(task: dict) -> None:
 
 
 # -- control messages -----------------------------------------------------------------------
+DECODE_ROWS = (8, 32)
+
+
 def control_payloads() -> dict:
     """The units the engine sends, at the sizes the brief asks about."""
-    from dscluster.engine.api import GenerationRequest, SamplingParams
+    from dscluster.engine.api import SamplingParams
+    from dscluster.engine.protocol import Join
 
     g = torch.Generator().manual_seed(0)
     prompts = [tuple(torch.randint(4, 1024, (64,), generator=g).tolist()) for _ in range(8)]
@@ -138,8 +142,8 @@ def control_payloads() -> dict:
         "heartbeat": None,
         "predict_1x10": torch.randn(1, 10, generator=g),
         "predict_32x10": torch.randn(32, 10, generator=g),
-        "generate_8x64": [GenerationRequest(p, SamplingParams(max_tokens=32, temperature=0.8, top_p=0.95, seed=i))
-                          for i, p in enumerate(prompts)],
+        "join_8x64": [Join(i, p, 64, SamplingParams(max_tokens=32, temperature=0.8, top_p=0.95, seed=i))
+                      for i, p in enumerate(prompts)],
     }
 
 
@@ -158,20 +162,31 @@ def control(task: dict) -> None:
     group, rank = groups.control, groups.rank
     channel = ControlChannel(group, rank)
     payloads = control_payloads()
-    batch = 8
     cases: dict[str, callable] = {}
     for name, payload in payloads.items():
-        op = Op.HEARTBEAT if payload is None else (Op.PREDICT if name.startswith("predict") else Op.GENERATE)
+        op = Op.HEARTBEAT if payload is None else (Op.PREDICT if name.startswith("predict") else Op.STEP)
         cases[f"channel/{name}"] = (lambda op=op, payload=payload: channel.send(op, payload)) if rank == 0 \
             else channel.recv
         obj = {"op": "heartbeat"} if payload is None else payload
         cases[f"object_list/{name}"] = lambda obj=obj: dist.broadcast_object_list(
             [obj if rank == 0 else None], src=0, group=group)
-    tokens = torch.arange(2 * batch, dtype=torch.int64)
+
+    def decode_step(rows: int):
+        """A step in which `rows` running requests each decode one token: the header alone."""
+        def run() -> None:
+            channel.rows = rows
+            if rank == 0:
+                channel.send(Op.STEP, None, list(range(100, 100 + rows)))
+            else:
+                channel.recv()
+            channel.rows = 0
+        return run
+
+    for rows in DECODE_ROWS:
+        cases[f"channel/decode_step_{rows}"] = decode_step(rows)
     header = torch.tensor([1, 0], dtype=torch.int64)  # the primitives under the header, bare
     cases["primitive/all_reduce_2xint64"] = lambda: dist.all_reduce(header.clone(), group=group)
     cases["primitive/broadcast_2xint64"] = lambda: dist.broadcast(header.clone(), src=0, group=group)
-    cases["channel/token_step_8"] = lambda: channel.broadcast_tensor(tokens if rank == 0 else torch.zeros_like(tokens))
 
     reps, warmup = task["reps"], task["warmup"]
     times: dict[str, list[int]] = {name: [] for name in cases}

@@ -23,6 +23,7 @@ BENCHMARKS = {
     "engine_memory": "benchmarks.engine_memory",
     "engine_speed": "benchmarks.engine_speed",
     "serving": "benchmarks.serving",
+    "decode_paths": "benchmarks.decode_paths",
     "generation": "benchmarks.generation",
 }
 HERE = Path(__file__).resolve().parent

@@ -17,7 +17,7 @@ def test_control_message_benchmark_quick(tmp_path):
     result = json.loads((tmp_path / "control_message.json").read_text())
     assert result["benchmark"] == "control_message" and result["quick"] is True
     assert result["repetitions"] > 0
-    expected = {"heartbeat", "predict_1x10", "predict_32x10", "generate_8x64", "token_step_8"}
+    expected = {"heartbeat", "predict_1x10", "predict_32x10", "join_8x64", "decode_step_8", "decode_step_32"}
     assert set(result["cases"]) == expected
     for name, case in result["cases"].items():
         for key in ("channel_us", "object_list_us", "encode_us", "decode_us"):
@@ -26,6 +26,7 @@ def test_control_message_benchmark_quick(tmp_path):
                 assert 0 < case[key]["p50"] <= case[key]["p90"] <= case[key]["p99"], (name, key, case[key])
         assert "channel_us" in case
     assert "object_list_us" in result["cases"]["heartbeat"]
-    assert result["cases"]["generate_8x64"]["encoded_bytes"] > 0
+    assert result["cases"]["join_8x64"]["encoded_bytes"] > 0
+    assert result["cases"]["decode_step_8"]["wire_bytes"] == 8 * (3 + 8)  # the header alone
     assert (tmp_path / "control_message.png").stat().st_size > 0
     assert "ControlChannel" in (tmp_path / "summary.md").read_text()

@@ -5,9 +5,10 @@ Before a step is sent, `schedule` decides, within the user's limits (`--max-num-
 
 - running requests that ended (finished, failed, cancelled) leave;
 - every decoding request computes one token: the one sampled for it at the previous step;
-- requests still in their prompt get the next chunk of it, oldest first, from the tokens left;
-- waiting requests join, oldest first, while there are rows and tokens left (a long prompt joins
-  with a chunk and finishes its prompt over the next steps, so it never stalls the decoding ones).
+- waiting requests join, oldest first, while there are rows and tokens left;
+- the tokens left go to prompts, the fewest tokens left first: a long prompt is computed in chunks
+  over several steps, so it never stalls the decoding requests, and a short request that arrives
+  behind it is not kept waiting by it either.
 
 After the step's forward pass, `after_step` samples every row that is due a token, checks stop
 tokens and lengths, and hands each token to the request's sink. All of this is rank-0-only work
@@ -100,30 +101,35 @@ class Scheduler:
                 actions.append(LEAVE)
                 del self.running[req.id]
             elif row.prefilling:
-                actions.append(None)                 # a chunk, decided below
+                actions.append(None)                 # a prompt chunk, decided below
             else:
                 actions.append(req.next_token)
                 budget -= 1
-        prefilling = sorted((i for i, a in enumerate(actions) if a is None),
-                            key=lambda i: self.running[self.batch.rows[i].request_id].arrived)
-        for i in prefilling:
-            row = self.batch.rows[i]
-            n = max(0, min(budget, len(row.prompt) - row.computed))
-            actions[i] = prefill(n)
-            budget -= n
         rows = sum(1 for a in actions if a != LEAVE)
-        joins: list[Join] = []
+        joining: list[Request] = []
         while self.waiting and budget > 0 and rows < self.limits.max_num_seqs:
             req = self.waiting.popleft()
             if _cancelled(req):
                 self._finish(req, "cancelled")
                 continue
-            prompt = req.request.prompt_ids
-            n = min(budget, len(prompt))
-            joins.append(Join(req.id, prompt, n, req.request.params))
+            joining.append(req)
             self.running[req.id] = req
-            budget -= n
             rows += 1
+        # Prompt tokens go to the prompts with the fewest tokens left first (oldest first among
+        # equals): a short request that arrives behind a long prompt gets its first token at the
+        # next step, and the long prompt takes the rest of every step until it is done.
+        wanted = [(len(row.prompt) - row.computed, self.running[row.request_id].arrived, i)
+                  for i, (row, action) in enumerate(zip(self.batch.rows, actions)) if action is None]
+        wanted += [(len(req.request.prompt_ids), req.arrived, -1 - j) for j, req in enumerate(joining)]
+        chunks: dict[int, int] = {}
+        for left, _, key in sorted(wanted):
+            chunks[key] = n = min(budget, left)
+            budget -= n
+        for i, action in enumerate(actions):
+            if action is None:
+                actions[i] = prefill(chunks[i])
+        joins = [Join(req.id, req.request.prompt_ids, chunks[-1 - j], req.request.params)
+                 for j, req in enumerate(joining)]
         self.last_step = (rows, self.limits.max_num_batched_tokens - budget)
         return StepPlan(actions=actions, joins=joins)
 
