@@ -17,6 +17,9 @@ import pytest
     (["batch", "some-model", "--input", "in.jsonl", "--output", "out.jsonl", "--collective-timeout", "-1"],
      "--collective-timeout: -1 must be > 0"),
     (["launch", "--nproc", "2", "--grace", "-1", "--", "true"], "--grace: -1 must be >= 0"),
+    (["serve", "some-model", "--max-num-seqs", "64", "--max-num-batched-tokens", "32"],
+     "--max-num-batched-tokens 32 must be at least --max-num-seqs 64"),
+    (["serve", "some-model", "--max-model-len", "0"], "--max-model-len: 0 must be >= 1"),
     (["env", "--check", "--timeout", "0"], "--timeout: 0 must be > 0"),
 ])
 def test_bad_flag_exits_2_in_one_line(args, named):
@@ -33,3 +36,12 @@ def test_tiny_model_into_an_unwritable_place_exits_2(tmp_path):
                               text=True, timeout=60)
         assert proc.returncode == 2 and f"cannot create {where}" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_max_model_len_beyond_the_models_context_exits_2(tiny):
+    from dscluster.cluster.launch import free_port
+
+    proc = subprocess.run([sys.executable, "-m", "dscluster", "serve", tiny, "--nproc", "1", "--port", str(free_port()),
+                           "--max-model-len", "100000"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--max-model-len 100000 exceeds the model's context of 2048 tokens" in proc.stderr.strip().splitlines()[-1]

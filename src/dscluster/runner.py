@@ -21,15 +21,15 @@ log = logging.getLogger(__name__)
 
 
 def _preflight(args: argparse.Namespace, role: str) -> None:
-    check_model_spec(args.model)
-    if args.heartbeat_timeout <= args.heartbeat_interval:
-        raise UsageError(f"--heartbeat-timeout {args.heartbeat_timeout:g} must exceed "
-                         f"--heartbeat-interval {args.heartbeat_interval:g}")
     if args.max_num_batched_tokens is None:
         args.max_num_batched_tokens = max(DEFAULT_BATCHED_TOKENS, args.max_num_seqs)
     if args.max_num_batched_tokens < args.max_num_seqs:
         raise UsageError(f"--max-num-batched-tokens {args.max_num_batched_tokens} must be at least --max-num-seqs "
                          f"{args.max_num_seqs}: every running request computes one token per step")
+    check_model_spec(args.model)
+    if args.heartbeat_timeout <= args.heartbeat_interval:
+        raise UsageError(f"--heartbeat-timeout {args.heartbeat_timeout:g} must exceed "
+                         f"--heartbeat-interval {args.heartbeat_interval:g}")
     if role == "batch":
         from dscluster.batch import check_batch_files
 
