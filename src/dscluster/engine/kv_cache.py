@@ -88,6 +88,7 @@ class KVCache:
         self.length = 0
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self._bytes: dict[int, int] = {}     # per layer; read by the metrics thread, so kept apart
 
     def reserve(self, rows: int, length: int) -> None:
         """Make room for `rows` rows of `length` positions (layers grow when next written)."""
@@ -109,6 +110,7 @@ class KVCache:
             new_k[:r, :, :n] = k
             new_v[:r, :, :n] = self.values[layer]
         self.keys[layer], self.values[layer] = new_k, new_v
+        self._bytes[layer] = new_k.numel() * new_k.element_size() + new_v.numel() * new_v.element_size()
 
     def write(self, layer: int, rows: torch.Tensor, pos: torch.Tensor, key: torch.Tensor,
               value: torch.Tensor) -> None:
@@ -126,10 +128,12 @@ class KVCache:
     def clear(self) -> None:
         self.keys.clear()
         self.values.clear()
+        self._bytes = {}
         self.rows = self.length = 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for store in (self.keys, self.values) for t in store.values())
+        """Bytes allocated (safe to call from another thread)."""
+        return sum(list(self._bytes.values()))
 
 
 class active_step:
