@@ -11,7 +11,7 @@ import logging
 import sys
 
 from dscluster.cluster.launch import launch
-from dscluster.cluster.rendezvous import discover
+from dscluster.cluster.rendezvous import PER_NODE_LAUNCHERS, discover
 from dscluster.engine.loading import check_model_spec
 from dscluster.errors import EXIT_PEER_FAILED, UsageError
 
@@ -34,8 +34,8 @@ def _preflight(args: argparse.Namespace, role: str) -> None:
 def run(args: argparse.Namespace, role: str) -> int:
     _preflight(args, role)
     rdzv = discover(nproc_per_node=args.nproc)
-    spawning = rdzv.spawn_local > 1 and rdzv.launcher in ("none", "trainer-torch", "lws")
-    if args.nproc and not spawning and rdzv.launcher not in ("none", "local", "trainer-torch", "lws"):
+    spawning = rdzv.spawn_local > 1 and (rdzv.launcher == "none" or rdzv.launcher in PER_NODE_LAUNCHERS)
+    if args.nproc and not spawning and rdzv.launcher not in ("none", "local", *PER_NODE_LAUNCHERS):
         if args.nproc != rdzv.local_world_size:
             raise UsageError(f"--nproc {args.nproc} under {rdzv.launcher}, which already started "
                              f"{rdzv.local_world_size} rank(s) on this node: drop --nproc")
