@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' (env DSCLUSTER_API_KEY)")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--max-body-bytes", type=_positive_int, default=8 * 1024 * 1024)
+    p.add_argument("--drain-delay", type=_non_negative_float, default=0.0, metavar="SECONDS",
+                   help="after SIGTERM, answer readiness 503 but keep accepting and answering requests for "
+                        "this long before draining, while endpoints and load balancers stop routing here "
+                        "(default 0: drain at once; the rendered Kubernetes manifests pass 10)")
     p.set_defaults(handler=_cmd_serve)
 
     # batch --------------------------------------------------------------------------------
