@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI
 
 def rendered_launcher() -> dict:
     r = subprocess.run([sys.executable, "-m", "dscluster", "k8s", "render", "mpijob", "--nodes", "1",
-                        "--gpus-per-node", "2", "--nccl-socket-ifname", "lo"],
+                        "--gpus-per-node", "2", "--nccl-socket-ifname", "lo", "--drain-delay", "2"],
                        capture_output=True, text=True, check=True, timeout=60)
     job = next(d for d in yaml.safe_load_all(r.stdout) if d and d["kind"] == "MPIJob")
     return job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
