@@ -42,8 +42,14 @@ def test_requests_answered_while_not_ready_during_the_delay(tiny):
         server.proc.send_signal(signal.SIGTERM)
         # (seconds after SIGTERM when sent, readiness before it, completion status)
         seen: list[tuple[float, int | None, int | None]] = []
+        repeated = False
         while server.proc.poll() is None and time.monotonic() - signalled < DELAY + 60:
             sent = time.monotonic() - signalled
+            if sent > 1.0 and not repeated:
+                # A second SIGTERM (under MPI the pod's own and the launcher's SIGUSR1 both
+                # arrive) does not cut the delay short.
+                server.proc.send_signal(signal.SIGTERM)
+                repeated = True
             seen.append((sent, _ready(server.url), _complete(server.url)))
             time.sleep(0.2)
         code = server.proc.wait(60)

@@ -4,7 +4,8 @@ SIGTERM (Kubernetes deleting the pod, the local launcher forwarding it): readine
 once; for `--drain-delay` seconds requests are still accepted and answered (endpoints, load
 balancers and gateways take that long to stop sending new ones); then Uvicorn stops accepting,
 requests in flight finish, the caller shuts the engine down, which tells every rank to stop, and
-all exit 0. A second signal during the delay ends it at once.
+all exit 0. A SIGINT during the delay (a second Ctrl-C) ends it at once; another SIGTERM does not
+(under MPI the pod's SIGTERM and the launcher's SIGUSR1 may both arrive).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def run_server(engine: EngineClient, args: argparse.Namespace) -> int:
                 log.info("signal %d: not ready; still answering for %g s (--drain-delay), then draining",
                          sig, drain_delay)
                 return
+            if self.stop_at is not None and not self.should_exit and sig != signal.SIGINT:
+                return  # the delay runs on
             super().handle_exit(sig, frame)
 
         async def on_tick(self, counter: int) -> bool:
