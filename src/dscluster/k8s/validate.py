@@ -367,7 +367,8 @@ def _operator_problems(doc: dict) -> list[Problem]:
                 name_fits(f"-worker-{workers - 1}", "worker pod")
         elif specs is not None or "spec" in doc:
             problems.append(("spec.mpiReplicaSpecs", "required"))
-        backoff = (spec.get("runPolicy") or {}).get("backoffLimit") if isinstance(spec.get("runPolicy"), dict) else None
+        run_policy = spec.get("runPolicy")
+        backoff = run_policy.get("backoffLimit") if isinstance(run_policy, dict) else None
         if isinstance(backoff, int) and backoff < 0:
             problems.append(("spec.runPolicy.backoffLimit", f"must be at least 0 (got {backoff})"))
     elif kind == "TrainJob":
