@@ -2,17 +2,16 @@
 
 The event loop (HTTP handlers) puts work items in a bounded queue; one thread owns the engine.
 
-- Predict items are batched: the thread waits up to `max_wait` after the oldest item for up to
-  `max_batch_size` items of the same key (same example shape), then runs them as one unit.
-- Generation items are handed to the engine's scheduler as they come, and the thread runs one
-  generation step after another while any request waits or runs (continuous batching: requests
-  join and leave the running batch at every step). A predict batch that is ready runs between two
+- Predict items are batched here: the thread waits up to `max_wait` after the oldest item for up
+  to `max_batch_size` items of the same key (same example shape), then runs them as one unit.
+- Generation items go to the engine's scheduler through `GenerationFeed`
+  (serving/generation_feed.py), and the thread runs one generation step after another while any
+  request waits or runs (continuous batching). A predict batch that is ready runs between two
   steps, so neither kind starves the other.
 
-Results go back to each handler's future on the event loop; a generation's tokens go to its
-`on_token` as they are made, from this thread (rank-0-only work inside the step: a failure there
-ends that request with a 500, not the others). Engine calls block (they are collectives on every
-rank), so they never run on the event loop: the loop stays free to accept, validate and stream.
+Results go back to each handler's future on the event loop. Engine calls block (they are
+collectives on every rank), so they never run on the event loop: the loop stays free to accept,
+validate and stream.
 """
 
 from __future__ import annotations
@@ -28,8 +27,9 @@ from typing import Any
 
 import torch
 
-from dscluster.engine.api import EngineClient, GenerationRequest, GenerationResult
+from dscluster.engine.api import EngineClient, GenerationRequest
 from dscluster.errors import PeerFailure
+from dscluster.serving.generation_feed import GenerationFeed
 from dscluster.serving.metrics import Metrics
 from dscluster.serving.protocol import APIError
 
@@ -81,39 +81,6 @@ def predict_key(example: torch.Tensor) -> tuple:
 GENERATE_KEY = ("generate",)
 
 
-class _GenerationSink:
-    """The engine's view of one generation item (`dscluster.engine.api.GenerationSink`)."""
-
-    def __init__(self, item: WorkItem, batcher: Batcher):
-        self.item = item
-        self.batcher = batcher
-        self.first_token = True
-
-    @property
-    def cancelled(self) -> bool:
-        return self.item.cancelled
-
-    def on_token(self, token: int) -> bool:
-        if self.first_token:
-            self.first_token = False
-            self.batcher.metrics.time_to_first_token.observe(time.monotonic() - self.item.enqueued)
-        if self.item.cancelled:
-            return False
-        return self.item.on_token is None or self.item.on_token(token) is not False
-
-    def on_finish(self, result: GenerationResult) -> None:
-        self.batcher.metrics.prompt_tokens.inc(result.prompt_tokens)
-        self.batcher.metrics.generated_tokens.inc(len(result.token_ids))
-        self.batcher.finished(self.item)
-        self.item.resolve(result)
-
-    def on_error(self, error: BaseException) -> None:
-        log.error("a generation request failed: %s: %s", type(error).__name__, error)
-        self.batcher.finished(self.item)
-        self.item.resolve(error=APIError(500, f"generation failed: {type(error).__name__}: {error}",
-                                         type="server_error", code="engine_error"))
-
-
 class Batcher:
     def __init__(self, engine: EngineClient, metrics: Metrics, max_batch_size: int, max_wait_s: float,
                  max_queue: int):
@@ -123,9 +90,8 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._items: deque[WorkItem] = deque()   # predict items
-        self._inbox: deque[WorkItem] = deque()   # generation items not yet handed to the engine
-        self._generating: set[WorkItem] = set()  # generation items the engine holds
         self._cond = threading.Condition()
+        self.generation = GenerationFeed(engine, metrics, self._cond)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="dscluster-batcher", daemon=True)
         self._running: list[WorkItem] = []       # the predict batch the batcher thread is executing
@@ -143,9 +109,7 @@ class Batcher:
         while not (self._stopping and not self._thread.is_alive()):
             failure = self.engine.failure
             if failure:
-                with self._cond:
-                    held = list(self._running) + list(self._generating)
-                self._fail_all(held, unavailable(f"the group is broken ({failure})"))
+                self._fail_all(list(self._running), unavailable(f"the group is broken ({failure})"))
                 return
             time.sleep(0.1)
 
@@ -167,13 +131,16 @@ class Batcher:
             if self.queued() + len(items) > self.max_queue:
                 raise QueueFull(self.max_queue)
             for item in items:
-                (self._inbox if item.key == GENERATE_KEY else self._items).append(item)
+                if item.key == GENERATE_KEY:
+                    self.generation.add(item)
+                else:
+                    self._items.append(item)
             self.metrics.queue_depth.set(len(self._items))
             self._cond.notify()
 
     def queued(self) -> int:
         """Requests not yet running: predict items, and generation requests not yet in the batch."""
-        return len(self._items) + len(self._inbox) + self.engine.generation_stats().waiting
+        return len(self._items) + self.generation.waiting()
 
     def stop(self, timeout: float | None = None) -> None:
         """Run what is queued, then stop the thread (the engine itself is shut down by its owner)."""
@@ -183,18 +150,7 @@ class Batcher:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def finished(self, item: WorkItem) -> None:
-        with self._cond:
-            self._generating.discard(item)
-
     # -- batcher thread ------------------------------------------------------------------------
-    def _take_inbox(self) -> list[WorkItem]:
-        with self._cond:
-            items = [item for item in self._inbox if not item.cancelled]
-            self._inbox.clear()
-            self._generating.update(items)
-            return items
-
     def _next_batch(self, block: bool = True) -> list[WorkItem] | None:
         """The next predict batch; None when stopping and nothing is left. With block=False (while
         generation runs) it returns at once: a batch if one is ready (full, or its wait is over),
@@ -204,7 +160,7 @@ class Batcher:
                 self._drop_cancelled()
                 if self._items:
                     break
-                if not block or self._inbox:
+                if not block or self.generation.has_arrivals():
                     return []
                 if self._stopping:
                     return None
@@ -236,8 +192,7 @@ class Batcher:
 
     def _run(self) -> None:
         while True:
-            for item in self._take_inbox():
-                self.engine.submit(item.payload, _GenerationSink(item, self))
+            self.generation.hand_over()
             generating = self.engine.has_generation_work()
             batch = self._next_batch(block=not generating)
             if batch is None:
@@ -276,24 +231,17 @@ class Batcher:
     def _run_step(self) -> bool:
         """One generation step. False when the group broke (every request has been answered 503)."""
         try:
-            with self.metrics.forward_time.labels("generate").time():
-                self.engine.step()
+            self.generation.step()
         except PeerFailure as exc:
-            with self._cond:
-                held = list(self._generating)
-            self._fail_all(held, unavailable(f"the group is broken ({exc})"))
+            self._fail_all([], unavailable(f"the group is broken ({exc})"))
             return False
-        stats = self.engine.generation_stats()
-        if stats.step_rows:
-            self.metrics.batch_size.labels("generate").observe(stats.step_rows)
         return True
 
     def _fail_all(self, batch: list[WorkItem], error: APIError) -> None:
+        generating = self.generation.take_all()
         with self._cond:
-            pending = list(self._items) + list(self._inbox)
+            pending = list(self._items) + generating
             self._items.clear()
-            self._inbox.clear()
-            self._generating.clear()
             self._stopping = True
             self.metrics.queue_depth.set(0)
         for item in batch + pending:
