@@ -48,7 +48,11 @@ class RemoteServer:
                    sys.executable, program, "serve", model, "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})}, start_new_session=True)
-        self._wait_ready(ready_timeout)
+        try:
+            self._wait_ready(ready_timeout)
+        except BaseException:  # a test timeout interrupting the wait must not leave the server running
+            self.kill()
+            raise
 
     def _wait_ready(self, timeout: float) -> None:
         if poll_ready(self.url, lambda: self.proc.poll() is None, timeout):

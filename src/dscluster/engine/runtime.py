@@ -88,8 +88,8 @@ def exit_group_broken(reason: str, rank: int) -> None:
     os._exit(EXIT_PEER_FAILED)
 
 
-def resolve_limits(options: RuntimeOptions, context: int | None) -> tuple[GenerationLimits, int]:
-    """The generation limits, and the longest request (prompt + output): --max-model-len, which may
+def resolve_limits(options: RuntimeOptions, context: int | None) -> GenerationLimits:
+    """The generation limits; the longest request (prompt + output) is --max-model-len, which may
     not exceed the model's context, else the context itself."""
     if options.max_num_batched_tokens < options.max_num_seqs:
         raise UsageError(f"--max-num-batched-tokens {options.max_num_batched_tokens} must be at least "
@@ -99,8 +99,7 @@ def resolve_limits(options: RuntimeOptions, context: int | None) -> tuple[Genera
         raise UsageError(f"--max-model-len {length} exceeds the model's context of {context} tokens")
     if length is None:
         raise UsageError("the model does not say its context length: set --max-model-len")
-    limits = GenerationLimits(options.max_num_seqs, options.max_num_batched_tokens, length)
-    return limits, length
+    return GenerationLimits(options.max_num_seqs, options.max_num_batched_tokens, length)
 
 
 class Runtime:
@@ -131,8 +130,9 @@ class Runtime:
         self.batch: RunningBatch | None = None
         self.limits = GenerationLimits(options.max_num_seqs, options.max_num_batched_tokens, None)
         if loaded.kind == "causal-lm":
-            self.limits, max_len = resolve_limits(options, loaded.max_context)
-            self.batch = RunningBatch(model.module, self.device, self.limits.max_num_seqs, max_len)
+            self.limits = resolve_limits(options, loaded.max_context)
+            self.batch = RunningBatch(model.module, self.device, self.limits.max_num_seqs,
+                                      self.limits.max_model_len)
             if self.batch.unsupported:
                 log.warning("generation is off for this model: %s", self.batch.unsupported)
         self.step_failed = False        # this rank's last generation step raised (said in the next header)
