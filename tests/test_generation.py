@@ -215,3 +215,30 @@ def test_too_long_for_max_model_len_is_refused(tiny):
     # prompt + output exactly at the limit runs to its end
     (result,) = engine.generate([GenerationRequest(tuple(range(1, 28)), greedy(5))])
     assert len(result.token_ids) == 5
+
+
+@pytest.mark.parametrize("stage", ["schedule", "after_step"])
+def test_a_bug_in_rank0_planning_ends_the_running_requests_not_the_engine(engine, hf_greedy, monkeypatch, stage):
+    """A safety net for bugs in rank 0's own step code (before the broadcast, after the forward
+    pass): the requests of that step end with the error, the batch is dropped, the engine goes on."""
+    from dscluster.engine.scheduler import Scheduler
+
+    original = getattr(Scheduler, stage)
+    calls = {"n": 0}
+
+    def broken(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError(f"injected bug in {stage}")
+        return original(self, *args)
+
+    monkeypatch.setattr(Scheduler, stage, broken)
+    requests = [GenerationRequest(tuple(p), greedy(n)) for p, n in zip(PROMPTS, NEW, strict=True)]
+    sinks = run_schedule(engine, requests, ARRIVAL)
+    failed = [i for i, s in enumerate(sinks) if s.error is not None]
+    assert failed and all(f"injected bug in {stage}" in str(sinks[i].error) for i in failed)
+    for i, sink in enumerate(sinks):
+        if i not in failed:
+            assert sink.result.token_ids == hf_greedy[i], f"request {i}"
+    monkeypatch.setattr(Scheduler, stage, original)
+    assert engine.generate([GenerationRequest(tuple(PROMPTS[2]), greedy(9))])[0].token_ids == hf_greedy[2]

@@ -221,8 +221,7 @@ class Engine:
         self._alive = runtime.world_size
         self.scheduler: Scheduler | None = None
         if runtime.batch is not None:
-            self.scheduler = Scheduler(runtime.batch, runtime.limits, runtime.limits.max_model_len,
-                                       runtime.eos_ids)
+            self.scheduler = Scheduler(runtime.batch, runtime.limits, runtime.eos_ids)
         if runtime.channel is not None:
             threading.Thread(target=self._heartbeats, name="dscluster-heartbeat", daemon=True).start()
 

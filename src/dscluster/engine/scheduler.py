@@ -56,11 +56,10 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, batch: RunningBatch, limits: GenerationLimits, max_model_len: int,
-                 eos_ids: tuple[int, ...] = ()):
+    def __init__(self, batch: RunningBatch, limits: GenerationLimits, eos_ids: tuple[int, ...] = ()):
         self.batch = batch
         self.limits = limits
-        self.max_model_len = max_model_len
+        self.max_model_len = limits.max_model_len
         self.eos_ids = eos_ids
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}    # by request id: every request that holds a row
