@@ -34,7 +34,9 @@ PATHS = {
     "hf_rows": "Hugging Face cache rows (DynamicCache, pad+concat / index_select)",
     "transformers_cb": "transformers continuous batching (paged)",
 }
-ROWS, BATCHED_TOKENS = 16, 128
+ROWS = 16
+BATCHED_TOKENS = int(os.environ.get("DSCLUSTER_BENCH_BATCHED_TOKENS", 40))   # as benchmarks/generation.py
+THREADS = int(os.environ.get("DSCLUSTER_BENCH_THREADS", 1))
 
 
 def requests(quick: bool) -> list[tuple[list[int], int]]:
@@ -149,7 +151,7 @@ def one(path: str, quick: bool) -> dict:
 def run(out_dir: Path, quick: bool) -> dict:
     results = []
     for path in PATHS:
-        env = dict(os.environ, OMP_NUM_THREADS="2")
+        env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
         start_load = load_avg()
         proc = subprocess.run([sys.executable, "-m", "benchmarks.decode_paths", path] + (["--quick"] if quick else []),
                               capture_output=True, text=True, timeout=3600, cwd=ROOT, env=env)
@@ -165,7 +167,7 @@ def run(out_dir: Path, quick: bool) -> dict:
         r["same_tokens_as_engine"] = sum(a == b for a, b in zip(r["tokens"], engine_tokens))
         r["requests"] = len(r.pop("tokens"))
     result = {"model": "tiny" if quick else "llama-100m", "rows": ROWS, "batched_tokens": BATCHED_TOKENS,
-              "threads": 2, "paths": results}
+              "threads": THREADS, "paths": results}
     _plot(result, out_dir / "decode_paths.png")
     return result
 
@@ -206,5 +208,5 @@ def summary(result: dict) -> str:
 if __name__ == "__main__":
     import torch
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", THREADS)))
     print(json.dumps(one(sys.argv[1], "--quick" in sys.argv)))

@@ -7,12 +7,18 @@ words from the package's corpus and max_tokens from 8 to 192; one in four is sho
 keeps 16 streams in flight: each stream sends its next request when the last one ended, streamed,
 greedy, end-of-sequence ignored, so every server computes exactly the same tokens.
 
-Servers, each alone, one after the other, on the same model directory in the same virtualenv:
+Servers, each alone, one after the other, on the same model directory in the same virtualenv,
+with the same torch threads per process (THREADS, 1 by default: on this shared 2-core machine two
+OpenMP threads per process collapse whenever another process takes a core, for every server alike):
 
-- `dscluster serve` on 1 rank (2 torch threads) and on 2 ranks with tensor parallelism (1 each);
-- `transformers serve --continuous-batching` and `transformers serve` (2 threads);
+- `dscluster serve` on 1 rank and on 2 ranks with tensor parallelism;
+- `transformers serve --continuous-batching` and `transformers serve`;
 - dscluster as it was before continuous batching (`BASELINE`, from git history; static batches
-  that run until their longest request ends), 1 rank, 2 threads.
+  that run until their longest request ends), 1 rank.
+
+Both continuous-batching servers get the same token budget per step (BATCHED_TOKENS, 40: on one
+CPU core a token costs about 3.5 ms on top of the ~85 ms a step of this model costs at all, so a
+budget of 16 decoding requests plus a short prompt keeps steps near 200 ms).
 
 Reported per server: output tokens/s over the whole run, time to first token (p50/p99, all
 requests and the short ones), inter-token latency p50, and the short requests' time to first
@@ -42,14 +48,15 @@ from benchmarks.common import ROOT, load_avg, model_dir, pyplot, stats, table
 # The last commit with static batching (a batch decodes until its longest request ends).
 BASELINE = "44af1c7"
 CONCURRENCY, REQUESTS = 16, 48
-BATCHED_TOKENS = 128  # dscluster's --max-num-batched-tokens here, and transformers' --cb-max-batch-tokens
+BATCHED_TOKENS = int(os.environ.get("DSCLUSTER_BENCH_BATCHED_TOKENS", 40))  # both servers: tokens per step
+THREADS = int(os.environ.get("DSCLUSTER_BENCH_THREADS", 1))
 SERVERS = [
-    # name, kind, ranks, threads per rank
-    ("dscluster, 1 rank", "dscluster", 1, 2),
-    ("dscluster, tp=2", "dscluster", 2, 1),
-    ("transformers serve --continuous-batching", "transformers-cb", 1, 2),
-    ("transformers serve", "transformers", 1, 2),
-    ("dscluster before (static batches), 1 rank", "baseline", 1, 2),
+    # name, kind, ranks (threads per rank: THREADS)
+    ("dscluster, 1 rank", "dscluster", 1),
+    ("dscluster, tp=2", "dscluster", 2),
+    ("transformers serve --continuous-batching", "transformers-cb", 1),
+    ("transformers serve", "transformers", 1),
+    ("dscluster before (static batches), 1 rank", "baseline", 1),
 ]
 
 
@@ -200,7 +207,7 @@ class Server:
 
 
 def start(kind: str, ranks: int, threads: int, model: Path, baseline_src: Path | None) -> tuple[Server, str]:
-    """(server, load style)."""
+    """(server, load style). `threads`: torch threads per process (each rank, for tp=2)."""
     from dscluster.cluster.launch import free_port
 
     port = free_port()
@@ -277,9 +284,9 @@ def run(out_dir: Path, quick: bool) -> dict:
     results = []
     with tempfile.TemporaryDirectory(prefix="dscluster-baseline-") as tmp:
         baseline_src = baseline_source(Path(tmp))
-        for name, kind, ranks, threads in servers:
+        for name, kind, ranks in servers:
             print(f"   {name} (load {load_avg()})", flush=True)
-            results.append(measure(name, kind, ranks, threads, model, baseline_src, requests, concurrency))
+            results.append(measure(name, kind, ranks, THREADS, model, baseline_src, requests, concurrency))
     result = {"model": "tiny" if quick else "llama-100m", "requests": len(requests), "concurrency": concurrency,
               "short_requests": sum(r["short"] for r in requests), "batched_tokens": BATCHED_TOKENS,
               "baseline_commit": BASELINE, "workload": requests, "servers": results,
@@ -288,8 +295,8 @@ def run(out_dir: Path, quick: bool) -> dict:
     return result
 
 
-def _by_kind(result: dict) -> dict:
-    return {s["kind"]: s for s in result["servers"]}
+def _by_name(result: dict) -> dict:
+    return {s["name"]: s for s in result["servers"]}
 
 
 def _plot(result: dict, path: Path) -> None:
@@ -326,15 +333,15 @@ def summary(result: dict) -> str:
                      f"{t.get('p50', 0):.0f} / {t.get('p99', 0):.0f}", f"{ts.get('p50', 0):.0f} / {ts.get('p99', 0):.0f}",
                      f"{idle.get('p50', 0):.0f}", f"{s['short_p99_vs_idle']}x", f"{s['itl_ms'].get('p50', 0):.0f}",
                      f"{s['error_count']}", f"{s['load_avg_start']} / {s['load_avg_end']}"])
-    kinds = _by_kind(result)
+    servers = _by_name(result)
     lines = []
-    ours, cb = kinds.get("dscluster"), kinds.get("transformers-cb")
+    ours, cb = servers.get(SERVERS[0][0]), servers.get(SERVERS[2][0])
     if ours and cb:
         lines.append(f"dscluster on 1 rank makes {ours['output_tokens_per_s'] / cb['output_tokens_per_s']:.2f}x the "
                      f"output tokens/s of `transformers serve --continuous-batching` (target 1.5x); its short "
                      f"requests' time to first token under load is {ours['short_p99_vs_idle']}x their idle time at "
                      f"p99 (target at most 3x).")
-    base = kinds.get("baseline")
+    base = servers.get(SERVERS[4][0])
     if ours and base:
         lines.append(f"Against dscluster's static batching before: {ours['output_tokens_per_s'] / base['output_tokens_per_s']:.2f}x "
                      f"the throughput, short requests' first token at p99 {base['ttft_short_ms'].get('p99', 0) / max(ours['ttft_short_ms'].get('p99', 1), 1e-9):.0f}x sooner.")
@@ -357,7 +364,17 @@ def main() -> int:
     p.add_argument("--requests", required=True, help="JSON file of requests")
     p.add_argument("--concurrency", type=int, default=CONCURRENCY)
     p.add_argument("--idle", action="store_true", help="one request at a time")
+    p = sub.add_parser("one", help="measure one server of SERVERS (by its index) and print its row")
+    p.add_argument("index", type=int)
     args = parser.parse_args()
+    if args.what == "one":
+        name, kind, ranks = SERVERS[args.index]
+        with tempfile.TemporaryDirectory(prefix="dscluster-baseline-") as tmp:
+            row = measure(name, kind, ranks, THREADS, model_dir("llama-100m"), baseline_source(Path(tmp)),
+                          workload(), CONCURRENCY)
+        print(summary({"servers": [row], "model": "llama-100m", "requests": REQUESTS, "short_requests": REQUESTS // 4,
+                       "concurrency": CONCURRENCY, "batched_tokens": BATCHED_TOKENS}))
+        return 0
     requests = json.loads(Path(args.requests).read_text())
     print(json.dumps(asyncio.run(_load(args.url, args.style, args.model, requests, args.concurrency, args.idle))))
     return 0

@@ -43,7 +43,6 @@ class Row:
 class StepOutput:
     sampled_rows: list[int]         # rows (after the step's changes) whose next token is drawn now
     logits: torch.Tensor | None     # [len(sampled_rows), vocab], on this rank's device
-    tokens: int = 0                 # tokens computed in the step
 
 
 class RunningBatch:
@@ -161,4 +160,4 @@ class RunningBatch:
             out = self.module(input_ids=tensor(ids)[None], position_ids=tensor(positions)[None],
                               use_cache=False, **kwargs)
         logits = out.logits[0] if self._logits_to_keep else out.logits[0, wanted]
-        return StepOutput(sampled_rows, logits if keep else None, tokens=len(ids))
+        return StepOutput(sampled_rows, logits if keep else None)
