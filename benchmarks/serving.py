@@ -31,7 +31,7 @@ from torch import nn
 
 from benchmarks.common import load_avg, pyplot, stats, table
 
-WIDTH, LAYERS = 2048, 4
+IN_FEATURES, WIDTH, LAYERS, OUT_FEATURES = 256, 2048, 4, 256
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -39,10 +39,11 @@ def build_mlp() -> nn.Module:
     """The served model (an import spec for `dscluster serve`)."""
     generator = torch.Generator().manual_seed(0)
     layers: list[nn.Module] = []
-    for _ in range(LAYERS):
-        linear = nn.Linear(WIDTH, WIDTH)
+    sizes = [IN_FEATURES, *[WIDTH] * (LAYERS - 1), OUT_FEATURES]
+    for fan_in, fan_out in zip(sizes, sizes[1:]):
+        linear = nn.Linear(fan_in, fan_out)
         with torch.no_grad():
-            linear.weight.copy_(torch.randn(WIDTH, WIDTH, generator=generator) / WIDTH**0.5)
+            linear.weight.copy_(torch.randn(fan_out, fan_in, generator=generator) / fan_in**0.5)
             linear.bias.zero_()
         layers += [linear, nn.ReLU()]
     return nn.Sequential(*layers[:-1]).eval()

@@ -191,15 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from dscluster.runner import run
-
-    return run(args, role="serve")
+    return _run_model(args, role="serve")
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
+    return _run_model(args, role="batch")
+
+
+def _run_model(args: argparse.Namespace, role: str) -> int:
+    from dscluster.engine.threads import prefer_passive_openmp_wait
+
+    prefer_passive_openmp_wait()  # before torch loads (the runner imports it); local ranks inherit it
     from dscluster.runner import run
 
-    return run(args, role="batch")
+    return run(args, role=role)
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from dscluster.cluster.group import Groups, default_threads, init_groups
+from dscluster.cluster.group import Groups, init_groups
 from dscluster.cluster.rendezvous import Rendezvous
 from dscluster.engine import generation
 from dscluster.engine.api import GenerationRequest, GenerationResult, ModelInfo, TokenCallback
 from dscluster.engine.loading import LoadedModel, load_model
 from dscluster.engine.parallel import ParallelModel, choose_engine, parallelize, release_shared_memory
 from dscluster.engine.protocol import ControlChannel, Op
+from dscluster.engine.threads import torch_threads
 from dscluster.errors import EXIT_PEER_FAILED, PeerFailure
 
 log = logging.getLogger(__name__)
@@ -300,18 +301,17 @@ def run_worker(runtime: Runtime) -> int:
 # Building it
 
 
-def set_threads(local_world_size: int) -> int:
-    """Torch threads per rank: OMP_NUM_THREADS if a launcher set it, else the cores split evenly.
-    More threads than cores spin-wait and starve rank 0's HTTP event loop."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    threads = int(env) if env.isdigit() and int(env) > 0 else default_threads(local_world_size)
+def set_threads(local_world_size: int, runs_front_end: bool = False) -> int:
+    """Torch threads per rank (engine/threads.py: the policy and why): OMP_NUM_THREADS if a launcher
+    set it, else the cores split evenly, less one for rank 0's front end."""
+    threads = torch_threads(local_world_size, runs_front_end)
     torch.set_num_threads(threads)
     return threads
 
 
 def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
     """Join the group, load and split the model, and wait until every rank has done the same."""
-    set_threads(rdzv.local_world_size)
+    set_threads(rdzv.local_world_size, runs_front_end=rdzv.rank == 0)
     groups = monitor = None
     engine_ref: dict[str, Engine] = {}
     if rdzv.world_size > 1:
