@@ -311,7 +311,9 @@ def set_threads(local_world_size: int, runs_front_end: bool = False) -> int:
 
 def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
     """Join the group, load and split the model, and wait until every rank has done the same."""
-    set_threads(rdzv.local_world_size, runs_front_end=rdzv.rank == 0)
+    threads = set_threads(rdzv.local_world_size, runs_front_end=rdzv.rank == 0)
+    log.info("rank %d: %d torch thread(s), OMP_WAIT_POLICY=%s", rdzv.rank, threads,
+             os.environ.get("OMP_WAIT_POLICY", "(libgomp's default)"))
     groups = monitor = None
     engine_ref: dict[str, Engine] = {}
     if rdzv.world_size > 1:
