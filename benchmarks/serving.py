@@ -6,9 +6,10 @@ example of 256 floats. The servers, each alone on the machine, one after the oth
 
 - **seeds' design**: the seeds' FastAPI route (`def predict(x: list[float])`, one forward pass per
   request, torch's default threads), `POST /predict` with a JSON list;
-- **LitServe**, batching on and tuned: batch 32, 1 torch thread, `batch_timeout` 5 ms (its batch
-  loop spins on an empty queue at 0; 1-20 ms measured, 5 ms best at 32 connections), its default
-  one HTTP process and one inference process; `POST /predict` with `{"inputs": [...]}`;
+- **LitServe**, batching on and tuned: batch 32, 1 torch thread, its default one HTTP process and
+  one inference process, and the `batch_timeout` (2-20 ms; at 0 its batch loop spins on an empty
+  queue) that gave it the most requests/s at 32 connections, measured at the start of the run
+  (`benchmarks/litserve_mlp.py`); `POST /predict` with `{"inputs": [...]}`;
 - **dscluster, 1 rank** and **2 ranks** (`--nproc 2`: replicated, every batch crosses the control
   channel to the second rank), defaults (`--max-batch-size 32`, `--max-wait-ms 0`),
   `POST /v1/predict` with `{"inputs": [...]}`.
@@ -16,8 +17,10 @@ example of 256 floats. The servers, each alone on the machine, one after the oth
 Load: `wrk` (a C load generator: a Python client would take the cores the server needs), one
 thread, N keep-alive connections each with one request in flight, for a fixed time after an
 unmeasured warm-up. A second table repeats some levels while a CPU hog (one process spinning in
-a loop) keeps one of the cores busy, as other work on a shared host does. Everything is reported
-as ratios to the seeds' design and to LitServe, measured in the same run.
+a loop) keeps one of the cores busy, as other work on a shared host does. A full run makes three
+passes over the servers (each pass starting with the next one, so drifting load from other work
+falls on all alike) and reports medians. Everything is reported as ratios to the seeds' design
+and to LitServe, measured in the same run.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +44,8 @@ from benchmarks.common import load_avg, pyplot, stats, table
 
 IN_FEATURES, WIDTH, LAYERS, OUT_FEATURES = 256, 2048, 4, 256
 MAX_BATCH = 32
-LITSERVE_BATCH_TIMEOUT = 0.005
+LITSERVE_BATCH_TIMEOUT = 0.005                      # the default; a full run tunes it first
+LITSERVE_TIMEOUTS = (0.002, 0.005, 0.01, 0.02)      # batch_timeout values tried at 32 connections
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -136,7 +141,7 @@ class Server:
         self.log.close()
 
 
-def start(kind: str, ready_path: str) -> Server:
+def start(kind: str, ready_path: str, litserve_timeout: float = LITSERVE_BATCH_TIMEOUT) -> Server:
     from dscluster.cluster.launch import free_port
 
     port = free_port()
@@ -144,7 +149,8 @@ def start(kind: str, ready_path: str) -> Server:
     if kind == "seeds":
         return Server([*me, "seeds", "--port", str(port)], port, ready_path)
     if kind == "litserve":
-        return Server([sys.executable, "-m", "benchmarks.litserve_mlp", "--port", str(port)], port, ready_path)
+        return Server([sys.executable, "-m", "benchmarks.litserve_mlp", "--port", str(port), "--batch-timeout",
+                       str(litserve_timeout)], port, ready_path)
     nproc = kind.rsplit("-", 1)[1]
     return Server([sys.executable, "-m", "dscluster", "serve", "benchmarks.serving:build_mlp", "--nproc", nproc,
                    "--port", str(port), "--max-batch-size", str(MAX_BATCH), "--log-level", "WARNING"],
@@ -230,26 +236,68 @@ def bare_forward(threads: int, batch: int, reps: int) -> dict:
     return {"threads": threads, "batch": batch, "ms": stats(samples)}
 
 
-def run(out_dir: Path, quick: bool) -> dict:
-    levels = [1, 32] if quick else [1, 8, 32, 64]
-    hog_levels = [32] if quick else [1, 32]
-    seconds, warmup = (3.0, 1.0) if quick else (10.0, 2.0)
-    bare = [bare_forward(1, b, 20 if quick else 100) for b in (1, MAX_BATCH)]
-    servers = []
-    for name, kind, route, body, ready_path in SERVERS:
-        server = start(kind, ready_path)
+def tune_litserve(seconds: float, warmup: float) -> tuple[float, list[dict]]:
+    """LitServe's best batch_timeout at 32 connections on this machine now (its batch loop spins
+    on an empty queue at 0, so 0 is not a candidate)."""
+    _, kind, route, body, ready_path = next(s for s in SERVERS if s[1] == "litserve")
+    tried = []
+    for timeout in LITSERVE_TIMEOUTS:
+        server = start(kind, ready_path, timeout)
         try:
-            url = f"{server.url}{route}"
-            quiet = [measure(url, body, c, seconds, warmup) for c in levels]
-            with CpuHog():
-                hog = [measure(url, body, c, seconds, warmup) for c in hog_levels]
+            tried.append({"batch_timeout_s": timeout, **measure(f"{server.url}{route}", body, 32, seconds, warmup)})
         finally:
             server.stop()
-        servers.append({"name": name, "kind": kind, "route": route, "quiet": quiet, "hog": hog})
-        print(f"  {name}: " + ", ".join(f"{r['connections']}: {r['req_per_s']:.0f}/s" for r in quiet), flush=True)
+    best = max(tried, key=lambda r: r["req_per_s"])["batch_timeout_s"]
+    print("  LitServe batch_timeout: " + ", ".join(f"{r['batch_timeout_s'] * 1000:g} ms {r['req_per_s']:.0f}/s"
+                                                   for r in tried) + f"; using {best * 1000:g} ms", flush=True)
+    return best, tried
+
+
+def measure_server(name: str, kind: str, route: str, body: str, ready_path: str, levels: list[int],
+                   hog_levels: list[int], seconds: float, warmup: float, litserve_timeout: float) -> dict:
+    """One server alone: started, loaded at each level (quiet, then with the CPU hog), stopped."""
+    server = start(kind, ready_path, litserve_timeout)
+    try:
+        url = f"{server.url}{route}"
+        quiet = [measure(url, body, c, seconds, warmup) for c in levels]
+        with CpuHog():
+            hog = [measure(url, body, c, seconds, warmup) for c in hog_levels]
+    finally:
+        server.stop()
+    print(f"  {name}: " + ", ".join(f"{r['connections']}: {r['req_per_s']:.0f}/s" for r in quiet), flush=True)
+    return {"quiet": quiet, "hog": hog}
+
+
+def median_cell(runs: list[dict]) -> dict:
+    """One table cell from the passes: medians of throughput and of each latency percentile."""
+    return {"connections": runs[0]["connections"],
+            "req_per_s": statistics.median(r["req_per_s"] for r in runs),
+            "latency_ms": {k: statistics.median(r["latency_ms"][k] for r in runs) for k in runs[0]["latency_ms"]},
+            "errors": sum(r["errors"] for r in runs), "req_per_s_passes": [round(r["req_per_s"], 1) for r in runs]}
+
+
+def run(out_dir: Path, quick: bool) -> dict:
+    """Every server alone, one after the other; `passes` rounds, each starting with the next server
+    (load from other work on a shared host drifts: every server sees the same drift), medians."""
+    levels = [1, 32] if quick else [1, 8, 32, 64]
+    hog_levels = [32] if quick else [1, 32]
+    seconds, warmup, passes = (3.0, 1.0, 1) if quick else (6.0, 2.0, 3)
+    bare = [bare_forward(1, b, 20 if quick else 100) for b in (1, MAX_BATCH)]
+    litserve_timeout, tuning = (LITSERVE_BATCH_TIMEOUT, []) if quick else tune_litserve(seconds, warmup)
+    raw: dict[str, list[dict]] = {kind: [] for _, kind, *_ in SERVERS}
+    for p in range(passes):
+        for name, kind, route, body, ready_path in SERVERS[p % len(SERVERS):] + SERVERS[:p % len(SERVERS)]:
+            raw[kind].append(measure_server(name, kind, route, body, ready_path, levels, hog_levels, seconds,
+                                            warmup, litserve_timeout))
+    servers = []
+    for name, kind, route, _, _ in SERVERS:
+        cells = {key: [median_cell([run[key][i] for run in raw[kind]]) for i in range(len(raw[kind][0][key]))]
+                 for key in ("quiet", "hog")}
+        servers.append({"name": name, "kind": kind, "route": route, **cells, "passes": raw[kind]})
     result = {"model": f"MLP {IN_FEATURES}-{WIDTH}x{LAYERS}-{OUT_FEATURES} (float32)", "levels": levels,
-              "hog_levels": hog_levels, "seconds_per_level": seconds, "warmup_seconds": warmup,
-              "litserve_batch_timeout_s": LITSERVE_BATCH_TIMEOUT, "bare_forward": bare, "servers": servers,
+              "hog_levels": hog_levels, "seconds_per_level": seconds, "warmup_seconds": warmup, "passes": passes,
+              "litserve_batch_timeout_s": litserve_timeout, "litserve_tuning": tuning, "bare_forward": bare,
+              "servers": servers,
               "client": "wrk, 1 thread, N keep-alive connections", "load_avg_end": load_avg()}
     _plot(result, out_dir / "serving.png")
     return result
@@ -323,7 +371,8 @@ def summary(result: dict) -> str:
 
     bare = {b["batch"]: b["ms"]["p50"] for b in result["bare_forward"]}
     return (f"{result['model']}; each request one example of {IN_FEATURES} floats; load from {result['client']}; "
-            f"{result['seconds_per_level']:g} s per level after {result['warmup_seconds']:g} s of warm-up; "
+            f"{result['seconds_per_level']:g} s per level after {result['warmup_seconds']:g} s of warm-up, "
+            f"medians of {result['passes']} pass(es) (each server alone, one after the other, in each); "
             f"LitServe batch_timeout {result['litserve_batch_timeout_s'] * 1000:g} ms. A bare forward pass "
             f"(1 thread) takes {bare[1]:.2f} ms for 1 example, {bare[MAX_BATCH]:.2f} ms for {MAX_BATCH}.\n\n"
             f"Quiet host:\n\n{section('quiet', result['levels'])}\n\n"
