@@ -216,9 +216,9 @@ async def _predict_seed_shape(state: ServerState, body, raw: bytes, receive) -> 
 
 
 class TensorRoute:
-    """One tensor route as a plain ASGI application (FastAPI also routes to it, for other methods'
-    405 and for anything that reaches it through the full stack). `await route(...)` answers the
-    request, whatever happens, and returns the status code it sent."""
+    """One tensor route as a plain ASGI application. `ServingApp` sends POSTs here directly; it is
+    registered with FastAPI too, so that other methods get FastAPI's 405. `await route(...)`
+    answers the request, whatever happens, and returns the status code it sent."""
 
     def __init__(self, state: ServerState, handler):
         self.state = state
