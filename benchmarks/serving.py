@@ -281,7 +281,7 @@ def run(out_dir: Path, quick: bool) -> dict:
     (load from other work on a shared host drifts: every server sees the same drift), medians."""
     levels = [1, 32] if quick else [1, 8, 32, 64]
     hog_levels = [32] if quick else [1, 32]
-    seconds, warmup, passes = (3.0, 1.0, 1) if quick else (6.0, 2.0, 3)
+    seconds, warmup, passes = (3.0, 1.0, 1) if quick else (5.0, 2.0, 3)
     bare = [bare_forward(1, b, 20 if quick else 100) for b in (1, MAX_BATCH)]
     litserve_timeout, tuning = (LITSERVE_BATCH_TIMEOUT, []) if quick else tune_litserve(seconds, warmup)
     raw: dict[str, list[dict]] = {kind: [] for _, kind, *_ in SERVERS}
