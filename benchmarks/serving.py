@@ -375,7 +375,7 @@ def summary(result: dict) -> str:
             f"medians of {result['passes']} pass(es) (each server alone, one after the other, in each); "
             f"LitServe batch_timeout {result['litserve_batch_timeout_s'] * 1000:g} ms. A bare forward pass "
             f"(1 thread) takes {bare[1]:.2f} ms for 1 example, {bare[MAX_BATCH]:.2f} ms for {MAX_BATCH}.\n\n"
-            f"Quiet host:\n\n{section('quiet', result['levels'])}\n\n"
+            f"No CPU hog:\n\n{section('quiet', result['levels'])}\n\n"
             f"One core busy with a CPU hog:\n\n{section('hog', result['hog_levels'])}")
 
 
