@@ -316,13 +316,13 @@ def _plot(result: dict, path: Path) -> None:
         ax.set(xlabel="connections (one request in flight each)", xscale="log", xticks=result["levels"])
         ax.set_xticklabels([str(x) for x in result["levels"]])
         ax.grid(alpha=0.3)
-    ax1.set(ylabel="requests / s", title="throughput (quiet host)")
-    ax2.set(ylabel="ms", yscale="log", title="latency p50 (quiet host)")
+    ax1.set(ylabel="requests / s", title="throughput (no CPU hog)")
+    ax2.set(ylabel="ms", yscale="log", title="latency p50 (no CPU hog)")
     ax1.legend(fontsize=8)
     names = [s["name"] for s in result["servers"]]
     width = 0.8 / max(1, 2 * len(result["hog_levels"]))
     for i, level in enumerate(result["hog_levels"]):
-        for j, (label, key) in enumerate((("quiet", "quiet"), ("CPU hog", "hog"))):
+        for j, (label, key) in enumerate((("no hog", "quiet"), ("CPU hog", "hog"))):
             values = [next(r["req_per_s"] for r in s[key] if r["connections"] == level) for s in result["servers"]]
             offset = (2 * i + j) * width
             ax3.bar([k + offset for k in range(len(names))], values, width, label=f"{level} conn., {label}")
