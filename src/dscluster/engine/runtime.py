@@ -25,8 +25,8 @@ from dscluster.cluster.group import Groups, default_threads, init_groups
 from dscluster.cluster.rendezvous import Rendezvous
 from dscluster.engine import generation
 from dscluster.engine.api import GenerationRequest, GenerationResult, ModelInfo, TokenCallback
-from dscluster.engine.loading import LoadedModel, load_model
-from dscluster.engine.parallel import ParallelModel, choose_engine, parallelize, release_shared_memory
+from dscluster.engine.loading import LoadedModel, open_model
+from dscluster.engine.parallel import ParallelModel, choose_engine, load_split, prepare, release_shared_memory
 from dscluster.engine.protocol import ControlChannel, Op
 from dscluster.errors import EXIT_PEER_FAILED, PeerFailure
 
@@ -310,8 +310,14 @@ def set_threads(local_world_size: int) -> int:
 
 
 def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
-    """Join the group, load and split the model, and wait until every rank has done the same."""
+    """Check the model, join the group, load this rank's share of the model onto its device, and
+    wait until every rank has done the same.
+
+    The model and its checkpoint are checked before the group forms: every rank reads the same
+    files, so a bad checkpoint makes every rank exit 2 with the same message, at once."""
     set_threads(rdzv.local_world_size)
+    source = open_model(options.model, options.dtype, options.checkpoint)
+    prepared = prepare(source, choose_engine(options.engine, source, rdzv.world_size), rdzv.world_size)
     groups = monitor = None
     engine_ref: dict[str, Engine] = {}
     if rdzv.world_size > 1:
@@ -333,10 +339,9 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
                                   options.heartbeat_interval, options.heartbeat_timeout, on_failure,
                                   prefix=f"dscluster/{run_id}/{restart}")
         monitor.start()
-    loaded = load_model(options.model, options.dtype, options.checkpoint)
-    engine_name = choose_engine(options.engine, loaded, rdzv.world_size)
-    model = parallelize(loaded, engine_name, rdzv.world_size, options.zero3_persistence_threshold,
-                        group=groups.control if groups is not None else None)
+    device = groups.device if groups is not None else torch.device("cpu")
+    loaded, model = load_split(prepared, device, options.zero3_persistence_threshold,
+                               group=groups.control if groups is not None else None)
     if monitor is not None:
         monitor.mark_ready()
         monitor.wait_all_ready()
@@ -359,6 +364,6 @@ def open_engine(model: str, *, engine: str | None = None, dtype: str = "auto", c
     engine for a model that fits one device."""
     options = RuntimeOptions(model=model, engine=engine, dtype=dtype, checkpoint=checkpoint,
                              served_model_name=served_model_name)
-    loaded = load_model(model, dtype, checkpoint)
-    parallel = parallelize(loaded, choose_engine(engine, loaded, 1), 1)
+    source = open_model(model, dtype, checkpoint)
+    loaded, parallel = load_split(prepare(source, choose_engine(engine, source, 1), 1), torch.device("cpu"))
     return Engine(Runtime(options, loaded, parallel, None))
