@@ -6,15 +6,21 @@ Real checkpoints are many files, `model-0000k-of-0000n.safetensors`, with
 headers alone (no weight is read to open it), checks them against the tensors a model needs, and
 copies slices of them into tensors that already exist on the rank's device.
 
-Files are read one at a time and closed before the next is opened: safetensors maps a file into
-memory, and the pages a slice touches count in the process's resident memory while the file is
-mapped. One file at a time bounds that to the largest file, on top of the rank's own shards.
+Reads go straight from the file into the target tensors (through one bounded staging buffer when
+a row must be cut, the dtype converted or the target is on a GPU): nothing is memory-mapped and
+no full-size temporary is made. `safe_open(...).get_slice(...)` maps
+the file and returns a new tensor per slice; the pages a slice touches then count in the rank's
+resident memory until the file is closed, so a tp=2 rank reading a single-file 2 GiB checkpoint
+peaked above one unsharded process (docs/loading.md has the numbers). The format is simple and
+documented: an 8-byte little-endian header length, a JSON header giving each tensor's dtype,
+shape and byte range, then the data.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,23 +35,34 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
+# safetensors dtype names -> torch dtypes
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+STAGING_BYTES = 16 * 2**20   # the most read at once through the staging buffer (one row at least)
+MAX_HEADER = 100 * 2**20
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: str            # safetensors' name: F32, BF16, F16, ...
+    offset: int = 0       # of the first byte, from the start of the file
 
 
 @dataclass
 class TensorRead:
     """Copy `length` entries of checkpoint tensor `key` from `start` along `dim` (the whole tensor
-    when `dim` is None) into `target`, converting dtype and device on the way."""
+    when `dim` is None; with `flat`, entries of the flattened tensor, as ZeRO-3 partitions it)
+    into `target`, converting dtype and device on the way."""
 
     key: str
     target: torch.Tensor
     dim: int | None = None
     start: int = 0
     length: int = 0
+    flat: bool = False
 
 
 class SafetensorsCheckpoint:
@@ -111,34 +128,62 @@ class SafetensorsCheckpoint:
         return keys
 
     def read(self, reads: Iterable[TensorRead]) -> int:
-        """Do every read, file by file (each file mapped only while its tensors are read).
-        Returns the bytes copied into the targets."""
-        from safetensors import safe_open
-
+        """Do every read, file by file, in file order. Returns the bytes copied into the targets."""
         by_file: dict[Path, list[TensorRead]] = {}
         for r in reads:
             by_file.setdefault(self.tensors[r.key].file, []).append(r)
+        staging: dict[bool, torch.Tensor] = {}
         copied = 0
         for file in sorted(by_file):
-            with safe_open(str(file), framework="pt") as f:
-                for r in by_file[file]:
-                    part = _read_slice(f, r)
-                    if tuple(part.shape) != tuple(r.target.shape):
-                        raise RuntimeError(f"read {tuple(part.shape)} of {r.key} for a tensor of {tuple(r.target.shape)}")
-                    with torch.no_grad():
-                        r.target.copy_(part)
+            with open(file, "rb", buffering=0) as fh:
+                for r in sorted(by_file[file], key=lambda r: self.tensors[r.key].offset):
+                    _read_into(fh, self.tensors[r.key], r, staging)
                     copied += r.target.numel() * r.target.element_size()
-                    del part
         return copied
 
 
-def _read_slice(f, r: TensorRead) -> torch.Tensor:
-    if r.dim is None:
-        return f.get_tensor(r.key)
-    piece = f.get_slice(r.key)
-    index = [slice(None)] * len(piece.get_shape())
-    index[r.dim] = slice(r.start, r.start + r.length)
-    return piece[tuple(index)]
+def _read_into(fh, info: TensorInfo, r: TensorRead, staging: dict[bool, torch.Tensor]) -> None:
+    """Copy the part of one stored tensor that `r` asks for into `r.target`, a block of whole
+    rows (along dim 0) at a time: the rows in range when dim 0 is split (or for a flat range,
+    or the whole tensor), every row cut to its range along `r.dim` otherwise."""
+    dtype = DTYPES[info.dtype]
+    shape = (math.prod(info.shape),) if r.flat else (info.shape or (1,))
+    dim, start, length = (0, 0, shape[0]) if r.dim is None and not r.flat else (r.dim or 0, r.start, r.length)
+    want = list(shape)
+    want[dim] = length
+    if not r.target.is_contiguous() or r.target.numel() != math.prod(want):
+        raise RuntimeError(f"{r.key}: cannot read {want} into a tensor of {list(r.target.shape)}")
+    target = r.target.view(want)
+    row = math.prod(shape[1:]) * dtype.itemsize
+    if not target.numel():
+        return
+    if dim == 0 and target.device.type == "cpu" and target.dtype == dtype:  # the bytes as they are stored
+        _read_exactly(fh, info.offset + start * row, memoryview(target.reshape(-1).view(torch.uint8).numpy()), info, r)
+        return
+    first, last = (start, start + length) if dim == 0 else (0, shape[0])
+    pinned = target.device.type == "cuda"  # host-to-device copies from page-locked memory
+    buffer = staging.get(pinned)
+    if buffer is None or buffer.numel() < row:
+        buffer = staging[pinned] = torch.empty(max(STAGING_BYTES, row), dtype=torch.uint8, pin_memory=pinned)
+    per_block = buffer.numel() // row
+    for a in range(first, last, per_block):
+        b = min(last, a + per_block)
+        nbytes = (b - a) * row
+        _read_exactly(fh, info.offset + a * row, memoryview(buffer.numpy())[:nbytes], info, r)
+        block = buffer[:nbytes].view(dtype).view(b - a, *shape[1:])
+        if dim == 0:
+            target.narrow(0, a - start, b - a).copy_(block)
+        else:
+            target.narrow(0, a, b - a).copy_(block.narrow(dim, start, length))
+
+
+def _read_exactly(fh, offset: int, into: memoryview, info: TensorInfo, r: TensorRead) -> None:
+    fh.seek(offset)
+    while into:
+        got = fh.readinto(into)
+        if not got:
+            raise UsageError(f"checkpoint file {info.file} ends inside tensor {r.key}")
+        into = into[got:]
 
 
 def _candidates(name: str, aliases: Iterable[str], prefix: str | None) -> list[str]:
@@ -164,15 +209,25 @@ def _weight_map(directory: Path, index: Path) -> dict[str, str]:
 
 
 def _read_header(file: Path) -> dict[str, TensorInfo]:
-    """Names, shapes and dtypes from a safetensors header; no tensor data is read."""
-    from safetensors import SafetensorError, safe_open
-
+    """Names, shapes, dtypes and byte offsets from a safetensors header; no tensor data is read."""
     try:
-        with safe_open(str(file), framework="pt") as f:
-            out = {}
-            for key in f.keys():
-                piece = f.get_slice(key)
-                out[key] = TensorInfo(file, tuple(int(d) for d in piece.get_shape()), piece.get_dtype())
-            return out
-    except (SafetensorError, OSError) as exc:
+        with open(file, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 2 <= size <= MAX_HEADER:
+                raise ValueError(f"a header of {size} bytes")
+            header = json.loads(fh.read(size))
+            data_start, file_size = 8 + size, fh.seek(0, 2)
+        out = {}
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+            if entry["dtype"] not in DTYPES:
+                raise ValueError(f"tensor {key} has dtype {entry['dtype']}, which this reader does not know")
+            if end - begin != math.prod(shape) * DTYPES[entry["dtype"]].itemsize or data_start + end > file_size:
+                raise ValueError(f"tensor {key}'s bytes {begin}..{end} do not hold {entry['dtype']} {list(shape)}")
+            out[key] = TensorInfo(file, shape, entry["dtype"], data_start + begin)
+        return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UsageError(f"checkpoint file {file} is not readable safetensors: {exc}") from None

@@ -150,15 +150,21 @@ def build_on_meta(source: ModelSource) -> nn.Module:
 
     Buffers are computed by the model's own constructor (rotary `inv_freq` and the like are not in
     the checkpoint), so they come out exactly as `from_pretrained` makes them; parameters are
-    filled later, each rank with its own share. The generation config is read as from_pretrained
-    reads it (its eos ids end generation)."""
+    filled later, each rank with its own share."""
+    with _parameters_on_meta():
+        return construct(source)
+
+
+def construct(source: ModelSource) -> nn.Module:
+    """The model built from its config alone (parameters as the surrounding context makes them:
+    on the meta device, or partitioned by ZeRO-3), with its generation config read as
+    from_pretrained reads it (its eos ids end generation)."""
     from transformers import GenerationConfig
 
-    with _parameters_on_meta():
-        if hasattr(source.model_class, "from_config"):   # an Auto class
-            module = source.model_class.from_config(source.config, dtype=source.dtype)
-        else:
-            module = source.model_class._from_config(source.config, dtype=source.dtype)
+    if hasattr(source.model_class, "from_config"):   # an Auto class
+        module = source.model_class.from_config(source.config, dtype=source.dtype)
+    else:
+        module = source.model_class._from_config(source.config, dtype=source.dtype)
     if (source.path / "generation_config.json").is_file() and getattr(module, "generation_config", None) is not None:
         module.generation_config = GenerationConfig.from_pretrained(source.path, local_files_only=True)
     return module.eval()

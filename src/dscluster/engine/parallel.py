@@ -3,8 +3,9 @@ gathered layer by layer on every forward), or `replicated` (every rank holds it 
 
 Each engine reads only what its rank keeps: `tp` builds the model on the meta device, splits it with
 AutoTP and fills each rank's shards from slices of the checkpoint files (`tp_load.py`); `zero3`
-builds it under `deepspeed.zero.Init` (transformers does, while an `HfDeepSpeedConfig` is alive),
-so parameters are partitioned as they are read; `replicated` loads it whole.
+builds it under `deepspeed.zero.Init` and fills each rank's partitions from the files
+(`zero3_load.py`); `replicated` loads it whole. Without safetensors files (a PyTorch .bin
+checkpoint) or for an import-spec model, every rank loads the whole model and the engine splits it.
 
 Loading is in two steps. `prepare` runs on every rank before any collective and names what is
 wrong with the model for this engine (a missing tensor, a shape the config contradicts, heads that
@@ -12,7 +13,7 @@ do not divide by the tp degree) as a UsageError, so every rank exits 2 with the 
 instead of some waiting in a collective for the others. `load_split` then loads and splits.
 
 Every engine returns a plain module to call; all ranks must call it with the same inputs at the
-same time (the protocol guarantees that). DeepSpeed is imported only here and in `tp_load.py`.
+same time (the protocol guarantees that). DeepSpeed is imported only here and in the two loaders.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +41,6 @@ class ParallelModel:
     engine: str
     tp_size: int
     description: str
-    keep_alive: Any = None   # zero3: the HfDeepSpeedConfig transformers consults while the model lives
 
 
 @dataclass
@@ -53,7 +52,7 @@ class Prepared:
     world_size: int
     checkpoint: SafetensorsCheckpoint | None = None   # None: no safetensors (a .bin), or not a directory
     meta_module: nn.Module | None = None              # tp: the structure AutoTP splits
-    keys: dict[str, str] | None = None                # tensor name -> checkpoint key
+    keys: dict[str, str] | None = None                # tensor name (every alias) -> checkpoint key
 
 
 def choose_engine(requested: str | None, source: ModelSource | LoadedModel, world_size: int) -> str:
@@ -110,7 +109,6 @@ def load_split(prepared: Prepared, device: torch.device, zero3_persistence_thres
     import deepspeed
 
     _shared_memory_only_within_one_node(world_size, group)
-    keep_alive = None
     if engine == "tp":
         if prepared.meta_module is not None:
             from dscluster.engine.tp_load import load_tensor_parallel
@@ -125,21 +123,23 @@ def load_split(prepared: Prepared, device: torch.device, zero3_persistence_thres
         desc = f"tensor parallel (DeepSpeed AutoTP), tp={world_size}, {how}"
     elif engine == "zero3":
         config = _zero3_config(source.dtype, zero3_persistence_threshold)
-        if source.hf:
-            from transformers.integrations import HfDeepSpeedConfig
+        if prepared.checkpoint is not None:
+            from dscluster.engine.zero3_load import load_zero3
 
-            # While this object lives, from_pretrained builds the model under deepspeed.zero.Init:
-            # each parameter is partitioned as it is created, and filled one layer at a time.
-            keep_alive = HfDeepSpeedConfig(config)
-        wrapped, *_ = deepspeed.initialize(model=load_whole(source), config=config)
+            built = load_zero3(source, prepared.checkpoint, prepared.keys, config, device)
+            how = "each rank read its own partitions"
+        else:
+            built = load_whole(source)
+            how = "partitioned after every rank read the whole checkpoint"
+        wrapped, *_ = deepspeed.initialize(model=built, config=config)
         module = wrapped.module
-        desc = f"ZeRO stage 3, parameters partitioned over {world_size} ranks"
+        desc = f"ZeRO stage 3, parameters partitioned over {world_size} ranks, {how}"
     else:
         raise UsageError(f"--engine {engine!r}: choose tp, zero3 or replicated")
     _check_device(module, device)
     module.eval()
     log.info("engine: %s", desc)
-    parallel = ParallelModel(module, engine, world_size if engine == "tp" else 1, desc, keep_alive)
+    parallel = ParallelModel(module, engine, world_size if engine == "tp" else 1, desc)
     return source.loaded(module), parallel
 
 
@@ -157,9 +157,14 @@ def _autotp(module: nn.Module, source: ModelSource, world_size: int) -> nn.Modul
 
 
 def _zero3_config(dtype: torch.dtype, persistence_threshold: int) -> dict:
+    """ZeRO-3 for serving: gathered parameters are released as soon as their module has run.
+    DeepSpeed's defaults (made for training) keep up to 1e9 gathered parameters alive and reuse
+    them within a distance of 1e9: after one forward pass a rank held the whole model again."""
     config = {
         "train_micro_batch_size_per_gpu": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": persistence_threshold},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": persistence_threshold,
+                              "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0,
+                              "stage3_prefetch_bucket_size": 0},
     }
     if dtype == torch.bfloat16:
         config["bf16"] = {"enabled": True}
