@@ -19,6 +19,7 @@ same time (the protocol guarantees that). DeepSpeed is imported only here and in
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dscluster.engine.checkpoint import SafetensorsCheckpoint
+from dscluster.engine.checkpoint import DTYPES, SafetensorsCheckpoint
+from dscluster.engine.host_memory import check_host_memory
 from dscluster.engine.loading import LoadedModel, ModelSource, build_on_meta, load_whole, model_tensors
 from dscluster.errors import UsageError
 
@@ -104,6 +106,9 @@ def load_split(prepared: Prepared, device: torch.device, zero3_persistence_thres
     shared memory."""
     source, engine, world_size = prepared.source, prepared.engine, prepared.world_size
     if engine == "replicated" or world_size == 1:
+        if device.type == "cpu" and prepared.checkpoint is not None:
+            check_host_memory(_converted_bytes(prepared), f"the whole model ({_dtype_name(source.dtype)}, converted "
+                              "from the checkpoint's dtype; one unsharded rank)")
         module = load_whole(source).to(device)
         return source.loaded(module), ParallelModel(module, "replicated", 1, f"replicated on {world_size} rank(s)")
     import deepspeed
@@ -126,6 +131,10 @@ def load_split(prepared: Prepared, device: torch.device, zero3_persistence_thres
         if prepared.checkpoint is not None:
             from dscluster.engine.zero3_load import load_zero3
 
+            if device.type == "cpu":
+                need = sum(-(-math.prod(prepared.checkpoint.tensors[k].shape) // world_size)
+                           for k in set(prepared.keys.values())) * source.dtype.itemsize
+                check_host_memory(need, f"its ZeRO-3 partitions ({_dtype_name(source.dtype)}, {world_size} ranks)")
             built = load_zero3(source, prepared.checkpoint, prepared.keys, config, device)
             how = "each rank read its own partitions"
         else:
@@ -154,6 +163,19 @@ def _autotp(module: nn.Module, source: ModelSource, world_size: int) -> nn.Modul
         raise UsageError(f"--engine tp: DeepSpeed AutoTP cannot split {source.name}: {exc}; "
                          "use --engine zero3 or replicated") from None
     return wrapped.module
+
+
+def _converted_bytes(prepared: Prepared) -> int:
+    """Host memory a whole-model load allocates: tensors stored in the serving dtype are mapped from
+    the file by transformers (pages the kernel can reclaim); the others are converted into new
+    memory."""
+    dtype = prepared.source.dtype
+    stored = {prepared.checkpoint.tensors[k] for k in prepared.keys.values()}
+    return sum(math.prod(t.shape) * dtype.itemsize for t in stored if DTYPES[t.dtype] != dtype)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _zero3_config(dtype: torch.dtype, persistence_threshold: int) -> dict:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from dscluster.engine.checkpoint import SafetensorsCheckpoint, TensorRead
+from dscluster.engine.host_memory import check_host_memory
 from dscluster.engine.loading import ModelSource
 from dscluster.errors import UsageError
 
@@ -63,6 +64,9 @@ def load_tensor_parallel(source: ModelSource, meta_module: nn.Module, checkpoint
         raise UsageError(f"--engine tp: DeepSpeed AutoTP cannot split {source.name}: {exc}; "
                          "use --engine zero3 or replicated") from None
     module = wrapped.module
+    if device.type == "cpu":  # the shards exist, untouched: check before a byte is written
+        need = sum(p.numel() * p.element_size() for p in module.parameters())
+        check_host_memory(need, f"its tensor-parallel shards ({str(source.dtype).replace('torch.', '')}, tp={tp_size})")
     reads = []
     for name, param in module.named_parameters():
         if name not in keys:
