@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dscluster.cluster.launch import free_port
-from test_engine import WORK, reference, run_ranks  # tests/e2e/test_engine.py
-
 from dscluster.engine.runtime import open_engine
+from test_engine import WORK, reference, run_ranks  # tests/e2e/test_engine.py
+from test_launchers import clean_env  # tests/e2e/test_launchers.py
 
 
 def assert_same_answers(got: dict, want: dict, tolerance: float = 1e-5) -> None:
@@ -35,6 +35,8 @@ def assert_same_answers(got: dict, want: dict, tolerance: float = 1e-5) -> None:
 
 
 def test_tp4_on_a_multi_file_gqa_checkpoint_equals_unsharded(tmp_path, gqa):
+    """8 query heads in 2 key/value groups over 4 ranks: AutoTP gives ranks 0 and 1 one group
+    each and ranks 2 and 3 none; the output must not notice."""
     assert len(list(Path(gqa).glob("model-*.safetensors"))) > 4
     got = run_ranks(tmp_path, {"model": gqa, "engine": "tp"}, WORK, nproc=4, timeout=400)
     assert got["engine"] == "tp" and got["world_size"] == 4
@@ -89,8 +91,8 @@ BAD = {
     "shape": (lambda m: _edit_config(m, intermediate_size=256),
               "tensor model.layers.0.mlp.gate_proj.weight is [512, 128] in model.safetensors, but config.json "
               "makes it [256, 128]"),
-    "kv heads": (lambda m: _edit_config(m, num_key_value_heads=1),
-                 "config.json's num_key_value_heads 1 does not divide by 2"),
+    "heads": (lambda m: _edit_config(m, num_attention_heads=1, num_key_value_heads=1),
+              "config.json's num_attention_heads 1 does not divide by 2"),
     "intermediate": (lambda m: _edit_config(m, intermediate_size=511),
                      "config.json's intermediate_size 511 does not divide by 2"),
 }
@@ -105,8 +107,6 @@ def test_bad_checkpoint_exits_2_on_every_rank_before_any_collective(tmp_path, ti
     shutil.copytree(tiny, model)
     damage, message = BAD[case]
     damage(model)
-    from test_launchers import clean_env  # tests/e2e/test_launchers.py
-
     started = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-m", "dscluster", "serve", str(model), "--engine", "tp",
                                "--port", str(free_port()), "--rendezvous-timeout", "120"],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import logging
 import os
 import sys
@@ -222,8 +221,9 @@ def _open_hf_directory(path: Path, dtype: str) -> ModelSource:
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise UsageError(f"model directory {str(path)!r}: config.json is not loadable: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - transformers' config validation raises its own types
+        text = " ".join(str(exc).split())  # one line: validation errors span several
+        raise UsageError(f"model directory {str(path)!r}: config.json is not loadable: {text}") from None
     torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
     cls, causal = _model_class(config)
     tokenizer = None

@@ -34,15 +34,16 @@ log = logging.getLogger(__name__)
 
 
 def check_divisible(config, tp_size: int) -> None:
-    """Attention heads, key/value heads and the MLP width must split evenly over the ranks:
-    AutoTP gives a rank whole heads (a rank with no key/value head cannot run attention), and an
-    even split keeps every rank's share equal. Heads are counted as DeepSpeed counts them."""
+    """Attention heads and the MLP width must split evenly over the ranks, so every rank holds an
+    equal share (and `dscluster plan` recommends only such degrees). Heads are counted as DeepSpeed
+    counts them. Fewer key/value heads than ranks is allowed: AutoTP gives each rank whole
+    key/value groups, the ranks past the last group hold no attention weights, and the output is
+    still the unsharded model's (measured: tp=4 with 2 key/value heads)."""
     from deepspeed.module_inject.tp_shard import AutoTPMeta
 
     meta = AutoTPMeta.from_model_config(config)
     text = getattr(config, "text_config", None) or config
-    checks = (("num_attention_heads", meta.num_attention_heads), ("num_key_value_heads", meta.num_kv_heads),
-              ("intermediate_size", getattr(text, "intermediate_size", None)))
+    checks = (("num_attention_heads", meta.num_attention_heads), ("intermediate_size", getattr(text, "intermediate_size", None)))
     for label, value in checks:
         if isinstance(value, int) and value % tp_size:
             raise UsageError(f"--engine tp over {tp_size} ranks: config.json's {label} {value} does not divide "
