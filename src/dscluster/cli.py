@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--params", default=None, help="parameter count, e.g. 70e9")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    p.add_argument("--host-mem-gib", type=float, default=None,
+                   help="host memory per node; layouts whose ranks hold more at load do not fit (default: not checked)")
     p.add_argument("--gpus-per-node", type=_positive_int, default=8)
     p.add_argument("--max-nodes", type=_positive_int, default=16)
     p.add_argument("--context-len", type=_positive_int, default=None)
