@@ -17,6 +17,7 @@ load times do (the 1-minute load average is recorded with every run).
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from benchmarks.common import launch_ranks, load_avg, mib, model_dir, pyplot, table, warm_up_deepspeed
@@ -31,7 +32,9 @@ CONFIGS = [
 WHOLE_THEN_SPLIT = [
     ("tp=2, whole checkpoint then split", "tp", 2, 1, {"whole_then_split": True}),
     ("tp=4, whole checkpoint then split", "tp", 4, 1, {"whole_then_split": True}),
+    ("zero3=2, whole checkpoint then split", "zero3", 2, 1, {"whole_then_split": True}),
 ]
+LOAD_REPS = 3   # load time, shard-only against whole-then-split, launches alternating
 LAYOUTS = {"multi-file": "llama-540m", "single-file": "llama-540m-1file"}
 TARGETS = {"tp=2": 0.55, "tp=4": 0.30}   # model memory per rank, x the unsharded process's
 
@@ -76,9 +79,10 @@ def run(out_dir: Path, quick: bool) -> dict:
                                                unsharded["steady_model_mib"]),
             "load_seconds": max(r["load_seconds"] for r in run_["per_rank"]),
             "ready_seconds": max(r["ready_seconds"] for r in run_["per_rank"])}
+    load_times = {} if quick else _load_times(model_dir(LAYOUTS["multi-file"]))
     result = {"models": {layout: layouts[layout] for layout in layouts}, "dtype": "float32",
               "baseline_model": "negligible", "repetitions": 1, "targets_x_unsharded": TARGETS,
-              "runs": runs, "load_avg_1min_at_end": load_avg(),
+              "runs": runs, "load_times": load_times, "load_avg_1min_at_end": load_avg(),
               "method": "peak RSS is ru_maxrss after one generation (2 x 32 prompt tokens + 4 new); steady RSS is "
                         "VmRSS then, after gc; model memory = peak RSS - the same configuration's peak RSS with "
                         "the negligible model, rank by rank; ratios take the heaviest rank; load_seconds is "
@@ -86,6 +90,23 @@ def run(out_dir: Path, quick: bool) -> dict:
                         "engine, rendezvous, load, ready barrier)."}
     _plot(result, out_dir / "engine_memory.png")
     return result
+
+
+def _load_times(model: Path) -> dict:
+    """tp=2 with shard-only loading and with the whole checkpoint, launches taking turns, so that
+    the machine's changing load hits both alike: seconds of the slowest rank, every repetition."""
+    loaders = {"shard-only": {}, "whole checkpoint then split": {"whole_then_split": True}}
+    times = {name: {"load_seconds": [], "ready_seconds": [], "load_avg_1min": []} for name in loaders}
+    for _ in range(LOAD_REPS):
+        for name, extra in loaders.items():
+            ranks = _measure(model, "tp", 2, 1, extra)
+            times[name]["load_seconds"].append(max(r["load_seconds"] for r in ranks))
+            times[name]["ready_seconds"].append(max(r["ready_seconds"] for r in ranks))
+            times[name]["load_avg_1min"].append(load_avg())
+    for t in times.values():
+        t["load_median"] = statistics.median(t["load_seconds"])
+        t["ready_median"] = statistics.median(t["ready_seconds"])
+    return {"configuration": "tp=2, multi-file", "repetitions": LOAD_REPS, "loaders": times}
 
 
 def _ratio(part: float, whole: float) -> float | None:
@@ -146,10 +167,20 @@ def summary(result: dict) -> str:
                      f"{max(x['steady_mib'] for x in ranks):.0f}", _x(h["steady_model_x_unsharded"]),
                      f"{h['load_seconds']:.1f}", f"{h['ready_seconds']:.1f}", f"{r['load_avg_1min']}"])
     models = ", ".join(f"{layout}: `{name}`" for layout, name in result["models"].items())
+    load = result.get("load_times") or {}
+    load_text = ""
+    if load:
+        rows_load = [[name, f"{t['load_median']:.1f} ({', '.join(f'{x:.1f}' for x in t['load_seconds'])})",
+                      f"{t['ready_median']:.1f} ({', '.join(f'{x:.1f}' for x in t['ready_seconds'])})",
+                      ", ".join(str(x) for x in t["load_avg_1min"])] for name, t in load["loaders"].items()]
+        load_text = (f"\n\nLoad time, {load['configuration']}, {load['repetitions']} launches each, taking turns "
+                     "(seconds of the slowest rank, median (each run)):\n\n"
+                     + table(["loader", "load and split s", "to ready s", "load avg (1 min) per run"], rows_load))
     return ((f"Model memory per rank against one unsharded process (multi-file checkpoint): "
              f"{'; '.join(headline)}.\n\n" if headline else "")
             + f"Float32, {models}. MiB per rank (the heaviest), 1 run each; model memory = peak RSS less the same "
             "configuration's peak with a negligible model.\n\n"
             + table(["checkpoint", "configuration", "parameters held", "peak RSS", "baseline peak", "model memory",
                      "x unsharded", "steady RSS", "steady model x unsharded", "load s", "ready s", "load avg"],
-                    rows))
+                    rows)
+            + load_text)
