@@ -6,9 +6,9 @@ Real checkpoints are many files, `model-0000k-of-0000n.safetensors`, with
 headers alone (no weight is read to open it), checks them against the tensors a model needs, and
 copies slices of them into tensors that already exist on the rank's device.
 
-Reads go straight from the file into the target tensors (through one bounded staging buffer when
-a row must be cut, the dtype converted or the target is on a GPU): nothing is memory-mapped and
-no full-size temporary is made. `safe_open(...).get_slice(...)` maps
+Reads go straight from the file into the target tensors, only the bytes each rank needs (a run
+per row when columns are cut), through one bounded staging buffer when the dtype is converted or
+the target is on a GPU: nothing is memory-mapped and no full-size temporary is made. `safe_open(...).get_slice(...)` maps
 the file and returns a new tensor per slice; the pages a slice touches then count in the rank's
 resident memory until the file is closed, so a tp=2 rank reading a single-file 2 GiB checkpoint
 peaked above one unsharded process (docs/loading.md has the numbers). The format is simple and
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,47 +144,56 @@ class SafetensorsCheckpoint:
 
 
 def _read_into(fh, info: TensorInfo, r: TensorRead, staging: dict[bool, torch.Tensor]) -> None:
-    """Copy the part of one stored tensor that `r` asks for into `r.target`, a block of whole
-    rows (along dim 0) at a time: the rows in range when dim 0 is split (or for a flat range,
-    or the whole tensor), every row cut to its range along `r.dim` otherwise."""
+    """Copy the part of one stored tensor that `r` asks for into `r.target`, reading only its bytes.
+
+    The part is `outer` runs of `run` contiguous elements, `stride` elements apart in the file
+    (one run when dim 0 is split, the tensor is whole or the range is flat; a run per row when a
+    later dimension is cut, as for a row-parallel weight's columns). In the stored dtype on the
+    CPU the runs are read straight into the target; otherwise they are packed into the staging
+    buffer, a block at a time, and copied over (converting the dtype, or to the GPU)."""
     dtype = DTYPES[info.dtype]
     shape = (math.prod(info.shape),) if r.flat else (info.shape or (1,))
     dim, start, length = (0, 0, shape[0]) if r.dim is None and not r.flat else (r.dim or 0, r.start, r.length)
-    want = list(shape)
-    want[dim] = length
-    if not r.target.is_contiguous() or r.target.numel() != math.prod(want):
-        raise RuntimeError(f"{r.key}: cannot read {want} into a tensor of {list(r.target.shape)}")
-    target = r.target.view(want)
-    row = math.prod(shape[1:]) * dtype.itemsize
-    if not target.numel():
+    inner = math.prod(shape[dim + 1:])
+    outer, run, stride = math.prod(shape[:dim]), length * inner, shape[dim] * inner
+    if not r.target.is_contiguous() or r.target.numel() != outer * run:
+        raise RuntimeError(f"{r.key}: cannot read {outer} x {run} entries into a tensor of {list(r.target.shape)}")
+    if not r.target.numel():
         return
-    if dim == 0 and target.device.type == "cpu" and target.dtype == dtype:  # the bytes as they are stored
-        _read_exactly(fh, info.offset + start * row, memoryview(target.reshape(-1).view(torch.uint8).numpy()), info, r)
+    target = r.target.view(outer, run)
+    size = dtype.itemsize
+    offset = info.offset + start * inner * size
+    if stride == run:  # one contiguous range: read as one run
+        outer, run = 1, outer * run
+        target = target.view(1, run)
+    nbytes = run * size
+    if target.device.type == "cpu" and target.dtype == dtype:
+        into = memoryview(target.view(torch.uint8).numpy()).cast("B")
+        for o in range(outer):
+            _read_exactly(fh, offset + o * stride * size, into[o * nbytes:(o + 1) * nbytes], info, r)
         return
-    first, last = (start, start + length) if dim == 0 else (0, shape[0])
     pinned = target.device.type == "cuda"  # host-to-device copies from page-locked memory
     buffer = staging.get(pinned)
-    if buffer is None or buffer.numel() < row:
-        buffer = staging[pinned] = torch.empty(max(STAGING_BYTES, row), dtype=torch.uint8, pin_memory=pinned)
-    per_block = buffer.numel() // row
-    for a in range(first, last, per_block):
-        b = min(last, a + per_block)
-        nbytes = (b - a) * row
-        _read_exactly(fh, info.offset + a * row, memoryview(buffer.numpy())[:nbytes], info, r)
-        block = buffer[:nbytes].view(dtype).view(b - a, *shape[1:])
-        if dim == 0:
-            target.narrow(0, a - start, b - a).copy_(block)
-        else:
-            target.narrow(0, a, b - a).copy_(block.narrow(dim, start, length))
+    if buffer is None or buffer.numel() < run * size:
+        buffer = staging[pinned] = torch.empty(max(STAGING_BYTES, run * size), dtype=torch.uint8,
+                                               pin_memory=pinned)
+    per_block = buffer.numel() // nbytes
+    packed = buffer[:per_block * nbytes].view(per_block, nbytes)
+    into = memoryview(packed.numpy()).cast("B")
+    for first in range(0, outer, per_block):
+        rows = min(per_block, outer - first)
+        for o in range(rows):
+            _read_exactly(fh, offset + (first + o) * stride * size, into[o * nbytes:(o + 1) * nbytes], info, r)
+        target.narrow(0, first, rows).copy_(packed[:rows].view(dtype))
 
 
 def _read_exactly(fh, offset: int, into: memoryview, info: TensorInfo, r: TensorRead) -> None:
-    fh.seek(offset)
+    fd = fh.fileno()
     while into:
-        got = fh.readinto(into)
+        got = os.preadv(fd, [into], offset)
         if not got:
             raise UsageError(f"checkpoint file {info.file} ends inside tensor {r.key}")
-        into = into[got:]
+        into, offset = into[got:], offset + got
 
 
 def _candidates(name: str, aliases: Iterable[str], prefix: str | None) -> list[str]:
