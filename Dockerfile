@@ -15,7 +15,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # Python 3.11 (deadsnakes on Ubuntu 22.04), with headers for DeepSpeed's just-in-time ops;
 # OpenMPI (mpirun/orted; libopenmpi-dev for mpi4py); ssh, because the MPI Operator's and the
 # Trainer's launchers start ranks on the other pods over ssh; g++ and ninja for DeepSpeed's JIT
-# ops; curl, procps (pgrep) and bash for the exec probes the rendered manifests use.
+# ops; curl, procps (pgrep, pkill) and bash for the exec probes and the launcher and sshd wrappers
+# (SIGTERM handling) the rendered manifests use.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends software-properties-common gnupg ca-certificates \
  && add-apt-repository -y ppa:deadsnakes/ppa \

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,7 +97,30 @@ def check_common(docs: list[dict], existing_pvc: str | None, *, master_selector:
 def serve_tail(cmd: list[str]) -> list[str]:
     i = cmd.index("dscluster")
     assert cmd[i + 1] == "serve"
-    return cmd[i:]
+    tail = cmd[i:]
+    # every kind drains the same way: the delay and the timeout the grace period is computed from
+    assert tail[tail.index("--drain-delay") + 1] == "10" and tail[tail.index("--request-timeout") + 1] == "60"
+    return tail
+
+
+def mpirun_argv(cmd: list[str]) -> list[str]:
+    """The mpirun command line inside the launcher's wrapper (SIGTERM -> SIGUSR1 to mpirun)."""
+    assert cmd[:2] == ["bash", "-c"] and "kill -USR1" in cmd[2]
+    return cmd[cmd.index("mpirun"):]
+
+
+GRACE = 10 + 60 + 20  # --drain-delay, --request-timeout, margin
+
+
+def check_grace(pod_spec: dict) -> None:
+    assert pod_spec["terminationGracePeriodSeconds"] == GRACE
+
+
+def check_sshd_wrapper(container: dict) -> None:
+    """sshd in the background; the pod's SIGTERM reaches the ranks, and PID 1 waits for them."""
+    cmd = container["command"]
+    assert cmd[:2] == ["bash", "-c"] and "/usr/sbin/sshd -De &" in cmd[2]
+    assert 'pkill -TERM -f "dscluster[ ]serve"' in cmd[2]
 
 
 def check_mpijob(docs, nodes, gpus, existing_pvc, secret) -> None:
@@ -107,12 +131,15 @@ def check_mpijob(docs, nodes, gpus, existing_pvc, secret) -> None:
     assert spec["slotsPerWorker"] == slots and spec["mpiImplementation"] == "OpenMPI"
     assert spec["runPolicy"]["cleanPodPolicy"] == "Running"
     assert spec["runPolicy"]["schedulingPolicy"]["minAvailable"] == nodes + 1
+    assert spec["runPolicy"]["backoffLimit"] == 6
     rs = spec["mpiReplicaSpecs"]
     assert set(rs) == {"Launcher", "Worker"}
     assert rs["Launcher"]["replicas"] == 1 and rs["Launcher"]["restartPolicy"] == "OnFailure"
     assert rs["Worker"]["replicas"] == nodes
+    check_grace(rs["Launcher"]["template"]["spec"])
+    check_grace(rs["Worker"]["template"]["spec"])
     launcher = rs["Launcher"]["template"]["spec"]["containers"][0]
-    cmd = launcher["command"]
+    cmd = mpirun_argv(launcher["command"])
     assert cmd[:2] == ["mpirun", "--allow-run-as-root"]
     assert cmd[cmd.index("-np") + 1] == str(nodes * slots)
     forwarded = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-x"]
@@ -131,6 +158,7 @@ def check_mpijob(docs, nodes, gpus, existing_pvc, secret) -> None:
     wspec = rs["Worker"]["template"]["spec"]
     worker = wspec["containers"][0]
     check_rank_container(worker, gpus)
+    check_sshd_wrapper(worker)
     check_pod_volumes(wspec, existing_pvc or "dscluster-checkpoints")
     assert "launcher" not in str(launcher.get("resources", {}).get("limits", {}))
     assert "nvidia.com/gpu" not in str(launcher.get("resources", {}))
@@ -153,18 +181,24 @@ def check_trainjob(docs, nodes, gpus, existing_pvc, secret) -> None:
     assert rt["spec"]["mlPolicy"]["numNodes"] == nodes
     assert mpi["numProcPerNode"] == slots and mpi["mpiImplementation"] == "OpenMPI"
     assert mpi["runLauncherAsNode"] is False
-    rjobs = {r["name"]: r for r in rt["spec"]["template"]["spec"]["replicatedJobs"]}
+    jobset = rt["spec"]["template"]["spec"]
+    assert jobset["failurePolicy"] == {"maxRestarts": 6, "restartStrategy": "Recreate"}
+    rjobs = {r["name"]: r for r in jobset["replicatedJobs"]}
     assert set(rjobs) == {"launcher", "node"}
+    assert rjobs["launcher"]["template"]["spec"]["backoffLimit"] == 0  # a failed mpirun restarts the group
+    check_grace(rjobs["launcher"]["template"]["spec"]["template"]["spec"])
     node_spec = rjobs["node"]["template"]["spec"]["template"]["spec"]
+    check_grace(node_spec)
     node = node_spec["containers"][0]
     assert node["name"] == "node"
     check_rank_container(node, gpus)
+    check_sshd_wrapper(node)
     check_pod_volumes(node_spec, existing_pvc or "dscluster-checkpoints")
     assert tj["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
                                         "name": "dscluster-runtime"}
     tr = tj["spec"]["trainer"]
     assert tr["numNodes"] == nodes
-    cmd = tr["command"] + tr["args"]
+    cmd = mpirun_argv(tr["command"] + tr["args"])
     assert cmd[cmd.index("-np") + 1] == str(nodes * slots)
     env = env_of(tr)
     assert not [k for k in env if k.startswith("PET_") or k.startswith("OMPI_MCA_")]
@@ -183,6 +217,7 @@ def check_lws(docs, nodes, gpus, existing_pvc, secret) -> None:
     assert lwt["size"] == nodes and lwt["restartPolicy"] == "RecreateGroupOnPodRestart"
     for key in ("leaderTemplate", "workerTemplate"):
         spec = lwt[key]["spec"]
+        check_grace(spec)
         c = spec["containers"][0]
         check_rank_container(c, gpus, master=False)
         check_pod_volumes(spec, existing_pvc or "dscluster-checkpoints")
@@ -197,13 +232,42 @@ def check_lws(docs, nodes, gpus, existing_pvc, secret) -> None:
     check_common(docs, existing_pvc, master_selector=leaders, http_selector=leaders)
 
 
-CHECKS = {"mpijob": check_mpijob, "trainjob": check_trainjob, "lws": check_lws}
+def check_deployment(docs, nodes, gpus, existing_pvc, secret) -> None:
+    dep = by_kind(docs)["Deployment"][0]
+    spec = dep["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    pod = spec["template"]["spec"]
+    check_grace(pod)
+    check_pod_volumes(pod, existing_pvc or "dscluster-checkpoints")
+    (c,) = pod["containers"]
+    env = env_of(c)
+    assert "MASTER_ADDR" not in env and "MASTER_PORT" not in env  # the local launcher's own rendezvous
+    assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "eth0"
+    limits = c.get("resources", {}).get("limits", {})
+    assert limits.get("nvidia.com/gpu") == (str(gpus) if gpus else None)
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/dev/shm"]["name"] == "dshm" and mounts["/mnt/checkpoints"]["readOnly"] is True
+    tail = serve_tail(c["command"])
+    assert tail[tail.index("--nproc") + 1] == str(gpus or 1)
+    assert tail[tail.index("--engine") + 1] == ("tp" if gpus > 1 else "replicated")
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    assert [p["containerPort"] for p in c["ports"]] == [8000]
+    assert ("DSCLUSTER_API_KEY" in env) == bool(secret)
+    selector = spec["selector"]["matchLabels"]
+    assert selector.items() <= spec["template"]["metadata"]["labels"].items()
+    check_common(docs, existing_pvc, master_selector=None, http_selector=selector)
+
+
+CHECKS = {"mpijob": check_mpijob, "trainjob": check_trainjob, "lws": check_lws, "deployment": check_deployment}
 
 
 @needs_schemas
 @pytest.mark.parametrize("kind", sorted(CHECKS))
 def test_grid_renders_valid_manifests(kind, tmp_path, capsys):
-    grid = itertools.product([1, 2, 3, 4], [0, 1, 8], [None, "models"], [None, "dscluster-key"])
+    nodes = [1] if kind == "deployment" else [1, 2, 3, 4]
+    grid = itertools.product(nodes, [0, 1, 8], [None, "models"], [None, "dscluster-key"])
     for i, (nodes, gpus, pvc, secret) in enumerate(grid):
         extra = ["--nodes", str(nodes), "--gpus-per-node", str(gpus)]
         extra += ["--existing-pvc", pvc] if pvc else []
@@ -224,7 +288,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @needs_schemas
 @pytest.mark.parametrize("kind", sorted(CHECKS))
 def test_cli_render_then_validate(kind, tmp_path):
-    r = run_cli("k8s", "render", kind, "--nodes", "2", "--gpus-per-node", "8", "--nccl-ib-disable",
+    nodes = "1" if kind == "deployment" else "2"
+    r = run_cli("k8s", "render", kind, "--nodes", nodes, "--gpus-per-node", "8", "--nccl-ib-disable",
                 "--nccl-debug", "INFO", "--image", "registry.example/dscluster:0.1", "--dtype", "bfloat16")
     assert r.returncode == 0, r.stderr
     docs = docs_of(r.stdout)
@@ -280,10 +345,60 @@ def _walk(node, path=()):
     (["--replicas", "2"], "--replicas"),
     (["--model", "relative/path"], "--model"),
     (["--nccl-socket-ifname", "eth0 eth1"], "--nccl-socket-ifname"),
+    (["--drain-delay", "-1"], "--drain-delay"),
+    (["--request-timeout", "-5"], "--request-timeout"),
+    (["--restart-policy", "Always"], "--restart-policy 'Always' is not one of mpijob's: OnFailure, Never"),
+    (["--restart-policy", "RecreateGroupOnPodRestart"], "--restart-policy"),
+    (["--max-restarts", "-1"], "--max-restarts"),
 ])
 def test_bad_flags_are_usage_errors(args, needle):
-    with pytest.raises(UsageError, match=needle):
+    with pytest.raises(UsageError, match=re.escape(needle)):
         render("mpijob", make_opts("mpijob", *args))
+
+
+@pytest.mark.parametrize("kind, args, needle", [
+    ("deployment", ["--nodes", "2"], "--nodes 2: a deployment runs the whole model in one pod"),
+    ("deployment", ["--restart-policy", "Never"], "--restart-policy does not apply to deployment"),
+    ("deployment", ["--max-restarts", "3"], "--max-restarts does not apply to deployment"),
+    ("lws", ["--max-restarts", "3"], "--max-restarts does not apply to lws"),
+    ("lws", ["--restart-policy", "OnFailure"], "not one of lws's: RecreateGroupOnPodRestart, RecreateGroupAfterStart, None"),
+    ("trainjob", ["--restart-policy", "InPlaceRestart"], "not one of trainjob's: Recreate, BlockingRecreate"),
+    ("trainjob", ["--replicas", "2"], "--replicas applies to lws and deployment only"),
+])
+def test_kind_specific_flags(kind, args, needle):
+    with pytest.raises(UsageError, match=re.escape(needle)):
+        render(kind, make_opts(kind, *args))
+
+
+@needs_schemas
+@pytest.mark.parametrize("kind, args, where, expected", [
+    ("mpijob", ["--restart-policy", "Never", "--max-restarts", "2"],
+     lambda d: (d["spec"]["mpiReplicaSpecs"]["Launcher"]["restartPolicy"], d["spec"]["runPolicy"]["backoffLimit"]),
+     ("Never", 2)),
+    ("trainjob", ["--restart-policy", "BlockingRecreate", "--max-restarts", "0"],
+     lambda d: d["spec"]["template"]["spec"]["failurePolicy"], {"maxRestarts": 0, "restartStrategy": "BlockingRecreate"}),
+    ("lws", ["--restart-policy", "None"], lambda d: d["spec"]["leaderWorkerTemplate"]["restartPolicy"], "None"),
+    ("deployment", ["--replicas", "3"], lambda d: d["spec"]["replicas"], 3),
+])
+def test_restart_flags_render_and_validate(kind, args, where, expected, tmp_path):
+    text = render(kind, make_opts(kind, *args))
+    workload = docs_of(text)[0]
+    assert where(workload) == expected
+    f = tmp_path / "m.yaml"
+    f.write_text(text)
+    assert run_validate([str(f)], crds_dir=str(SCHEMAS)) == 0
+
+
+@pytest.mark.parametrize("kind", sorted(CHECKS))
+def test_grace_period_covers_the_drain_delay_and_the_request_timeout(kind):
+    docs = docs_of(render(kind, make_opts(kind, "--drain-delay", "30", "--request-timeout", "0", "--nodes", "1")))
+    graces = [node["terminationGracePeriodSeconds"] for d in docs for _, node in _walk(d)
+              if isinstance(node, dict) and "terminationGracePeriodSeconds" in node]
+    assert graces and set(graces) == {30 + 60 + 20}  # no deadline: the server drains for up to 60 s
+    commands = [node for d in docs for _, node in _walk(d) if isinstance(node, list) and "serve" in node]
+    assert commands
+    for cmd in commands:
+        assert cmd[cmd.index("--drain-delay") + 1] == "30" and cmd[cmd.index("--request-timeout") + 1] == "0"
 
 
 def test_cli_bad_flag_exit_2_one_line():

@@ -221,3 +221,94 @@ def test_no_objects_is_usage_error(tmp_path):
     f.write_text("---\n")
     with pytest.raises(UsageError, match="no Kubernetes objects"):
         run_validate([str(f)], crds_dir=None)
+
+
+# -- the rules the CRDs carry beyond JSON Schema: CEL, unique list keys ------------------------------
+
+
+def test_jobset_cel_rule_in_the_trainer_runtime(tmp_path):
+    """JobSet's rule, embedded in the upstream TrainingRuntime CRD: startupPolicy InOrder and
+    dependsOn (which the rendered runtime uses) exclude each other. Reported with its own message."""
+    docs = objects("trainjob")
+    the_kind(docs, "TrainingRuntime")["spec"]["template"]["spec"]["startupPolicy"] = {"startupPolicyOrder": "InOrder"}
+    rc, out = check(tmp_path, docs)
+    assert rc == 2
+    assert ("(TrainingRuntime/dscluster-runtime): spec.template.spec: "
+            "StartupPolicy and DependsOn APIs are mutually exclusive") in out
+    assert "1 problem" in out.splitlines()[-1]
+    # the same rule in the JobSet CRD itself, on the upstream JobSet example
+    jobset = yaml.safe_load((SCHEMAS / "upstream-examples" / "jobset-v0.12.0_pytorch_resnet.yaml").read_text())
+    jobset["spec"]["startupPolicy"] = {"startupPolicyOrder": "InOrder"}
+    jobset["spec"]["replicatedJobs"][0]["dependsOn"] = [{"name": "other", "status": "Ready"}]
+    rc, out = check(tmp_path, [jobset])
+    assert rc == 2 and "(JobSet/pytorch): spec: StartupPolicy and DependsOn APIs are mutually exclusive" in out
+
+
+def test_trainer_cel_rules(tmp_path):
+    docs = objects("trainjob")
+    the_kind(docs, "TrainingRuntime")["spec"]["mlPolicy"]["torch"] = {}
+    the_kind(docs, "TrainJob")["spec"]["managedBy"] = "someone-else"
+    rc, out = check(tmp_path, docs)
+    assert rc == 2
+    assert "(TrainingRuntime/dscluster-runtime): spec.mlPolicy: Only one of the policy can be configured" in out
+    assert ("(TrainJob/dscluster): spec.managedBy: ManagedBy must be trainer.kubeflow.org/trainjob-controller or "
+            "kueue.x-k8s.io/multikueue if set") in out
+    # a rule on the root object: the TrainJob's name as a DNS label of at most 63 characters
+    docs = objects("trainjob")
+    the_kind(docs, "TrainJob")["metadata"]["name"] = "a" * 64
+    rc, out = check(tmp_path, docs)
+    assert rc == 2 and "(document): metadata.name must be no more than 63 characters" in out
+
+
+def test_list_map_keys_must_be_unique(tmp_path):
+    docs = objects("lws")
+    c = the_kind(docs, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]
+    n_env = len(c["env"])
+    c["env"].append({"name": "NCCL_DEBUG", "value": "INFO"})
+    c["ports"].append({"name": "again", "containerPort": 8000})  # protocol defaults to TCP: same key
+    rc, out = check(tmp_path, docs)
+    assert rc == 2
+    prefix = "(LeaderWorkerSet/dscluster): spec.leaderWorkerTemplate.leaderTemplate.spec.containers[0]"
+    first_debug = [e["name"] for e in c["env"]].index("NCCL_DEBUG")
+    assert (f"{prefix}.env[{n_env}]: duplicate of entry {first_debug} (name='NCCL_DEBUG'): entries of this list "
+            "are keyed by name, which must be unique") in out
+    assert f"{prefix}.ports[2]: duplicate of entry 0 (containerPort=8000, protocol='TCP')" in out
+    # both LWS releases' CRDs say so: one line each, not one per CRD
+    assert len([ln for ln in out.splitlines() if "NCCL_DEBUG" in ln]) == 1
+
+
+def test_cel_message_expression_field_path_and_what_is_not_evaluated(tmp_path):
+    """A CRD of our own making exercises the parts of a rule the upstream CRDs do not use:
+    messageExpression, fieldPath, a transition rule (skipped on create), a Kubernetes library
+    function cel-python lacks (skipped, listed), a rule that cannot be evaluated on the value."""
+    from dscluster.k8s import crd_rules
+
+    crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+           "metadata": {"name": "widgets.example.com"},
+           "spec": {"group": "example.com", "names": {"kind": "Widget", "plural": "widgets"}, "scope": "Namespaced",
+                    "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                        "type": "object", "properties": {"spec": {
+                            "type": "object",
+                            "properties": {"min": {"type": "integer"}, "max": {"type": "integer"},
+                                           "name": {"type": "string"}, "tags": {
+                                               "type": "array", "items": {"type": "string"},
+                                               "x-kubernetes-list-type": "set"}},
+                            "x-kubernetes-validations": [
+                                {"rule": "self.min <= self.max", "fieldPath": ".max",
+                                 "messageExpression": "'max ' + string(self.max) + ' is below min ' + string(self.min)"},
+                                {"rule": "self.min == oldSelf.min", "message": "immutable"},
+                                {"rule": "self.name.lowerAscii() == self.name", "message": "lowercase"},
+                                {"rule": "self.missing > 0"}]}}}}}]}}
+    crds = tmp_path / "crds"
+    crds.mkdir()
+    (crds / "widget.yaml").write_text(yaml.safe_dump(crd))
+    widget = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"},
+              "spec": {"min": 5, "max": 2, "name": "MiXed", "tags": ["a", "b", "a"]}}
+    rc, out = check(tmp_path, [widget], crds=crds)
+    assert rc == 2
+    assert "(Widget/w): spec.max: max 2 is below min 5" in out
+    assert "(Widget/w): spec.tags[2]: duplicate of entry 0 ('a'): this list is a set" in out
+    assert "(Widget/w): spec: rule 'self.missing > 0' could not be evaluated: no such member" in out
+    assert "immutable" not in out and "lowercase" not in out
+    assert "lowerAscii" in crd_rules.skipped_rules["self.name.lowerAscii() == self.name"]
+    assert "3 problems" in out.splitlines()[-1]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 
 def plan(*args: str) -> tuple[int, dict | str, str]:
@@ -92,14 +93,22 @@ def run_render(command: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dscluster", *argv[1:]], capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("params, kind, nodes", [("70e9", "lws", 1), ("405e9", "mpijob", 2)])
+@pytest.mark.parametrize("params, kind, nodes", [("70e9", "deployment", 1), ("7e9", "deployment", 1),
+                                                 ("405e9", "mpijob", 2)])
 def test_render_command_renders(params, kind, nodes):
     _, p, _ = plan("--params", params, "--json")
     assert p["render_command"].startswith(f"dscluster k8s render {kind} --nodes {nodes} ")
-    assert "--engine tp" in p["render_command"]
+    assert f"--engine {'tp' if p['tensor_parallel'] > 1 else 'replicated'}" in p["render_command"]
     proc = run_render(p["render_command"])
     assert proc.returncode == 0, proc.stderr
     assert "kind: " in proc.stdout and "nvidia.com/gpu" in proc.stdout
+    workload = next(yaml.safe_load_all(proc.stdout))
+    assert workload["kind"] == {"deployment": "Deployment", "mpijob": "MPIJob"}[kind]
+    # the rendered GPUs are the plan's: one rank per GPU, tensor parallel over all of them
+    assert f"nvidia.com/gpu: '{p['gpus_per_node']}'" in proc.stdout
+    if kind == "deployment":
+        command = workload["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert command[command.index("--nproc") + 1] == str(p["tensor_parallel"])
 
 
 def test_render_command_for_a_local_directory_uses_the_pod_path(tiny, tmp_path):

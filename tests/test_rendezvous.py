@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -131,11 +132,60 @@ def test_an_explicit_master_addr_wins_over_the_hostfile(tmp_path):
     assert discover({**env, "MASTER_ADDR": "svc.ns"}).master_addr == "svc.ns"
 
 
-@pytest.mark.parametrize("nodelist, first", [("node[03-05,07]", "node03"), ("gpu[03-05,07]", "gpu03"),
-                                             ("node1", "node1"), ("a[9],b[1-2]", "a9"), ("x,y[1-2]", "x"),
-                                             ("tiny-node-[12-13]", "tiny-node-12")])
+# The issue's forms (a suffix after the bracket, two bracket groups), and the examples of Slurm's
+# documentation (hostlist expressions in slurm.conf, sbatch/srun and scontrol man pages).
+NODELISTS = [("node[03-05,07]", "node03"), ("gpu[03-05,07]", "gpu03"), ("node1", "node1"), ("a[9],b[1-2]", "a9"),
+             ("x,y[1-2]", "x"), ("tiny-node-[12-13]", "tiny-node-12"),
+             ("node[1-2]-ib", "node1-ib"), ("rack[1-2]-n[1-4]", "rack1-n1"),
+             ("tux[0-15],lx[10-20]", "tux0"), ("lx[10-20]", "lx10"), ("linux[0-64,128]", "linux0"),
+             ("lx[10-20,25,27-29]", "lx10"), ("rack[0-63]_blade[0-41]", "rack0_blade0"),
+             ("node[01-02],node[05-06]", "node01"), ("dev[009-011]", "dev009"), ("  snode[2-3] ", "snode2")]
+
+
+@pytest.mark.parametrize("nodelist, first", NODELISTS)
 def test_slurm_nodelist_first_host(nodelist, first):
     assert expand_first_host(nodelist) == first
+
+
+def _scontrol(tmp_path, nodelist: str) -> str | None:
+    """Slurm's own expansion (`scontrol show hostnames`), with a minimal slurm.conf; None when
+    scontrol is not installed or cannot parse the form (it says 'Invalid hostlist')."""
+    if shutil.which("scontrol") is None:
+        return None
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=test\nSlurmctldHost=localhost\nNodeName=localhost\nPartitionName=p Nodes=localhost\n")
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "SLURM_CONF": str(conf)})
+    if out.returncode != 0 or "Invalid" in out.stdout or out.stderr.strip():
+        return None
+    return out.stdout.split()[0]
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="Slurm's scontrol (Debian slurm-client) not installed")
+def test_slurm_nodelist_agrees_with_scontrol(tmp_path):
+    """Slurm's own parser is the reference wherever it accepts the form."""
+    compared = 0
+    for nodelist, _ in NODELISTS:
+        reference = _scontrol(tmp_path, nodelist.strip())
+        if reference is not None:
+            assert expand_first_host(nodelist) == reference, nodelist
+            compared += 1
+    assert compared >= 10
+
+
+def test_slurm_step_variables_win_over_the_job_variables():
+    """`sbatch -N 2 -n 8` then `srun -N 2 -n 2 --ntasks-per-node 1` on the InfiniBand names: the step
+    runs 2 tasks, one per node, on hosts the job's variables do not name."""
+    job = dict(SLURM_NTASKS="8", SLURM_TASKS_PER_NODE="4(x2)", SLURM_NTASKS_PER_NODE="4",
+               SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_NUM_NODES="2")
+    step = dict(SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="1(x2)", SLURM_STEP_NODELIST="node[1-2]-ib",
+                SLURM_STEP_NUM_NODES="2", SLURM_PROCID="1", SLURM_LOCALID="0", SLURM_NODEID="1")
+    rdzv = discover({**job, **step})
+    assert (rdzv.rank, rdzv.world_size, rdzv.local_world_size, rdzv.node_rank, rdzv.master_addr) == \
+        (1, 2, 1, 1, "node1-ib")
+    # Without the step's variables (an old Slurm, or the batch script itself) the job's are used.
+    rdzv = discover({**job, "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"})
+    assert (rdzv.world_size, rdzv.local_world_size, rdzv.master_addr) == (8, 4, "node1")
 
 
 @pytest.mark.parametrize("node, local_size", [(0, 2), (1, 2), (2, 2), (3, 1)])
@@ -187,6 +237,11 @@ BAD = [
     (dict(SLURM_PROCID="0", SLURM_NTASKS="4", SLURM_TASKS_PER_NODE="2(x", SLURM_STEP_NODELIST="n[1-2]"),
      "SLURM_TASKS_PER_NODE"),
     (dict(SLURM_PROCID="0", SLURM_NTASKS="4", SLURM_LOCALID="0"), "SLURM_STEP_NODELIST"),
+    (dict(SLURM_PROCID="0", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="1(x", SLURM_STEP_NODELIST="n[1-2]"),
+     "SLURM_STEP_TASKS_PER_NODE='1(x'"),
+    (dict(SLURM_PROCID="2", SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="8", SLURM_STEP_NODELIST="n[1-2]"),
+     "SLURM_PROCID=2 must be less than SLURM_STEP_NUM_TASKS=2"),
+    (dict(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_STEP_NODELIST="n[1-"), "SLURM_STEP_NODELIST='n[1-'"),
     (dict(SLURM_PROCID="2", SLURM_NTASKS="4", SLURM_LOCALID="0", SLURM_NODEID="x", SLURM_STEP_NODELIST="n[1-2]",
           SLURM_NTASKS_PER_NODE="2"), "SLURM_NODEID='x'"),
 ]

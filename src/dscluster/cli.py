@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' (env DSCLUSTER_API_KEY)")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--max-body-bytes", type=_positive_int, default=8 * 1024 * 1024)
+    p.add_argument("--drain-delay", type=_non_negative_float, default=0.0, metavar="SECONDS",
+                   help="after SIGTERM, answer readiness 503 but keep accepting and answering requests for "
+                        "this long before draining, while endpoints and load balancers stop routing here "
+                        "(default 0: drain at once; the rendered Kubernetes manifests pass 10)")
     p.set_defaults(handler=_cmd_serve)
 
     # batch --------------------------------------------------------------------------------
@@ -156,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_env)
 
     # launch -------------------------------------------------------------------------------
-    p = sub.add_parser("launch", help="run CMD as N local ranks: dscluster launch --nproc N -- CMD ...")
+    p = sub.add_parser("launch", help="run CMD as N local ranks: dscluster launch --nproc N -- CMD ... "
+                                      "(under LWS or Trainer torch variables: this node's N ranks of the group)")
     p.add_argument("--nproc", type=_positive_int, required=True)
     p.add_argument("--grace", type=_non_negative_float, default=10.0,
                    help="seconds ranks get to exit after SIGTERM before SIGKILL")
@@ -261,7 +266,13 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
     if shutil.which(cmd[0]) is None:
         raise UsageError(f"launch: {cmd[0]}: no such program (or not executable)")
-    return launch(cmd, nproc=args.nproc, grace=args.grace)
+    from dscluster.cluster.rendezvous import PER_NODE_LAUNCHERS, discover
+
+    # Under a per-node launcher (an LWS pod, a Trainer torch node) this process is the node's agent:
+    # its ranks continue the numbering of the nodes before it, towards the launcher's master.
+    rdzv = discover(nproc_per_node=args.nproc)
+    node = rdzv if rdzv.launcher in PER_NODE_LAUNCHERS else None
+    return launch(cmd, nproc=args.nproc, grace=args.grace, rdzv=node)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:

@@ -16,8 +16,8 @@ staging buffer, so the weights term is 0 whatever the model's size; a checkpoint
 safetensors files (PyTorch .bin) is read whole by every rank, so it costs the whole model per rank.
 
 The seeds' advice, with numbers: when one node's GPUs hold the model, deploy on one node (no
-inter-node traffic on every layer); only when they don't, run across nodes (MPIJob or LWS) with
-tensor parallelism over whole nodes.
+inter-node traffic on every layer: `k8s render deployment`); only when they don't, run across
+nodes (MPIJob or LWS) with tensor parallelism over whole nodes.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def make_plan(args: argparse.Namespace) -> dict:
         return plan
     single = best.nodes == 1
     model_arg = pod_model_path(args.model) if args.model else f"{CHECKPOINTS}/model"
-    kind = "lws" if single else "mpijob"
+    kind = "deployment" if single else "mpijob"
     engine = "tp" if best.tensor_parallel > 1 else "replicated"
     plan.update(tensor_parallel=best.tensor_parallel, nodes=best.nodes, gpus_per_node=best.gpus_per_node,
                 per_gpu_gib=best.per_gpu_gib, recommendation="single-node" if single else "multi-node",
@@ -266,6 +266,7 @@ def describe(plan: dict) -> str:
         lines.append(f"fits on one node: tensor parallel {plan['tensor_parallel']} on {plan['gpus_per_node']} GPU(s), "
                      f"{plan['per_gpu_gib']:g} GiB per GPU. Deploy on a single node; multi-node buys nothing here.")
         lines.append(f"  {plan['render_command']}")
+        lines.append("  (one pod per copy of the model; or a dedicated single-node server such as Ray Serve)")
     else:
         lines.append(f"needs {plan['nodes']} nodes: tensor parallel {plan['tensor_parallel']} over {plan['nodes']} x "
                      f"{plan['gpus_per_node']} GPUs, {plan['per_gpu_gib']:g} GiB per GPU.")

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from dscluster.cluster.launch import launch
-from dscluster.cluster.rendezvous import discover
+from dscluster.cluster.rendezvous import PER_NODE_LAUNCHERS, discover
 from dscluster.engine.loading import check_model_spec
 from dscluster.errors import EXIT_PEER_FAILED, UsageError
 
@@ -31,11 +32,21 @@ def _preflight(args: argparse.Namespace, role: str) -> None:
         raise UsageError(f"--port {args.port} is not a TCP port (1-65535)")
 
 
+def _sigusr1_means_sigterm() -> None:
+    """mpirun turns a SIGTERM into SIGTERM to every rank followed by SIGKILL one second later
+    (OpenMPI's odls_base_sigkill_timeout), too soon to drain; it forwards SIGUSR1 at once and
+    nothing after. The rendered MPI launchers turn the pod's SIGTERM into SIGUSR1 to mpirun, and
+    every rank handles SIGUSR1 as the SIGTERM it stands for (whatever SIGTERM does at that moment:
+    rank 0 drains, a worker waits for rank 0's stop, a rank still loading ends)."""
+    signal.signal(signal.SIGUSR1, lambda signum, frame: signal.raise_signal(signal.SIGTERM))
+
+
 def run(args: argparse.Namespace, role: str) -> int:
     _preflight(args, role)
+    _sigusr1_means_sigterm()
     rdzv = discover(nproc_per_node=args.nproc)
-    spawning = rdzv.spawn_local > 1 and rdzv.launcher in ("none", "trainer-torch", "lws")
-    if args.nproc and not spawning and rdzv.launcher not in ("none", "local", "trainer-torch", "lws"):
+    spawning = rdzv.spawn_local > 1 and (rdzv.launcher == "none" or rdzv.launcher in PER_NODE_LAUNCHERS)
+    if args.nproc and not spawning and rdzv.launcher not in ("none", "local", *PER_NODE_LAUNCHERS):
         if args.nproc != rdzv.local_world_size:
             raise UsageError(f"--nproc {args.nproc} under {rdzv.launcher}, which already started "
                              f"{rdzv.local_world_size} rank(s) on this node: drop --nproc")

@@ -6,6 +6,9 @@ that no route of this machine uses it) and `/etc/netns/NS/hosts` naming every no
 finds the master by name as it would through a headless Service. The bridge holds the last
 address of the subnet, so the test process reaches every node (HTTP to rank 0) directly.
 
+`Cluster(n, names=[...], aliases={name: [...]})` names the nodes as pods are named and adds more
+names for a node to every hosts file (a Service name, a pod's DNS name under a headless Service).
+
 `node.popen(cmd)` runs a command in the node: `ip netns exec` (network and mount namespaces)
 then `unshare --uts` with the node's name as hostname, so the names ranks report are node names.
 Paths given in `hide` are covered by an empty tmpfs in that node's own mount namespace only: a
@@ -65,10 +68,10 @@ def _free_subnet() -> ipaddress.IPv4Network:
 
 
 class Node:
-    def __init__(self, cluster: Cluster, index: int):
+    def __init__(self, cluster: Cluster, index: int, name: str | None = None):
         self.cluster = cluster
         self.index = index
-        self.name = f"node{index}"                       # hostname and DNS name
+        self.name = name or f"node{index}"               # hostname and DNS name
         self.ns = f"{cluster.tag}-{self.name}"           # namespace name, unique per cluster
         self.addr = str(cluster.subnet.network_address + index + 1)
         self.ifname = "eth0"                             # inside the namespace
@@ -132,7 +135,7 @@ class Node:
 class Cluster:
     """N nodes on a private bridge. Use as a context manager."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, names: list[str] | None = None, aliases: dict[str, list[str]] | None = None):
         reason = unavailable_reason()
         if reason:
             raise Unavailable(reason)
@@ -140,7 +143,8 @@ class Cluster:
         self.bridge = f"{self.tag}br"
         self.subnet = _free_subnet()
         self.bridge_addr = str(self.subnet.broadcast_address - 1)
-        self.nodes = [Node(self, i) for i in range(n)]
+        self.nodes = [Node(self, i, names[i] if names else None) for i in range(n)]
+        self.aliases = aliases or {}
         self._made_bridge = False
         try:
             self._build()
@@ -154,7 +158,8 @@ class Cluster:
         self._made_bridge = True
         _ip("addr", "add", f"{self.bridge_addr}/{prefix}", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
-        hosts = "127.0.0.1 localhost\n" + "".join(f"{n.addr} {n.name}\n" for n in self.nodes)
+        hosts = "127.0.0.1 localhost\n" + "".join(
+            f"{n.addr} {' '.join([n.name, *self.aliases.get(n.name, [])])}\n" for n in self.nodes)
         for node in self.nodes:
             etc = Path("/etc/netns") / node.ns
             etc.mkdir(parents=True, exist_ok=True)

@@ -132,17 +132,11 @@ def test_mpirun_master_broadcast_over_mpi(program):
 
 # -- per-node rows: one process per node (LWS pod, Trainer node) spawns its local ranks -------------
 
-PER_NODE_PROCESS = ("import sys\n"
-              "from dscluster.cluster.launch import launch\n"
-              "from dscluster.cluster.rendezvous import discover\n"
-              "rdzv = discover(nproc_per_node=2)\n"
-              "sys.exit(launch([sys.executable, sys.argv[1]], nproc=rdzv.spawn_local, rdzv=rdzv))")
-
-
 @pytest.mark.parametrize("row", ["lws", "trainer-torch"])
 def test_per_node_rows_two_nodes_of_two_ranks(row):
-    """Two "nodes" on this machine, each told only its node index, each spawning 2 local ranks:
-    4 ranks in one real gloo group, ranks numbered node by node."""
+    """Two "nodes" on this machine, each told only its node index, each running
+    `dscluster launch --nproc 2 -- PROGRAM` as its pod's command: 4 ranks in one real gloo group,
+    ranks numbered node by node."""
     port = str(free_port())
     if row == "lws":  # LeaderWorkerSet's variables; ranks per pod come from --nproc (here 2)
         nodes = [dict(LWS_LEADER_ADDRESS="127.0.0.1", LWS_GROUP_SIZE="2", LWS_WORKER_INDEX=str(i), MASTER_PORT=port)
@@ -150,7 +144,8 @@ def test_per_node_rows_two_nodes_of_two_ranks(row):
     else:  # Kubeflow Trainer's torch plugin
         nodes = [dict(PET_NNODES="2", PET_NODE_RANK=str(i), PET_NPROC_PER_NODE="2", PET_MASTER_ADDR="127.0.0.1",
                       PET_MASTER_PORT=port) for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", PER_NODE_PROCESS, PROBE], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-m", "dscluster", "launch", "--nproc", "2", "--", sys.executable, PROBE],
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=clean_env(**env)) for env in nodes]
     outputs = []
     try:

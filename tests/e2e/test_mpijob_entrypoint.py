@@ -1,6 +1,7 @@
 """The MPIJob launcher's exact command and environment, run here under a real `mpirun`.
 
-What a cluster would provide and this machine cannot is replaced, nothing else: the model path
+The launcher's command is the rendered one: mpirun under the wrapper that turns the pod's SIGTERM
+into SIGUSR1. What a cluster would provide and this machine cannot is replaced, nothing else: the model path
 (a `dscluster tiny-model` directory instead of the PVC), MASTER_ADDR (127.0.0.1 instead of the
 `<name>-master` Service), the ports (free ones instead of 8000/29500, which may be taken here),
 and the MPI Operator's hostfile (`localhost slots=2`, found through OMPI_MCA_orte_default_hostfile
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI
 
 def rendered_launcher() -> dict:
     r = subprocess.run([sys.executable, "-m", "dscluster", "k8s", "render", "mpijob", "--nodes", "1",
-                        "--gpus-per-node", "2", "--nccl-socket-ifname", "lo"],
+                        "--gpus-per-node", "2", "--nccl-socket-ifname", "lo", "--drain-delay", "2"],
                        capture_output=True, text=True, check=True, timeout=60)
     job = next(d for d in yaml.safe_load_all(r.stdout) if d and d["kind"] == "MPIJob")
     return job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
@@ -76,15 +77,17 @@ def test_launcher_command_serves_under_mpirun(tiny, tmp_path):
         assert isinstance(body["choices"][0]["text"], str)
         assert body["usage"]["completion_tokens"] >= 1
 
-        # Kubernetes deleting the launcher pod: SIGTERM to mpirun, which forwards it to every rank.
-        # Rank 0 drains and sends the stop command; the other ranks leave on it. mpirun's own exit
-        # status says nothing here: OpenMPI 4.1 exits 1 whenever it is signalled, even when every
-        # rank exits 0 (checked with a plain Python job), so the ranks' shutdown is read from the log.
+        # Kubernetes deleting the launcher pod: SIGTERM to the container's process, the rendered
+        # wrapper, which sends SIGUSR1 to mpirun; mpirun forwards it to every rank at once (a
+        # SIGTERM it would follow with SIGKILL a second later). Rank 0 takes it as SIGTERM: not
+        # ready, still answering for the drain delay, then drains and sends the stop command; the
+        # other ranks leave on it, and mpirun and the wrapper exit 0.
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(120)
         text = log.read_text()
-        assert rc in (0, 1), f"mpirun exit {rc}:\n{text[-4000:]}"
-        assert "signal 15: shutting down" in text, text[-4000:]
+        assert rc == 0, f"launcher exit {rc}:\n{text[-4000:]}"
+        assert "Forwarding signal 10 to job" in text, text[-4000:]  # mpirun's own line for SIGUSR1
+        assert "signal 15: not ready; still answering for 2 s (--drain-delay)" in text, text[-4000:]
         assert "rank 1: stop received" in text, text[-4000:]
         assert "Traceback" not in text, text[-4000:]
     finally:

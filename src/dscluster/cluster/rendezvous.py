@@ -17,7 +17,9 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import socket
+import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -70,7 +72,7 @@ class LauncherRow:
     name: str
     markers: tuple[str, ...]          # any of these present selects the row
     rank: str
-    world_size: str
+    world_size: str | tuple[str, ...]                       # a tuple: alternatives, first set wins
     local_rank: str | None = None
     local_world_size: str | tuple[str, ...] | None = None  # a tuple: alternatives, first set wins
     master_addr: str | None = None
@@ -136,28 +138,56 @@ def own_address() -> str:
 
 
 def expand_first_host(nodelist: str) -> str:
-    """First host of a Slurm nodelist: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        raise RendezvousError(f"SLURM_STEP_NODELIST={nodelist!r} is not a Slurm node list")
-    prefix, ranges = m.group(1), m.group(2)
-    if ranges is None:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    """First host of a Slurm node list: 'gpu[03-05,9],cpu1' -> 'gpu03', 'node[1-2]-ib' -> 'node1-ib',
+    'rack[1-2]-n[1-4]' -> 'rack1-n1'.
+
+    python-hostlist implements Slurm's syntax (several bracket groups, text after a bracket, zero
+    padding); a list it rejects is given to Slurm's own `scontrol show hostnames` when that is
+    installed (a newer form), before it is reported as an error."""
+    import hostlist
+
+    nodelist = nodelist.strip()
+    try:
+        hosts = hostlist.expand_hostlist(nodelist)
+    except hostlist.BadHostlist as exc:
+        hosts = _scontrol_hostnames(nodelist)
+        if hosts is None:
+            raise RendezvousError(f"SLURM_STEP_NODELIST={nodelist!r} is not a Slurm node list ({exc})") from None
+    if not hosts:
+        raise RendezvousError(f"SLURM_STEP_NODELIST={nodelist!r} names no host")
+    return hosts[0]
+
+
+def _scontrol_hostnames(nodelist: str) -> list[str] | None:
+    """`scontrol show hostnames LIST`, or None when scontrol is missing or rejects the list (it
+    prints 'Invalid hostlist' and still exits 0)."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return None
+    try:
+        out = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    hosts = out.stdout.split()
+    if out.returncode != 0 or not hosts or "Invalid" in out.stdout or out.stderr.strip():
+        return None
+    return hosts
 
 
 def _slurm_tasks_on_this_node(env: Mapping[str, str]) -> str | None:
-    """SLURM_NTASKS_PER_NODE, or this node's entry of SLURM_TASKS_PER_NODE ('2(x3),1')."""
-    if env.get("SLURM_NTASKS_PER_NODE"):
-        return env["SLURM_NTASKS_PER_NODE"]
-    spec = env.get("SLURM_TASKS_PER_NODE")
-    if not spec:
-        return None
+    """This node's entry of the step's SLURM_STEP_TASKS_PER_NODE ('2(x3),1'), else of the job's
+    SLURM_TASKS_PER_NODE, else SLURM_NTASKS_PER_NODE (the job's --ntasks-per-node). A step can run
+    fewer tasks than its job (`srun -n 2` inside `sbatch -n 8`): the step's count is the truth."""
+    var = next((v for v in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE") if env.get(v)), None)
+    if var is None:
+        return env.get("SLURM_NTASKS_PER_NODE") or None
+    spec = env[var]
     counts: list[str] = []
     for part in spec.split(","):
         m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
         if not m:
-            raise RendezvousError(f"SLURM_TASKS_PER_NODE={spec!r} is not a Slurm task count list")
+            raise RendezvousError(f"{var}={spec!r} is not a Slurm task count list")
         counts += [m.group(1)] * int(m.group(2) or 1)
     node = int(env.get("SLURM_NODEID", "0") or 0)
     return counts[node] if node < len(counts) else counts[0]
@@ -203,7 +233,7 @@ LAUNCHERS: tuple[LauncherRow, ...] = (
     LauncherRow("mpich", ("PMI_RANK", "PMI_SIZE"), rank="PMI_RANK", world_size="PMI_SIZE",
                 local_rank="MPI_LOCALRANKID", local_world_size="MPI_LOCALNRANKS",
                 master_port="MASTER_PORT", derive={"master_addr": _mpi_master_addr}),
-    LauncherRow("slurm", ("SLURM_PROCID",), rank="SLURM_PROCID", world_size="SLURM_NTASKS",
+    LauncherRow("slurm", ("SLURM_PROCID",), rank="SLURM_PROCID", world_size=("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"),
                 local_rank="SLURM_LOCALID", master_port="MASTER_PORT", node_rank="SLURM_NODEID",
                 derive={"master_addr": _slurm_master, "local_world_size": _slurm_tasks_on_this_node}),
     LauncherRow("env", ("RANK", "WORLD_SIZE"), local_world_size=("LOCAL_WORLD_SIZE", "LOCAL_SIZE"), **_TORCH),
@@ -214,6 +244,10 @@ LAUNCHERS: tuple[LauncherRow, ...] = (
                 rank="LWS_WORKER_INDEX", world_size="LWS_GROUP_SIZE",
                 master_addr="LWS_LEADER_ADDRESS", master_port="MASTER_PORT", per_node=True),
 )
+
+
+# Rows that describe a node: a process they start is the node's agent and spawns its local ranks.
+PER_NODE_LAUNCHERS = frozenset(row.name for row in LAUNCHERS if row.per_node)
 
 
 def _int(env: Mapping[str, str], var: str, minimum: int) -> int:
@@ -233,12 +267,17 @@ def _field(row: LauncherRow, name: str, env: Mapping[str, str]) -> tuple[str | N
     """(value, where it came from) for one field of a row."""
     if name in row.derive:
         return row.derive[name](env), f"{row.name} {name}"
-    var = getattr(row, name)
+    var = _variable(getattr(row, name), env)
     if var is None:
         return None, None
-    if isinstance(var, tuple):  # alternatives: the first one set
-        var = next((v for v in var if env.get(v) not in (None, "")), var[0])
     return env.get(var), var
+
+
+def _variable(spec: str | tuple[str, ...] | None, env: Mapping[str, str]) -> str | None:
+    """The variable a row field names; of alternatives (a tuple), the first one set."""
+    if isinstance(spec, tuple):
+        return next((v for v in spec if env.get(v) not in (None, "")), spec[0])
+    return spec
 
 
 def select_row(env: Mapping[str, str]) -> LauncherRow | None:
@@ -262,15 +301,16 @@ def discover(env: Mapping[str, str] | None = None, nproc_per_node: int | None = 
                           _port(env.get("MASTER_PORT"), "MASTER_PORT"), "none", spawn_local=nproc)
 
     # Partial variables: a row's rank without its size (or the reverse) is an error naming both.
-    for var in (row.rank, row.world_size):
+    rank_var, world_var = row.rank, _variable(row.world_size, env)
+    for var in (rank_var, world_var):
         if env.get(var) in (None, ""):
-            present = [m for m in (row.rank, row.world_size) if env.get(m) not in (None, "")]
+            present = [m for m in (rank_var, world_var) if env.get(m) not in (None, "")]
             raise RendezvousError(f"{var} is not set but {', '.join(present)} is ({row.name} launcher): "
                                   "set both or neither")
-    rank = _int(env, row.rank, 0)
-    world = _int(env, row.world_size, 1)
+    rank = _int(env, rank_var, 0)
+    world = _int(env, world_var, 1)
     if rank >= world:
-        raise RendezvousError(f"{row.rank}={rank} must be less than {row.world_size}={world}")
+        raise RendezvousError(f"{rank_var}={rank} must be less than {world_var}={world}")
 
     lws_raw, lws_src = _field(row, "local_world_size", env)
     lr_raw, lr_src = _field(row, "local_rank", env)
@@ -297,7 +337,7 @@ def discover(env: Mapping[str, str] | None = None, nproc_per_node: int | None = 
         if local_rank >= local_world:
             raise RendezvousError(f"{lr_src}={local_rank} must be less than {lws_src}={local_world}")
         if local_world > world:
-            raise RendezvousError(f"{lws_src}={local_world} must not exceed {row.world_size}={world}")
+            raise RendezvousError(f"{lws_src}={local_world} must not exceed {world_var}={world}")
         node_raw, node_src = _field(row, "node_rank", env)
         node_rank = (_checked_int(node_raw, node_src, 0) if node_raw not in (None, "")
                      else rank // local_world)
@@ -338,7 +378,7 @@ def _check_agreement(row: LauncherRow, env: Mapping[str, str], rank: int, world:
     for var, value in (("RANK", rank), ("WORLD_SIZE", world)):
         given = env.get(var)
         if given not in (None, "") and given != str(value):
-            source = row.rank if var == "RANK" else row.world_size
+            source = row.rank if var == "RANK" else _variable(row.world_size, env)
             raise RendezvousError(f"{var}={given} contradicts {source}={value} ({row.name} launcher)")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 MASTER_PORT = 29500
@@ -18,6 +19,9 @@ FORWARDED_ENV = ("MASTER_ADDR", "MASTER_PORT", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME
 # Also forwarded, from the image's environment: sshd gives ranks its own default PATH and no
 # LD_LIBRARY_PATH (where CUDA images and some clouds put the driver libraries).
 IMAGE_ENV = ("PATH", "LD_LIBRARY_PATH")
+# Seconds a pod gets after SIGTERM beyond the drain delay and the request timeout: Uvicorn's own
+# margin (5 s, serving/server.py), then stopping every rank and the launcher's teardown.
+GRACE_MARGIN_S = 20
 
 Obj = dict[str, Any]
 
@@ -65,7 +69,22 @@ def serve_command(opts: argparse.Namespace, nproc: int | None = None) -> list[st
         cmd += ["--nproc", str(nproc)]
     if opts.dtype:
         cmd += ["--dtype", opts.dtype]
-    return cmd
+    return cmd + ["--request-timeout", f"{opts.request_timeout:g}", "--drain-delay", f"{opts.drain_delay:g}"]
+
+
+def termination_grace_seconds(opts: argparse.Namespace) -> int:
+    """terminationGracePeriodSeconds of every pod that runs ranks or their launcher: the drain
+    delay, then the longest request in flight (no deadline: the server drains for 60 s), then
+    the margin."""
+    return math.ceil(opts.drain_delay + (opts.request_timeout or 60.0) + GRACE_MARGIN_S)
+
+
+def pod_spec(opts: argparse.Namespace, containers: list[Obj], *, volumes: bool = True) -> Obj:
+    """A pod spec whose SIGTERM leaves time for the drain (see termination_grace_seconds)."""
+    spec: Obj = {"terminationGracePeriodSeconds": termination_grace_seconds(opts), "containers": containers}
+    if volumes:
+        spec["volumes"] = rank_volumes(opts)
+    return spec
 
 
 def nccl_env(opts: argparse.Namespace) -> list[Obj]:
@@ -203,8 +222,38 @@ def ssh_rank_container(opts: argparse.Namespace, name: str, rank0_hostname: str)
     return container
 
 
+# The command of a pod where mpirun starts ranks over ssh. sshd as PID 1 would exit at the pod's
+# SIGTERM and take the ranks with it at once; this shell keeps the pod up while they drain. It
+# passes the SIGTERM to the ranks in the pod: rank 0, when it runs here, drains and stops the whole
+# group; other ranks wait for its stop. `[ ]` keeps pgrep/pkill from matching this script itself.
+SSHD_WRAPPER = (
+    '/usr/sbin/sshd -De & sshd=$!; '
+    'trap \'pkill -TERM -f "dscluster[ ]serve"\' TERM; '
+    'wait "$sshd"; '
+    'while pgrep -f "dscluster[ ]serve" >/dev/null; do sleep 1; done; '
+    'kill "$sshd" 2>/dev/null; exit 0'
+)
+
+# The MPI launcher's command: mpirun under a shell that turns the pod's SIGTERM into SIGUSR1.
+# mpirun answers SIGTERM by signalling every rank and SIGKILLing it a second later, too soon to
+# drain; it forwards SIGUSR1 at once and does nothing else, and the ranks take it as SIGTERM
+# (runner.py). The shell then waits for mpirun, which ends when the ranks have drained and exited,
+# and exits with its status. "$@" is the mpirun command line.
+MPIRUN_WRAPPER = (
+    '"$@" & mpirun=$!; '
+    'trap \'kill -USR1 "$mpirun" 2>/dev/null\' TERM INT; '
+    'while kill -0 "$mpirun" 2>/dev/null; do wait "$mpirun"; done; '
+    'wait "$mpirun"'
+)
+
+
 def sshd_command() -> list[str]:
-    return ["/usr/sbin/sshd", "-De"]
+    return ["bash", "-c", SSHD_WRAPPER]
+
+
+def launcher_command(opts: argparse.Namespace) -> list[str]:
+    """The MPI launcher's command line: mpirun_command under MPIRUN_WRAPPER."""
+    return ["bash", "-c", MPIRUN_WRAPPER, "mpirun-launcher", *mpirun_command(opts)]
 
 
 def mpirun_command(opts: argparse.Namespace) -> list[str]:

@@ -47,12 +47,12 @@ def _container(opts: argparse.Namespace, *, leader: bool) -> c.Obj:
 def leader_worker_set(opts: argparse.Namespace) -> c.Obj:
     def template(leader: bool) -> c.Obj:
         return {"metadata": {"labels": c.common_labels(opts)},
-                "spec": {"containers": [_container(opts, leader=leader)], "volumes": c.rank_volumes(opts)}}
+                "spec": c.pod_spec(opts, [_container(opts, leader=leader)])}
 
     lwt: c.Obj = {
         "size": opts.nodes,
-        # One lost pod breaks the process group: recreate the whole group.
-        "restartPolicy": "RecreateGroupOnPodRestart",
+        # One lost pod breaks the process group: by default LWS recreates the whole group.
+        "restartPolicy": opts.restart_policy,
         "leaderTemplate": template(True),
     }
     if opts.nodes > 1:

@@ -27,7 +27,7 @@ def mpijob(opts: argparse.Namespace) -> c.Obj:
         "name": "launcher",
         "image": opts.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": c.mpirun_command(opts),
+        "command": c.launcher_command(opts),
         "env": c.rank_env(opts) + c.api_key_env(opts),
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
     }
@@ -41,10 +41,10 @@ def mpijob(opts: argparse.Namespace) -> c.Obj:
             "mpiImplementation": "OpenMPI",
             "launcherCreationPolicy": "AtStartup",
             "runPolicy": {
-                # Running pods are removed when the job ends; a failed mpirun is retried by the
-                # launcher Job up to backoffLimit times.
+                # Running pods are removed when the job ends; a failed mpirun (a broken group: every
+                # rank exits non-zero) is run again by the launcher Job, up to backoffLimit times.
                 "cleanPodPolicy": "Running",
-                "backoffLimit": 6,
+                "backoffLimit": opts.max_restarts,
                 # Gang scheduling (when the operator runs with volcano or scheduler-plugins): the
                 # launcher and every worker are placed together or not at all.
                 "schedulingPolicy": {"minAvailable": opts.nodes + 1},
@@ -52,15 +52,17 @@ def mpijob(opts: argparse.Namespace) -> c.Obj:
             "mpiReplicaSpecs": {
                 "Launcher": {
                     "replicas": 1,
-                    "restartPolicy": "OnFailure",
+                    # OnFailure: mpirun runs again in the same pod; Never: in a new pod each time.
+                    "restartPolicy": opts.restart_policy,
                     "template": {"metadata": {"labels": c.common_labels(opts)},
-                                 "spec": {"containers": [launcher]}},
+                                 "spec": c.pod_spec(opts, [launcher], volumes=False)},
                 },
                 "Worker": {
                     "replicas": opts.nodes,
+                    # sshd must come back: the launcher's next mpirun reaches every worker again.
                     "restartPolicy": "OnFailure",
                     "template": {"metadata": {"labels": c.common_labels(opts)},
-                                 "spec": {"containers": [worker], "volumes": c.rank_volumes(opts)}},
+                                 "spec": c.pod_spec(opts, [worker])},
                 },
             },
         },

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import copy
 
 import yaml
 
 from dscluster.errors import UsageError
-from dscluster.k8s import lws, mpijob, trainjob
+from dscluster.k8s import deployment, lws, mpijob, trainjob
 from dscluster.k8s.options import KINDS, check_options
 
-_RENDERERS = {"mpijob": mpijob.render_objects, "trainjob": trainjob.render_objects, "lws": lws.render_objects}
+_RENDERERS = {"mpijob": mpijob.render_objects, "trainjob": trainjob.render_objects, "lws": lws.render_objects,
+              "deployment": deployment.render_objects}
 
 
 class _Dumper(yaml.SafeDumper):
@@ -23,6 +25,7 @@ class _Dumper(yaml.SafeDumper):
 def render_objects(kind: str, opts: argparse.Namespace) -> list[dict]:
     if kind not in KINDS:
         raise UsageError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    opts = copy.copy(opts)  # check_options fills in per-kind defaults
     opts.kind = kind
     check_options(opts)
     return _RENDERERS[kind](opts)

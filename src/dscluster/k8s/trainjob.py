@@ -57,16 +57,21 @@ def training_runtime(opts: argparse.Namespace) -> c.Obj:
                 # Rendezvous names must resolve before the pods are Ready.
                 "network": {"publishNotReadyAddresses": True},
                 "successPolicy": {"operator": "All", "targetReplicatedJobs": ["launcher"]},
+                # A broken group fails the launcher job (mpirun exits non-zero); JobSet then
+                # recreates every job of the group, up to maxRestarts times.
+                "failurePolicy": {"maxRestarts": opts.max_restarts, "restartStrategy": opts.restart_policy},
                 "replicatedJobs": [
                     {"name": "node", "template": {"spec": {"completionMode": "Indexed", "template": {
                         "metadata": {"labels": c.common_labels(opts)},
-                        "spec": {"containers": [node], "volumes": c.rank_volumes(opts)}}}}},
+                        "spec": c.pod_spec(opts, [node])}}}},
                     {"name": "launcher",
                      "dependsOn": [{"name": "node", "status": "Ready"}],
                      "template": {
                          "metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
-                         "spec": {"template": {"metadata": {"labels": c.common_labels(opts)},
-                                               "spec": {"containers": [launcher]}}}}},
+                         # No retry inside the job: a failed mpirun restarts the whole group.
+                         "spec": {"backoffLimit": 0,
+                                  "template": {"metadata": {"labels": c.common_labels(opts)},
+                                               "spec": c.pod_spec(opts, [launcher], volumes=False)}}}},
                 ],
             }},
         },
@@ -74,7 +79,7 @@ def training_runtime(opts: argparse.Namespace) -> c.Obj:
 
 
 def train_job(opts: argparse.Namespace) -> c.Obj:
-    cmd = c.mpirun_command(opts)
+    cmd = c.launcher_command(opts)
     return {
         "apiVersion": "trainer.kubeflow.org/v1alpha1",
         "kind": "TrainJob",

@@ -6,6 +6,9 @@
 - Custom resources: the `openAPIV3Schema` of the served CRD version matching `apiVersion`, turned
   into JSON Schema and made strict the way an API server with strict field validation behaves:
   every object schema that does not preserve unknown fields gets `additionalProperties: false`.
+- The rules the CRD schemas carry beyond JSON Schema (crd_rules.py): CEL rules
+  (`x-kubernetes-validations`, each failure reported with the rule's own message) and unique
+  keys of list-maps and sets.
 - Operator rules the CRD schemas do not carry (MPI Operator, Trainer, JobSet, LWS webhooks).
 
 Output: one line per problem, `FILE: document N (Kind/name): field.path: message`, then a summary.
@@ -24,6 +27,7 @@ import jsonschema
 import yaml
 
 from dscluster.errors import EXIT_OK, EXIT_USAGE, UsageError
+from dscluster.k8s.crd_rules import schema_rule_problems
 from dscluster.k8s.options import DNS1035_LABEL, DNS1123_LABEL, DNS1123_SUBDOMAIN, QUANTITY
 
 KUBERNETES_VERSION = "1.37"
@@ -351,6 +355,11 @@ def _operator_problems(doc: dict) -> list[Problem]:
             elif launcher.get("replicas", 1) != 1:
                 problems.append(("spec.mpiReplicaSpecs.Launcher.replicas",
                                  f"must be 1, got {launcher.get('replicas')!r}"))
+            for key, replica in specs.items():
+                policy = replica.get("restartPolicy") if isinstance(replica, dict) else None
+                if key in ("Launcher", "Worker") and policy not in (None, "OnFailure", "Never"):
+                    problems.append((f"spec.mpiReplicaSpecs.{key}.restartPolicy",
+                                     f"{policy!r} is not supported by the MPI Operator: OnFailure or Never"))
             worker = specs.get("Worker")
             workers = worker.get("replicas", 1) if isinstance(worker, dict) else 0
             name_fits("-launcher", "launcher Job")
@@ -358,6 +367,10 @@ def _operator_problems(doc: dict) -> list[Problem]:
                 name_fits(f"-worker-{workers - 1}", "worker pod")
         elif specs is not None or "spec" in doc:
             problems.append(("spec.mpiReplicaSpecs", "required"))
+        run_policy = spec.get("runPolicy")
+        backoff = run_policy.get("backoffLimit") if isinstance(run_policy, dict) else None
+        if isinstance(backoff, int) and backoff < 0:
+            problems.append(("spec.runPolicy.backoffLimit", f"must be at least 0 (got {backoff})"))
     elif kind == "TrainJob":
         for path, env in _env_lists(spec.get("trainer") or {}):
             for i, var in enumerate(env):
@@ -372,12 +385,11 @@ def _operator_problems(doc: dict) -> list[Problem]:
             problems.append(("spec.runtimeRef.kind", "must be TrainingRuntime or ClusterTrainingRuntime"))
         name_fits("-launcher-0-0-xxxxx", "pod")
     elif kind in ("TrainingRuntime", "ClusterTrainingRuntime"):
-        ml = spec.get("mlPolicy") or {}
-        if isinstance(ml, dict):
-            chosen = [k for k in ("torch", "mpi", "jax", "xgboost", "flux") if k in ml]
-            if len(chosen) > 1:
-                problems.append(("spec.mlPolicy", f"only one of torch, mpi, jax, xgboost, flux may be set "
-                                                  f"(got {', '.join(chosen)})"))
+        # (one ML policy only: the CRD's own CEL rule says it.) JobSet's webhook: maxRestarts >= 0.
+        failure = ((spec.get("template") or {}).get("spec") or {}).get("failurePolicy")
+        restarts = failure.get("maxRestarts") if isinstance(failure, dict) else None
+        if isinstance(restarts, int) and restarts < 0:
+            problems.append(("spec.template.spec.failurePolicy.maxRestarts", f"must be at least 0 (got {restarts})"))
     elif kind == "LeaderWorkerSet":
         size = ((spec.get("leaderWorkerTemplate") or {}).get("size", 1))
         if isinstance(size, int):
@@ -481,7 +493,8 @@ def validate_document(doc: Any, crds: CRDRegistry) -> list[Problem]:
         # A problem all of them report is one line; otherwise the line names the CRD file(s).
         found: dict[Problem, list[str]] = {}
         for source, openapi in entries:
-            for p in _schema_problems(_crd_validator(openapi, api_version, kind), doc):
+            for p in _schema_problems(_crd_validator(openapi, api_version, kind), doc) + \
+                    schema_rule_problems(openapi, doc, _path):
                 found.setdefault(p, []).append(source)
         for (field, msg), sources in found.items():
             if len(sources) < len(entries):

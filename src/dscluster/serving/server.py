@@ -1,8 +1,11 @@
 """Rank 0's HTTP server: Uvicorn running the application, and a graceful stop on SIGTERM.
 
-SIGTERM (Kubernetes deleting the pod, the local launcher forwarding it): Uvicorn stops accepting,
-readiness answers 503, requests in flight finish, then the caller shuts the engine down, which
-tells every rank to stop, and all exit 0.
+SIGTERM (Kubernetes deleting the pod, the local launcher forwarding it): readiness answers 503 at
+once; for `--drain-delay` seconds requests are still accepted and answered (endpoints, load
+balancers and gateways take that long to stop sending new ones); then Uvicorn stops accepting,
+requests in flight finish, the caller shuts the engine down, which tells every rank to stop, and
+all exit 0. A SIGINT during the delay (a second Ctrl-C) ends it at once; another SIGTERM does not
+(under MPI the pod's SIGTERM and the launcher's SIGUSR1 may both arrive).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import logging
 import signal
 import socket
+import time
 
 from dscluster.engine.api import EngineClient
 from dscluster.errors import EXIT_RUNTIME, UsageError
@@ -53,11 +57,26 @@ def run_server(engine: EngineClient, args: argparse.Namespace) -> int:
     config = config_from_args(args)
     app = create_app(engine, config)
     drain = (config.request_timeout or 60.0) + 5.0
+    drain_delay = getattr(args, "drain_delay", 0.0) or 0.0
 
     class Server(uvicorn.Server):
+        stop_at: float | None = None  # when the drain delay ends
+
         def handle_exit(self, sig, frame) -> None:
             app.state.dscluster.serving = False  # readiness answers 503 from the first signal on
+            if drain_delay > 0 and self.stop_at is None:
+                self.stop_at = time.monotonic() + drain_delay
+                log.info("signal %d: not ready; still answering for %g s (--drain-delay), then draining",
+                         sig, drain_delay)
+                return
+            if self.stop_at is not None and not self.should_exit and sig != signal.SIGINT:
+                return  # the delay runs on
             super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.stop_at is not None and not self.should_exit and time.monotonic() >= self.stop_at:
+                self.should_exit = True
+            return await super().on_tick(counter)
 
         async def shutdown(self, sockets=None) -> None:
             # Uvicorn stops listening first; answer 503 on the port while requests in flight drain.
