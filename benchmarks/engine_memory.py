@@ -34,7 +34,7 @@ WHOLE_THEN_SPLIT = [
     ("tp=4, whole checkpoint then split", "tp", 4, 1, {"whole_then_split": True}),
     ("zero3=2, whole checkpoint then split", "zero3", 2, 1, {"whole_then_split": True}),
 ]
-LOAD_REPS = 3   # load time, shard-only against whole-then-split, launches alternating
+LOAD_REPS = 4   # load time, shard-only against whole-then-split, launches alternating
 LAYOUTS = {"multi-file": "llama-540m", "single-file": "llama-540m-1file"}
 TARGETS = {"tp=2": 0.55, "tp=4": 0.30}   # model memory per rank, x the unsharded process's
 
