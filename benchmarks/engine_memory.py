@@ -121,8 +121,12 @@ def _x(value: float | None) -> str:
 def _plot(result: dict, path: Path) -> None:
     plt = pyplot()
     runs = result["runs"]
-    fig, (mem, load) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [3, 2]})
-    labels = [f"{r['name'].replace(', ', chr(10))}\n{r['layout']}" for r in runs]
+    load = result.get("load_times") or {}
+    fig, axes = plt.subplots(1, 2 if load else 1, figsize=(13 if load else 10, 5.5), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 1] if load else [1]})
+    mem = axes[0][0]
+    labels = [f"{r['name'].replace(', whole checkpoint then split', chr(10) + '(whole ckpt)')}\n{r['layout']}"
+              .replace("unsharded, 1 process", "unsharded") for r in runs]
     xs = list(range(len(runs)))
     colors = ["tab:gray" if r["ranks"] == 1 else "tab:red" if "whole" in r["name"] else "tab:blue" for r in runs]
     mem.bar(xs, [r["heaviest"]["model_mib"] for r in runs], color=colors)
@@ -133,16 +137,28 @@ def _plot(result: dict, path: Path) -> None:
     unsharded = next(r for r in runs if r["layout"] == first and r["ranks"] == 1)["heaviest"]["model_mib"]
     for name, target in result["targets_x_unsharded"].items():
         mem.axhline(unsharded * target, color="black", linestyle=":", linewidth=0.8)
-        mem.text(len(runs) - 0.5, unsharded * target, f"target {name} ({target}x, {first})", fontsize=7,
-                 va="bottom", ha="right")
+        mem.text(-0.4, unsharded * target, f"target {name}: {target}x", fontsize=7, va="bottom")
     mem.set_xticks(xs, labels, fontsize=7)
-    mem.set_ylabel("MiB (peak RSS - same configuration with a negligible model)")
-    mem.set_title("Model memory of the heaviest rank (blue: shard-only loading, red: whole checkpoint then split)",
-                  fontsize=9)
-    load.bar(xs, [r["heaviest"]["load_seconds"] for r in runs], color=colors)
-    load.set_xticks(xs, labels, fontsize=7)
-    load.set_ylabel("seconds (load and split, slowest rank)")
-    load.set_title("Load time (machine load recorded in the JSON)", fontsize=9)
+    mem.set_ylabel("MiB: peak RSS less the same configuration's with a negligible model")
+    mem.set_title("Model memory of the heaviest rank (blue: shard-only loading; red: every rank reads the "
+                  "whole checkpoint, then splits)", fontsize=9)
+    if load:
+        ax = axes[0][1]
+        names = list(load["loaders"])
+        for i, name in enumerate(names):
+            t = load["loaders"][name]
+            for key, offset, color in (("load_seconds", -0.2, "tab:blue" if i == 0 else "tab:red"),
+                                       ("ready_seconds", 0.2, "lightsteelblue" if i == 0 else "lightcoral")):
+                values = t[key]
+                median = t["load_median" if key == "load_seconds" else "ready_median"]
+                ax.bar(i + offset, median, 0.38, color=color,
+                       yerr=[[median - min(values)], [max(values) - median]], capsize=3,
+                       label=("load and split" if key == "load_seconds" else "to ready") if i == 0 else None)
+        ax.set_xticks(range(len(names)), [n.replace(" then ", "\nthen ") for n in names], fontsize=8)
+        ax.set_ylabel("seconds (median, min-max)")
+        ax.set_title(f"Load time, {load['configuration']}\n{load['repetitions']} launches each, taking turns",
+                     fontsize=9)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
