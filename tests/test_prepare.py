@@ -1,4 +1,4 @@
-"""What every rank checks before it joins a group (engine/parallel.py `prepare`), in this process:
+"""What every rank checks before any collective (engine/parallel.py `prepare`), in this process:
 no rank, no collective. The models are written by `dscluster tiny-model` and by transformers."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 tp=4 on a grouped-query-attention model stored as many files; tied embeddings (no lm_head in the
 checkpoint: AutoTP splits a copy of the embedding); and bad checkpoints, which every rank names on
-its own and exits 2 before it joins any collective. The references are the unsharded model loaded
+its own and exits 2 before any collective. The references are the unsharded model loaded
 by transformers' own `from_pretrained` (`open_engine`)."""
 
 from __future__ import annotations
@@ -100,18 +100,19 @@ BAD = {
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_checkpoint_exits_2_on_every_rank_before_any_collective(tmp_path, tiny, case):
-    """Both ranks of a tp=2 group are started, each alone (its own master port: no peer will ever
-    come). Each must name the problem and exit 2 at once; a rank that checked only after joining
-    the group would wait for the rendezvous timeout and exit 3."""
+    """Both ranks of a tp=2 group, each its own process (as on two nodes), form the group; each must
+    name the problem in one line and exit 2 at once. A rank that went on to its first collective
+    would wait there for the other, which is gone, until the liveness timeout: exit 3."""
     model = tmp_path / "bad"
     shutil.copytree(tiny, model)
     damage, message = BAD[case]
     damage(model)
+    master = str(free_port())
     started = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-m", "dscluster", "serve", str(model), "--engine", "tp",
-                               "--port", str(free_port()), "--rendezvous-timeout", "120"],
+                               "--port", str(free_port()), "--heartbeat-timeout", "60"],
                               env=clean_env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_SIZE="1",
-                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())),
+                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=master),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     for rank, proc in enumerate(procs):
         _, err = proc.communicate(timeout=100)
@@ -119,4 +120,4 @@ def test_bad_checkpoint_exits_2_on_every_rank_before_any_collective(tmp_path, ti
         assert proc.returncode == 2, f"rank {rank}: exit {proc.returncode}\n{err[-3000:]}"
         assert len(errors) == 1 and message in errors[0], f"rank {rank}:\n{err[-3000:]}"
         assert "Traceback" not in err
-    assert time.monotonic() - started < 90  # well inside the 120 s rendezvous timeout
+    assert time.monotonic() - started < 55  # well inside the 60 s a rank waits for a silent peer

@@ -310,16 +310,19 @@ def set_threads(local_world_size: int) -> int:
 
 
 def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
-    """Check the model, join the group, load this rank's share of the model onto its device, and
-    wait until every rank has done the same.
+    """Join the group, check the model, load this rank's share of it onto its device, and wait
+    until every rank has done the same.
 
-    The model and its checkpoint are checked before the group forms: every rank reads the same
-    files, so a bad checkpoint makes every rank exit 2 with the same message, at once."""
+    The model and its checkpoint are checked once the group has formed and before any collective:
+    every rank reads the same files, so a bad checkpoint makes every rank exit 2 with the same
+    message at once (a rank alone with a bad copy exits 2 and the others notice it is gone). The
+    check comes after the rendezvous so that it never delays noticing a rank that never arrives,
+    and a peer lost while this rank is still checking is acted on only after its own verdict: a
+    rank whose model is bad says so, rather than that rank 0 (which hosts the store) left first."""
     set_threads(rdzv.local_world_size)
-    source = open_model(options.model, options.dtype, options.checkpoint)
-    prepared = prepare(source, choose_engine(options.engine, source, rdzv.world_size), rdzv.world_size)
     groups = monitor = None
     engine_ref: dict[str, Engine] = {}
+    checking: dict = {"active": True, "failure": None}
     if rdzv.world_size > 1:
         from dscluster.engine.liveness import LivenessMonitor
 
@@ -328,6 +331,9 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
                              rendezvous_timeout_s=options.rendezvous_timeout)
 
         def on_failure(reason: str) -> None:
+            if checking["active"]:
+                checking["failure"] = checking["failure"] or reason
+                return
             if rdzv.rank == 0 and "engine" in engine_ref:
                 engine_ref["engine"].on_liveness_failure(reason)
             else:
@@ -339,6 +345,11 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
                                   options.heartbeat_interval, options.heartbeat_timeout, on_failure,
                                   prefix=f"dscluster/{run_id}/{restart}")
         monitor.start()
+    source = open_model(options.model, options.dtype, options.checkpoint)
+    prepared = prepare(source, choose_engine(options.engine, source, rdzv.world_size), rdzv.world_size)
+    checking["active"] = False
+    if checking["failure"]:
+        exit_group_broken(checking["failure"], rdzv.rank)
     device = groups.device if groups is not None else torch.device("cpu")
     loaded, model = load_split(prepared, device, options.zero3_persistence_threshold,
                                group=groups.control if groups is not None else None)
