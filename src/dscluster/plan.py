@@ -34,7 +34,7 @@ GIB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MARGIN = 0.10                 # estimation error, allocator fragmentation
 OVERHEAD_GIB = 1.0            # CUDA context, NCCL buffers, the runtime itself
-HOST_OVERHEAD_GIB = 2.0       # host memory of one GPU rank before weights (0.4 GiB measured on CPU ranks; CUDA adds its libraries)
+HOST_OVERHEAD_GIB = 2.0       # host memory of a GPU rank before weights (0.4 GiB on CPU ranks; CUDA adds more)
 DEFAULT_CONTEXT = 4096
 CHECKPOINTS = "/mnt/checkpoints"
 

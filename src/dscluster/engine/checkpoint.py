@@ -8,10 +8,11 @@ copies slices of them into tensors that already exist on the rank's device.
 
 Reads go straight from the file into the target tensors, only the bytes each rank needs (a run
 per row when columns are cut), through one bounded staging buffer when the dtype is converted or
-the target is on a GPU: nothing is memory-mapped and no full-size temporary is made. `safe_open(...).get_slice(...)` maps
-the file and returns a new tensor per slice; the pages a slice touches then count in the rank's
-resident memory until the file is closed, so a tp=2 rank reading a single-file 2 GiB checkpoint
-peaked above one unsharded process (docs/loading.md has the numbers). The format is simple and
+the target is on a GPU: nothing is memory-mapped and no full-size temporary is made.
+`safe_open(...).get_slice(...)` maps the file and returns a new tensor per slice; the pages a
+slice touches then count in the rank's resident memory until the file is closed, so a tp=2 rank
+reading a single-file 2 GiB checkpoint peaked above one unsharded process (docs/loading.md has
+the numbers). The format is simple and
 documented: an 8-byte little-endian header length, a JSON header giving each tensor's dtype,
 shape and byte range, then the data.
 """

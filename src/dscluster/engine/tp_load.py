@@ -11,10 +11,10 @@
    and this rank's size is checked against it. Unsplit tensors (norms, the embedding) are read
    whole. Buffers get back the values the constructor computed.
 
-The reads go straight into the parameters' storage on the rank's device (`copy_` converts the
-checkpoint's dtype per tensor), so a rank never holds more than its shards plus one tensor's
-slice in flight. Nothing here runs a collective before `init_inference`; `check_divisible` and
-the checkpoint check run earlier, on every rank alike.
+The reads go straight into the parameters' storage on the rank's device (the dtype converted per
+tensor; `engine/checkpoint.py`), so a rank never holds more than its shards plus a 16 MiB staging
+buffer. `check_divisible` and the checkpoint check run earlier (`parallel.prepare`), on every rank
+alike and before any collective.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def check_divisible(config, tp_size: int) -> None:
 
     meta = AutoTPMeta.from_model_config(config)
     text = getattr(config, "text_config", None) or config
-    checks = (("num_attention_heads", meta.num_attention_heads), ("intermediate_size", getattr(text, "intermediate_size", None)))
-    for label, value in checks:
+    for label, value in (("num_attention_heads", meta.num_attention_heads),
+                         ("intermediate_size", getattr(text, "intermediate_size", None))):
         if isinstance(value, int) and value % tp_size:
             raise UsageError(f"--engine tp over {tp_size} ranks: config.json's {label} {value} does not divide "
                              f"by {tp_size}; use a tensor-parallel degree that divides it")
