@@ -25,8 +25,8 @@ from dscluster.cluster.group import Groups, init_groups
 from dscluster.cluster.rendezvous import Rendezvous
 from dscluster.engine import generation
 from dscluster.engine.api import GenerationRequest, GenerationResult, ModelInfo, TokenCallback
-from dscluster.engine.loading import LoadedModel, load_model
-from dscluster.engine.parallel import ParallelModel, choose_engine, parallelize, release_shared_memory
+from dscluster.engine.loading import LoadedModel, open_model
+from dscluster.engine.parallel import ParallelModel, choose_engine, load_split, prepare, release_shared_memory
 from dscluster.engine.protocol import ControlChannel, Op
 from dscluster.engine.threads import torch_threads
 from dscluster.errors import EXIT_PEER_FAILED, PeerFailure
@@ -310,12 +310,21 @@ def set_threads(local_world_size: int, runs_front_end: bool = False) -> int:
 
 
 def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
-    """Join the group, load and split the model, and wait until every rank has done the same."""
+    """Join the group, check the model, load this rank's share of it onto its device, and wait
+    until every rank has done the same.
+
+    The model and its checkpoint are checked once the group has formed and before any collective:
+    every rank reads the same files, so a bad checkpoint makes every rank exit 2 with the same
+    message at once (a rank alone with a bad copy exits 2 and the others notice it is gone). The
+    check comes after the rendezvous so that it never delays noticing a rank that never arrives,
+    and a peer lost while this rank is still checking is acted on only after its own verdict: a
+    rank whose model is bad says so, rather than that rank 0 (which hosts the store) left first."""
     threads = set_threads(rdzv.local_world_size, runs_front_end=rdzv.rank == 0)
     log.info("rank %d: %d torch thread(s), OMP_WAIT_POLICY=%s", rdzv.rank, threads,
              os.environ.get("OMP_WAIT_POLICY", "(libgomp's default)"))
     groups = monitor = None
     engine_ref: dict[str, Engine] = {}
+    checking: dict = {"active": True, "failure": None}
     if rdzv.world_size > 1:
         from dscluster.engine.liveness import LivenessMonitor
 
@@ -324,6 +333,9 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
                              rendezvous_timeout_s=options.rendezvous_timeout)
 
         def on_failure(reason: str) -> None:
+            if checking["active"]:
+                checking["failure"] = checking["failure"] or reason
+                return
             if rdzv.rank == 0 and "engine" in engine_ref:
                 engine_ref["engine"].on_liveness_failure(reason)
             else:
@@ -335,10 +347,14 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
                                   options.heartbeat_interval, options.heartbeat_timeout, on_failure,
                                   prefix=f"dscluster/{run_id}/{restart}")
         monitor.start()
-    loaded = load_model(options.model, options.dtype, options.checkpoint)
-    engine_name = choose_engine(options.engine, loaded, rdzv.world_size)
-    model = parallelize(loaded, engine_name, rdzv.world_size, options.zero3_persistence_threshold,
-                        group=groups.control if groups is not None else None)
+    source = open_model(options.model, options.dtype, options.checkpoint)
+    prepared = prepare(source, choose_engine(options.engine, source, rdzv.world_size), rdzv.world_size)
+    checking["active"] = False
+    if checking["failure"]:
+        exit_group_broken(checking["failure"], rdzv.rank)
+    device = groups.device if groups is not None else torch.device("cpu")
+    loaded, model = load_split(prepared, device, options.zero3_persistence_threshold,
+                               group=groups.control if groups is not None else None)
     if monitor is not None:
         monitor.mark_ready()
         monitor.wait_all_ready()
@@ -361,6 +377,6 @@ def open_engine(model: str, *, engine: str | None = None, dtype: str = "auto", c
     engine for a model that fits one device."""
     options = RuntimeOptions(model=model, engine=engine, dtype=dtype, checkpoint=checkpoint,
                              served_model_name=served_model_name)
-    loaded = load_model(model, dtype, checkpoint)
-    parallel = parallelize(loaded, choose_engine(engine, loaded, 1), 1)
+    source = open_model(model, dtype, checkpoint)
+    loaded, parallel = load_split(prepare(source, choose_engine(engine, source, 1), 1), torch.device("cpu"))
     return Engine(Runtime(options, loaded, parallel, None))
