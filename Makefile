@@ -33,7 +33,10 @@ serve: $(BIN)/.installed $(MODEL)/config.json
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The serving benchmark loads servers with wrk (a C load generator), from Debian.
 bench: $(BIN)/.installed
+	@command -v wrk >/dev/null || { echo "installing wrk from Debian packages"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk >/dev/null; }
 	$(BIN)/python -m benchmarks.run
 
 clean:

@@ -17,17 +17,23 @@ CACHE = Path(os.environ.get("DSCLUSTER_BENCH_CACHE", Path(__file__).resolve().pa
 RANKS = Path(__file__).resolve().with_name("ranks.py")
 
 # The models: `dscluster tiny-model` defaults, and the same architecture grown to ~100M parameters
-# (10 layers of width 768 with a 4096-token vocabulary: 100.7M).
+# (10 layers of width 768 with a 4096-token vocabulary: 100.7M); for memory, 541M parameters
+# (2.0 GiB in float32) as ten files of at most 256 MB (the largest 1/8.6 of the model) and as one
+# file; and a negligible model with 4 heads (width 256, 2.4M parameters), the fixed cost of a rank
+# in every configuration up to tp=4.
 MODELS = {
     "tiny": [],
     "llama-100m": ["--layers", "10", "--hidden", "768", "--vocab-size", "4096"],
+    "llama-540m": ["--layers", "8", "--hidden", "2048", "--max-shard-size", "256MB"],
+    "llama-540m-1file": ["--layers", "8", "--hidden", "2048"],
+    "negligible": ["--hidden", "256"],
 }
 
 
 def model_dir(name: str) -> Path:
     """Write the model once (deterministic for its seed) and reuse it across runs."""
     path = CACHE / name
-    if not (path / "model.safetensors").exists():
+    if not (path / "dscluster.json").exists():  # written last
         CACHE.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "dscluster", "tiny-model", str(path), "--seed", "0", *MODELS[name]],
                        check=True, capture_output=True, timeout=600)
@@ -55,6 +61,9 @@ def launch_ranks(task: dict, nproc: int, threads: int, timeout: float = 900) -> 
         spec = Path(tmp) / "task.json"
         spec.write_text(json.dumps(task))
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=_pythonpath())
+        # DeepSpeed's compiled all-reduce op, cached apart from other checkouts' (whose different
+        # ninja or Python would otherwise make every run compile it again, minutes on 2 cores)
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(CACHE / "torch_extensions"))
         env.pop("MASTER_PORT", None)
         cmd = [sys.executable, "-m", "dscluster", "launch", "--nproc", str(nproc), "--",
                sys.executable, str(RANKS), str(spec)]

@@ -2,7 +2,8 @@
 
 Every rank runs the same task and writes its own report to OUT_DIR/rankR.json. Modes:
 - `memory`: load and split the model through the engine's real path (`build_runtime`) and report
-  this rank's RSS before and after the split, its peak RSS, and the parameter bytes it holds.
+  this rank's RSS when ready and after serving, its peak RSS, its load time, and the parameter
+  bytes it holds.
 - `control`: time control messages between rank 0 and the others (`ControlChannel`, the per-step
   token broadcast, and `broadcast_object_list` for comparison).
 - `speed`: time greedy decoding of a batch through `Engine.generate` (every rank in lockstep).
@@ -90,41 +91,47 @@ def memory_now() -> dict:
     return {"rss": rss(), **parts, "peak": peak_rss()}
 
 
-def release_checkpoint(module: torch.nn.Module) -> None:
-    """Copy every tensor the split left in place (embeddings, norms) out of the checkpoint's file
-    mapping, so the mapping and the file pages it holds go away: what the engine could do."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.numel():
-                p.data = p.data.clone()
-        for m in module.modules():
-            for name, b in list(m._buffers.items()):
-                if b is not None:
-                    m._buffers[name] = b.clone()
-
-
 def memory(task: dict) -> None:
+    """Load through `build_runtime` (timed: to ready, and the load and split alone), then one short
+    unit of work so that every weight has been read once: steady serving memory."""
     from dscluster.engine import runtime as rt
     from dscluster.engine.api import GenerationRequest, SamplingParams
 
     report = {"start": memory_now()}
-    split = rt.parallelize
+    if task.get("whole_then_split"):
+        _use_whole_checkpoint_loader(rt)
+    load_split, timed = rt.load_split, {}
 
-    def measured_split(*args, **kwargs):  # the full checkpoint is loaded, not yet split
-        report["loaded"] = memory_now()
-        return split(*args, **kwargs)
+    def timed_load_split(*args, **kwargs):
+        t0 = time.monotonic()
+        try:
+            return load_split(*args, **kwargs)
+        finally:
+            timed["load_seconds"] = time.monotonic() - t0
 
-    rt.parallelize = measured_split
+    rt.load_split = timed_load_split
+    t0 = time.monotonic()
     runtime = build(task)
-    if task.get("release_checkpoint"):
-        report["ready_before_release"] = memory_now()
-        release_checkpoint(runtime.model.module)
+    report["ready_seconds"] = time.monotonic() - t0
+    report.update(timed)
     report["ready"] = memory_now()
     report.update(engine=runtime.model.engine, world_size=runtime.world_size, threads=torch.get_num_threads(),
-                  **held_bytes(runtime.model.module))
-    # One short unit of work, so that every weight has been read once: steady serving memory.
+                  description=runtime.model.description, **held_bytes(runtime.model.module))
     request = GenerationRequest(tuple(range(4, 36)), SamplingParams(max_tokens=4, temperature=0))
     finish(runtime, report, task, lambda engine: {"generated": len(engine.generate([request] * 2)[0].token_ids)})
+
+
+def _use_whole_checkpoint_loader(rt) -> None:
+    """The loader before shard-only loading, for comparison: every rank reads the whole checkpoint
+    with transformers, then AutoTP splits it (what the engine still does for a .bin checkpoint)."""
+    prepare = rt.prepare
+
+    def whole(*args, **kwargs):
+        prepared = prepare(*args, **kwargs)
+        prepared.checkpoint = prepared.meta_module = prepared.keys = None
+        return prepared
+
+    rt.prepare = whole
 
 
 # -- control messages -----------------------------------------------------------------------

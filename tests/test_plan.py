@@ -170,3 +170,37 @@ def test_config_with_a_bad_value(tmp_path):
         {"num_hidden_layers": 2, "hidden_size": "big", "num_attention_heads": 2}))
     code, _, err = plan("--model", str(tmp_path))
     assert code == 2 and "hidden_size" in err and len(err.strip().splitlines()) == 1
+
+
+def test_host_memory_per_node_with_shard_only_loading():
+    """Each GPU rank holds its fixed cost in host memory at load (its shards go straight to its
+    GPU), so a node's host memory bounds how many of its GPUs can run ranks, not the model."""
+    _, p, _ = plan("--params", "70e9", "--json")
+    assert p["shard_only_loading"] and p["host_per_rank_gib"] == 2.0 and p["host_mem_gib"] is None
+    assert [c["host_per_node_gib"] for c in p["candidates"]] == [2.0 * c["gpus_per_node"] for c in p["candidates"]]
+    code, p, _ = plan("--params", "70e9", "--host-mem-gib", "8", "--json")
+    assert code == 0 and p["tensor_parallel"] == 2
+    assert [c["fits"] for c in p["candidates"] if c["tensor_parallel"] >= 8] == [False] * 4
+    code, text, _ = plan("--params", "70e9", "--host-mem-gib", "8")
+    assert "host memory at load: 2 GiB per rank (each rank reads only its own shards" in text
+    assert "4 GiB per node (--host-mem-gib 8)" in text
+
+
+def test_a_checkpoint_without_safetensors_costs_the_whole_model_per_rank(tiny, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    copy = tmp_path / "bin-only"
+    shutil.copytree(tiny, copy)
+    torch.save(load_file(str(copy / "model.safetensors")), copy / "pytorch_model.bin")
+    (copy / "model.safetensors").unlink()
+    _, p, _ = plan("--model", str(copy), "--dtype", "float32", "--json")
+    weights = p["candidates"][0]["weights_gib"]
+    assert not p["shard_only_loading"] and p["host_per_rank_gib"] == pytest.approx(2.0 + weights, abs=0.01)
+    code, p, _ = plan("--model", str(copy), "--host-mem-gib", "2", "--json")
+    assert code == 1 and not p["fits"] and "no safetensors files: every rank reads the whole checkpoint" in p["missing"]
+
+
+def test_host_memory_must_be_positive():
+    code, _, err = plan("--params", "7e9", "--host-mem-gib", "0")
+    assert code == 2 and "--host-mem-gib" in err and len(err.strip().splitlines()) == 1

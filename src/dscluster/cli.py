@@ -33,6 +33,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _byte_size(text: str) -> int:
+    """A size as transformers writes it (256MB, 2GB, 1GiB) or plain bytes."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        value = int(text) if text.isdigit() else convert_file_size_to_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 256MB, 2GB, 1GiB)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1 byte")
+    return value
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -134,8 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=_positive_int, default=2)
     p.add_argument("--hidden", type=_positive_int, default=128,
-                   help="hidden size; a multiple of 64 (attention heads are 32 wide)")
+                   help="hidden size; a multiple of 64 unless --heads is given (attention heads are 64 wide)")
+    p.add_argument("--heads", type=_positive_int, default=None,
+                   help="attention heads (default hidden / 64); hidden must be heads x an even head width")
+    p.add_argument("--kv-heads", type=_positive_int, default=None,
+                   help="key/value heads, for grouped-query attention (default: --heads); must divide --heads")
     p.add_argument("--vocab-size", type=_positive_int, default=1024)
+    p.add_argument("--max-shard-size", type=_byte_size, default=None,
+                   help="largest weight file, e.g. 256MB or 1GiB: several files and their index json, as real "
+                        "checkpoints are (default: one model.safetensors)")
     p.set_defaults(handler=_cmd_tiny_model)
 
     # env ----------------------------------------------------------------------------------
@@ -173,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--params", default=None, help="parameter count, e.g. 70e9")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    p.add_argument("--host-mem-gib", type=float, default=None,
+                   help="host memory per node; layouts whose ranks hold more at load do not fit (default: not checked)")
     p.add_argument("--gpus-per-node", type=_positive_int, default=8)
     p.add_argument("--max-nodes", type=_positive_int, default=16)
     p.add_argument("--context-len", type=_positive_int, default=None)
@@ -200,15 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from dscluster.runner import run
-
-    return run(args, role="serve")
+    return _run_model(args, role="serve")
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
+    return _run_model(args, role="batch")
+
+
+def _run_model(args: argparse.Namespace, role: str) -> int:
+    from dscluster.engine.threads import prefer_passive_openmp_wait
+
+    prefer_passive_openmp_wait()  # before torch loads (the runner imports it); local ranks inherit it
     from dscluster.runner import run
 
-    return run(args, role="batch")
+    return run(args, role=role)
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -219,7 +246,8 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"tiny-model: cannot create {args.dir}: {exc.strerror or exc}") from None
     path = write_tiny_model(args.dir, seed=args.seed, layers=args.layers, hidden=args.hidden,
-                            vocab_size=args.vocab_size)
+                            vocab_size=args.vocab_size, heads=args.heads, kv_heads=args.kv_heads,
+                            max_shard_size=args.max_shard_size)
     print(path)
     return 0
 

@@ -7,6 +7,14 @@ Per GPU, for a tensor-parallel degree tp (a divisor of the attention heads):
     activation = batch x context x (2 x hidden + intermediate / tp) x bytes + batch x vocab x 4
     need       = (weights + kv cache + activation) x (1 + margin) + overhead per GPU
 
+Per node, in host memory, each of its ranks (one per GPU) holds at load:
+
+    host       = overhead per rank (Python, torch, CUDA's host side) + weights read through host memory
+
+With safetensors weights each rank reads only its own shards, straight onto its GPU through a small
+staging buffer, so the weights term is 0 whatever the model's size; a checkpoint without
+safetensors files (PyTorch .bin) is read whole by every rank, so it costs the whole model per rank.
+
 The seeds' advice, with numbers: when one node's GPUs hold the model, deploy on one node (no
 inter-node traffic on every layer: `k8s render deployment`); only when they don't, run across
 nodes (MPIJob or LWS) with tensor parallelism over whole nodes.
@@ -26,6 +34,7 @@ GIB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MARGIN = 0.10                 # estimation error, allocator fragmentation
 OVERHEAD_GIB = 1.0            # CUDA context, NCCL buffers, the runtime itself
+HOST_OVERHEAD_GIB = 2.0       # host memory of a GPU rank before weights (0.4 GiB on CPU ranks; CUDA adds more)
 DEFAULT_CONTEXT = 4096
 CHECKPOINTS = "/mnt/checkpoints"
 
@@ -55,6 +64,7 @@ class Shape:
     weight_bytes: float | None = None      # measured from the weight files, in the requested dtype
     source: str = ""
     dim_per_head: int | None = None        # config's head_dim, when it is not hidden / heads (Gemma, Qwen3)
+    shard_only: bool = True                # safetensors weights: each rank reads only its shards
 
     @property
     def head_dim(self) -> int:
@@ -71,6 +81,7 @@ class Layout:
     activation_gib: float
     per_gpu_gib: float
     fits: bool
+    host_per_node_gib: float = 0.0   # host memory its ranks on one node hold at load
 
 
 def parse_params(text: str) -> float:
@@ -147,18 +158,28 @@ def shape_from_model(path: str, dtype: str, context: int | None) -> Shape:
     return Shape(params, layers, hidden, heads, kv, inter, vocab,
                  context or min(max_context or DEFAULT_CONTEXT, DEFAULT_CONTEXT),
                  weight_bytes=weight_bytes, source=f"{path} ({len(files)} weight file(s))",
-                 dim_per_head=_first(config, ("head_dim",)))
+                 dim_per_head=_first(config, ("head_dim",)),
+                 shard_only=not files or files[0].suffix == ".safetensors")
 
 
-def estimate(shape: Shape, dtype: str, tp: int, batch: int, gpus_per_node: int, gpu_mem_gib: float) -> Layout:
+def host_per_rank_gib(shape: Shape, dtype: str) -> float:
+    """Host memory one rank holds at load: its fixed cost, plus the whole model when it must read
+    the whole checkpoint (no safetensors files)."""
+    return HOST_OVERHEAD_GIB + (0 if shape.shard_only else (shape.weight_bytes or shape.params * BYTES[dtype]) / GIB)
+
+
+def estimate(shape: Shape, dtype: str, tp: int, batch: int, gpus_per_node: int, gpu_mem_gib: float,
+             host_mem_gib: float | None = None) -> Layout:
     b = BYTES[dtype]
     weights = (shape.weight_bytes or shape.params * b) / tp
     kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.context * batch * b / min(tp, shape.kv_heads)
     act = batch * shape.context * (2 * shape.hidden + shape.intermediate / tp) * b + batch * shape.vocab * 4
     need = (weights + kv + act) * (1 + MARGIN) / GIB + OVERHEAD_GIB
     nodes = math.ceil(tp / gpus_per_node)
+    host = min(tp, gpus_per_node) * host_per_rank_gib(shape, dtype)
+    fits = need <= gpu_mem_gib and (host_mem_gib is None or host <= host_mem_gib)
     return Layout(tp, nodes, min(tp, gpus_per_node), round(weights / GIB, 2), round(kv / GIB, 2),
-                  round(act / GIB, 2), round(need, 2), need <= gpu_mem_gib)
+                  round(act / GIB, 2), round(need, 2), fits, round(host, 2))
 
 
 def candidates(shape: Shape, gpus_per_node: int, max_nodes: int) -> list[int]:
@@ -169,13 +190,20 @@ def candidates(shape: Shape, gpus_per_node: int, max_nodes: int) -> list[int]:
 
 
 def _missing(shape: Shape, args: argparse.Namespace, largest: Layout) -> str:
-    """What is short when nothing fits: the shortfall per GPU, and the node count that would do."""
+    """What is short when nothing fits: host memory, or the shortfall per GPU and the node count that would do."""
+    host = getattr(args, "host_mem_gib", None)
+    if host is not None and largest.per_gpu_gib <= args.gpu_mem_gib and largest.host_per_node_gib > host:
+        whole = "" if shape.shard_only else (" (no safetensors files: every rank reads the whole checkpoint; "
+                                             "save it as safetensors and each rank reads only its shards)")
+        return (f"the {largest.gpus_per_node} ranks of a node hold {largest.host_per_node_gib:g} GiB of host memory "
+                f"at load, more than --host-mem-gib {host:g}{whole}")
     short = (f"at tensor parallel {largest.tensor_parallel} over {largest.nodes} node(s) of {args.gpus_per_node} "
              f"each GPU needs {largest.per_gpu_gib:g} GiB, {largest.per_gpu_gib - args.gpu_mem_gib:.2f} GiB more "
              f"than --gpu-mem-gib {args.gpu_mem_gib:g}")
     unbounded = candidates(shape, args.gpus_per_node, max_nodes=shape.heads)
     more = next((layout for layout in (estimate(shape, args.dtype, tp, args.batch_size, args.gpus_per_node,
-                                                 args.gpu_mem_gib) for tp in unbounded
+                                                 args.gpu_mem_gib, getattr(args, "host_mem_gib", None))
+                                        for tp in unbounded
                                         if tp > largest.tensor_parallel) if layout.fits), None)
     if more is not None:
         return f"{short}; it fits at tensor parallel {more.tensor_parallel} over {more.nodes} nodes: pass --max-nodes {more.nodes}"
@@ -188,12 +216,17 @@ def make_plan(args: argparse.Namespace) -> dict:
         raise UsageError(f"--gpu-mem-gib {args.gpu_mem_gib:g} must be positive")
     shape = (shape_from_model(args.model, args.dtype, args.context_len) if args.model
              else shape_from_params(parse_params(args.params), args.context_len))
-    layouts = [estimate(shape, args.dtype, tp, args.batch_size, args.gpus_per_node, args.gpu_mem_gib)
+    host = getattr(args, "host_mem_gib", None)
+    if host is not None and host <= 0:
+        raise UsageError(f"--host-mem-gib {host:g} must be positive")
+    layouts = [estimate(shape, args.dtype, tp, args.batch_size, args.gpus_per_node, args.gpu_mem_gib, host)
                for tp in candidates(shape, args.gpus_per_node, args.max_nodes)]
     best = next((layout for layout in layouts if layout.fits), None)
     plan = {"model": shape.source, "dtype": args.dtype, "params": shape.params, "context_len": shape.context,
             "batch_size": args.batch_size, "gpu_mem_gib": args.gpu_mem_gib,
-            "candidates": [asdict(layout) for layout in layouts], "fits": best is not None}
+            "candidates": [asdict(layout) for layout in layouts], "fits": best is not None,
+            "host_mem_gib": host, "host_per_rank_gib": round(host_per_rank_gib(shape, args.dtype), 2),
+            "shard_only_loading": shape.shard_only}
     if best is None:
         largest = layouts[-1]  # tp=1 is always a candidate
         plan.update(tensor_parallel=None, nodes=None, gpus_per_node=None, recommendation=None,
@@ -226,6 +259,7 @@ def describe(plan: dict) -> str:
         lines.append(f"{c['tensor_parallel']:>4} {c['nodes']:>5} {c['weights_gib']:>8.2f}G {c['kv_cache_gib']:>8.2f}G "
                      f"{c['activation_gib']:>7.2f}G {c['per_gpu_gib']:>8.2f}G  {'yes' if c['fits'] else 'no'}")
     lines.append("")
+    lines.append(_host_line(plan))
     if not plan["fits"]:
         lines.append(f"does not fit: {plan['missing']}")
     elif plan["recommendation"] == "single-node":
@@ -241,6 +275,15 @@ def describe(plan: dict) -> str:
         lines.append(f"  {plan['render_command']}")
         lines.append("  (or `k8s render lws` with the same flags)")
     return "\n".join(lines)
+
+
+def _host_line(plan: dict) -> str:
+    how = ("each rank reads only its own shards, straight to its GPU" if plan["shard_only_loading"]
+           else "no safetensors files: every rank reads the whole checkpoint")
+    chosen = next((c for c in plan["candidates"] if c["tensor_parallel"] == plan.get("tensor_parallel")), None)
+    per_node = f", {chosen['host_per_node_gib']:g} GiB per node" if chosen else ""
+    limit = f" (--host-mem-gib {plan['host_mem_gib']:g})" if plan["host_mem_gib"] is not None else ""
+    return f"host memory at load: {plan['host_per_rank_gib']:g} GiB per rank ({how}){per_node}{limit}."
 
 
 def run_plan(args: argparse.Namespace) -> int:

@@ -1,8 +1,11 @@
 """`dscluster tiny-model DIR`: a small random Llama and a tokenizer trained offline, so that every
 path (tensor parallel, ZeRO-3, serving, batch) runs with nothing downloaded.
 
-Shapes are chosen for DeepSpeed AutoTP, which splits in chunks of 64: 64-wide attention heads, an
-intermediate size of 4 x hidden, and a vocabulary padded to a multiple of 256, so tp = 2 and 4 split evenly.
+Shapes are chosen for DeepSpeed AutoTP, which splits in chunks of 64: 64-wide attention heads by
+default, an intermediate size of 4 x hidden, and a vocabulary padded to a multiple of 256, so tp = 2
+and 4 split evenly. `heads` and `kv_heads` (grouped-query attention) change only the head shapes;
+`max_shard_size` writes the weights as several files with their index json, as real checkpoints are.
+The defaults write exactly what they always did: other tests and benchmarks depend on them.
 """
 
 from __future__ import annotations
@@ -47,10 +50,23 @@ def _train_tokenizer(vocab_size: int):
 
 
 def write_tiny_model(directory: str | os.PathLike, seed: int = 0, layers: int = 2, hidden: int = 128,
-                     vocab_size: int = 1024, max_positions: int = 2048) -> Path:
-    """Write config.json, model.safetensors and the tokenizer into `directory`; deterministic per seed."""
-    if hidden % HEAD_DIM:
-        raise UsageError(f"--hidden {hidden} must be a multiple of {HEAD_DIM} (the attention head width)")
+                     vocab_size: int = 1024, max_positions: int = 2048, heads: int | None = None,
+                     kv_heads: int | None = None, max_shard_size: int | None = None) -> Path:
+    """Write config.json, the weights (model.safetensors, or model-0000k-of-0000n.safetensors and
+    model.safetensors.index.json when `max_shard_size` bytes is exceeded) and the tokenizer into
+    `directory`; deterministic per seed."""
+    if heads is None:
+        if hidden % HEAD_DIM:
+            raise UsageError(f"--hidden {hidden} must be a multiple of {HEAD_DIM} (the attention head width), "
+                             "or give --heads")
+        heads = hidden // HEAD_DIM
+    elif hidden % heads or (hidden // heads) % 2:
+        raise UsageError(f"--hidden {hidden} must be --heads {heads} times an even head width")
+    kv_heads = heads if kv_heads is None else kv_heads
+    if kv_heads > heads or heads % kv_heads:
+        raise UsageError(f"--kv-heads {kv_heads} must divide --heads {heads}")
+    if max_shard_size is not None and max_shard_size < 1:
+        raise UsageError(f"--max-shard-size {max_shard_size} must be a positive number of bytes")
     if vocab_size < 512:
         raise UsageError(f"--vocab-size {vocab_size} must be at least 512 (bytes plus merges)")
     vocab_size = -(-vocab_size // 256) * 256
@@ -62,10 +78,9 @@ def write_tiny_model(directory: str | os.PathLike, seed: int = 0, layers: int = 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = _train_tokenizer(vocab_size)
-    heads = hidden // HEAD_DIM
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=max_positions, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
@@ -80,7 +95,10 @@ def write_tiny_model(directory: str | os.PathLike, seed: int = 0, layers: int = 
             if param.dim() > 1:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.08)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    if max_shard_size is None:
+        model.save_pretrained(out, safe_serialization=True)
+    else:
+        model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)
     (out / "dscluster.json").write_text(json.dumps({"written_by": "dscluster tiny-model", "seed": seed}))
     return out

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from netns import Cluster, unavailable_reason
 
@@ -324,6 +325,39 @@ def test_two_nodes_two_ranks_each_serve_then_drain_on_sigterm(nodes2, tiny, tmp_
     response = inflight.result(10)
     assert isinstance(response, httpx.Response) and response.status_code == 200, response
     assert codes == [0, 0], group.logs()
+
+
+def test_two_nodes_two_ranks_each_tensor_parallel_gqa_equals_unsharded(nodes2, gqa, tmp_path):
+    """tp=4 over 2 nodes x 2 ranks (Kubeflow Trainer style) on a grouped-query-attention model
+    stored as many files: each rank reads only its quarter, and the answers are the unsharded
+    model's (transformers' from_pretrained in this process): greedy text identical, logits within
+    float tolerance."""
+    from dscluster.engine.api import GenerationRequest, SamplingParams
+    from dscluster.engine.runtime import open_engine
+
+    group = Group(nodes2, gqa, tmp_path)
+    for i in range(2):
+        group.start(i, trainer_env(i, 2, 2), "--engine", "tp")
+    report("startup-2x2-tp-gqa", ready=group.wait_ready())
+    assert "tp=4, each rank read its own shards" in group.log(1)
+    prompts = [[1, 614, 15, 591, 4, 788], [1, 20, 30, 40, 50, 60]]
+    ref = open_engine(gqa)
+    want_logits = ref.predict([torch.tensor(p) for p in prompts])
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    want_ids = [r.token_ids for r in ref.generate([GenerationRequest(tuple(p), params) for p in prompts])]
+    tokenizer = ref.info.tokenizer
+    predicted = httpx.post(f"{group.url}/v1/predict", json={"inputs": prompts}, timeout=60)
+    assert predicted.status_code == 200, predicted.text
+    for got, want in zip(predicted.json()["outputs"], want_logits, strict=True):
+        diff = (torch.tensor(got) - want).abs().max().item()
+        assert diff < 1e-5, f"tp=4 over 2 nodes differs from the unsharded model by {diff}"
+    for prompt, ids in zip(prompts, want_ids, strict=True):
+        answer = completion(group, {"prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["text"] == tokenizer.decode(ids, skip_special_tokens=True)
+    for p in group.procs:
+        p.send_signal(signal.SIGTERM)
+    assert group.wait_all(GONE, time.monotonic()) == [0, 0], group.logs()
 
 
 def _wait_not_ready(group: Group, start: float, bound: float = NOTICED) -> tuple[float, int | None]:

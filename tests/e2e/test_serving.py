@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
@@ -366,6 +367,8 @@ BAD_REQUESTS = [
     ("/v1/predict", {"inputs": []}, 400),
     ("/v1/predict", {"input": [1, 2]}, 400),
     ("/v1/predict", b'{"inputs": [1, NaN]}', 400),
+    ("/v1/predict", b'{"inputs": [' + b"1, " * (3 * 1024 * 1024) + b'1]}', 413),
+    ("/predict", b"[1, 2", 400),
     ("/v1/completions", b'{"prompt": "' + b"x" * (9 * 1024 * 1024) + b'"}', 413),
     ("/v1/nothing", {"prompt": "hi"}, 404),
 ]
@@ -423,6 +426,18 @@ def test_health_and_metrics(server):
     assert metric(server, "dscluster_ranks_alive") == 2
     assert metric(server, "dscluster_requests_total", route="/v1/completions", status="200") >= 1
     assert metric(server, "dscluster_requests_total", route="/v1/completions", status="400") >= 1
+
+
+def test_ranks_run_with_the_serving_thread_policy(server):
+    """Idle OpenMP threads sleep in every rank (spinning, they take the core rank 0's event loop
+    needs); under the local launcher each rank runs its share of the cores."""
+    policy = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")  # one set by the user wins
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    threads = int(given) if given.isdigit() else max(1, (os.cpu_count() or 1) // 2)
+    ranks = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if "serve" in p.cmdline()]
+    assert len(ranks) == 2
+    assert all(p.environ().get("OMP_WAIT_POLICY") == policy for p in ranks)
+    assert f"rank 0: {threads} torch thread(s), OMP_WAIT_POLICY={policy}" in server.output()
 
 
 def test_sigterm_drains_in_flight_requests_and_all_ranks_exit_0(server):
@@ -508,6 +523,10 @@ def test_api_key_required_except_health(strict_server):
             r = c.get(path)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        r = c.post("/v1/predict", json={"inputs": [[1, 2, 3]]})  # the lean tensor path checks the key too
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        r = c.post("/v1/predict", json={"inputs": [[1, 2, 3]]}, headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200 and len(r.json()["outputs"][0]) == 3
     with pytest.raises(openai.AuthenticationError):
         strict_server.openai("wrong").models.list()
     assert strict_server.openai("s3cret").models.list().data[0].id == "tiny"
@@ -563,6 +582,25 @@ def test_predict_routes_on_linear(linear_server):
         assert r.status_code == 400 and "[10]" in r.json()["error"]["message"]
         r = c.post("/v1/completions", json={"prompt": "hi"})
         assert r.status_code == 400 and "/v1/predict" in r.json()["error"]["message"]
+        r = c.post("/v1/predict", json={"inputs": rows, "extra": 1})
+        assert r.status_code == 400 and "extra" in r.json()["error"]["message"]
+        r = c.post("/v1/predict", json={"inputs": [[1.0] * 9 + [True]]})
+        assert r.status_code == 400 and "inputs[0][9] is bool" in r.json()["error"]["message"]
+        r = c.get("/v1/predict")
+        assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["code"] == \
+            "method_not_allowed"
+
+
+def test_predict_requests_are_counted(linear_server):
+    def count(status: str) -> float:
+        return metric(linear_server, "dscluster_requests_total", route="/v1/predict", status=status)
+
+    before = count("200"), count("400")
+    with linear_server.client() as c:
+        assert c.post("/v1/predict", json={"inputs": [[0.5] * 10] * 3}).status_code == 200
+        assert c.post("/v1/predict", json={"inputs": [[0.5] * 9]}).status_code == 400
+    assert (count("200"), count("400")) == (before[0] + 1, before[1] + 1)
+    assert metric(linear_server, "dscluster_request_latency_seconds_count", route="/v1/predict") >= 2
 
 
 def test_concurrent_predicts_batch_together(linear_server):

@@ -1,9 +1,14 @@
-"""Load the model every rank serves: a Hugging Face directory or a `package.module:factory` spec."""
+"""Load the model every rank serves: a Hugging Face directory or a `package.module:factory` spec.
+
+`open_model` reads what the model is (no weights); `load_whole` reads every weight (one rank, the
+replicated engine, ZeRO-3's partition-as-read); `build_on_meta` gives the structure without
+weights, for the tensor-parallel loader that fills each rank's shards from the checkpoint files.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-import json
 import logging
 import os
 import sys
@@ -69,29 +74,158 @@ def resolve_dtype(requested: str, config_dtype: Any = None, cuda: bool | None = 
     return torch.float32
 
 
-def load_model(spec: str, dtype: str = "auto", checkpoint: str | None = None) -> LoadedModel:
+@dataclass
+class ModelSource:
+    """What a model is, read before any weight: its config, class, tokenizer and dtype. The engine
+    is chosen from it and the checkpoint checked against it; then each engine reads the weights its
+    own way (whole, shard by shard, or partitioned as read)."""
+
+    spec: str
+    name: str
+    dtype: torch.dtype
+    hf: bool                      # a transformers directory (AutoTP knows how to split it)
+    kind: Literal["causal-lm", "module"] = "module"
+    path: Path | None = None      # the model directory
+    config: Any = None
+    model_class: type | None = None
+    tokenizer: Any = None
+    max_context: int | None = None
+    factory: Any = None           # import specs: the callable (or module) the spec names
+    checkpoint: str | None = None  # import specs: --checkpoint
+
+    def loaded(self, module: nn.Module) -> LoadedModel:
+        """The served model's description around `module` (whole, split or partitioned)."""
+        if not self.hf:
+            return LoadedModel(module=module, kind="module", name=self.spec, dtype=self.dtype,
+                               input_shape=_input_shape(module), input_dtype=self.dtype)
+        input_name = getattr(module, "main_input_name", "input_ids")
+        return LoadedModel(module=module, kind=self.kind, name=self.name, dtype=self.dtype,
+                           tokenizer=self.tokenizer, max_context=self.max_context,
+                           vocab_size=getattr(self.config, "vocab_size", None),
+                           input_dtype=torch.long if input_name == "input_ids" else self.dtype,
+                           input_name=input_name, hf=True)
+
+
+def open_model(spec: str, dtype: str = "auto", checkpoint: str | None = None) -> ModelSource:
+    """Read what the model is (config, class, tokenizer; for an import spec, the factory), no weights."""
     check_model_spec(spec)
     if is_import_spec(spec):
-        return _load_import_spec(spec, dtype, checkpoint)
+        return _open_import_spec(spec, dtype, checkpoint)
     if checkpoint:
         raise UsageError("--checkpoint is for import-spec models; a model directory carries its weights")
-    return _load_hf_directory(Path(spec), dtype)
+    return _open_hf_directory(Path(spec), dtype)
 
 
-def _load_hf_directory(path: Path, dtype: str) -> LoadedModel:
+def load_model(spec: str, dtype: str = "auto", checkpoint: str | None = None) -> LoadedModel:
+    """The whole model in this process (one rank, or an engine that splits a whole model)."""
+    source = open_model(spec, dtype, checkpoint)
+    return source.loaded(load_whole(source))
+
+
+def load_whole(source: ModelSource) -> nn.Module:
+    """Every weight, in this process's memory: transformers' own loader for a directory (under a
+    live HfDeepSpeedConfig it partitions parameters as it reads them), the factory for a spec."""
+    if not source.hf:
+        module = source.factory() if callable(source.factory) and not isinstance(source.factory, nn.Module) \
+            else source.factory
+        if not isinstance(module, nn.Module):
+            raise UsageError(f"model {source.spec!r}: {source.spec.partition(':')[2]} returned "
+                             f"{type(module).__name__}, not a torch.nn.Module")
+        if source.checkpoint:
+            _load_checkpoint(module, source.checkpoint)
+        return module.to(source.dtype).eval()
+    try:
+        module = source.model_class.from_pretrained(source.path, dtype=source.dtype, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"model directory {str(source.path)!r}: weights are not loadable: {exc}") from None
+    module.eval()
+    log.info("loaded %s from %s: %s (%s), %.1fM parameters, %s", source.config.model_type, source.path,
+             source.kind, type(module).__name__, sum(p.numel() for p in module.parameters()) / 1e6, source.dtype)
+    return module
+
+
+def build_on_meta(source: ModelSource) -> nn.Module:
+    """The model's structure with every parameter on the meta device (no memory), its buffers real.
+
+    Buffers are computed by the model's own constructor (rotary `inv_freq` and the like are not in
+    the checkpoint), so they come out exactly as `from_pretrained` makes them; parameters are
+    filled later, each rank with its own share."""
+    with _parameters_on_meta():
+        return construct(source)
+
+
+def construct(source: ModelSource) -> nn.Module:
+    """The model built from its config alone (parameters as the surrounding context makes them:
+    on the meta device, or partitioned by ZeRO-3), with its generation config read as
+    from_pretrained reads it (its eos ids end generation)."""
+    from transformers import GenerationConfig
+
+    if hasattr(source.model_class, "from_config"):   # an Auto class
+        module = source.model_class.from_config(source.config, dtype=source.dtype)
+    else:
+        module = source.model_class._from_config(source.config, dtype=source.dtype)
+    if (source.path / "generation_config.json").is_file() and getattr(module, "generation_config", None) is not None:
+        module.generation_config = GenerationConfig.from_pretrained(source.path, local_files_only=True)
+    return module.eval()
+
+
+@dataclass
+class ModelTensors:
+    """The tensors a model reads from its checkpoint, by every name they go by."""
+
+    parameters: dict[str, tuple[int, ...]]   # each parameter, under each of its names -> full shape
+    buffers: dict[str, tuple[int, ...]]      # persistent buffers (read when the checkpoint has them)
+    aliases: dict[str, list[str]]            # other names of the same tensor (tied weights)
+    prefix: str | None                       # the base model's prefix (`model`, `bert`)
+
+
+def model_tensors(module: nn.Module) -> ModelTensors:
+    """What `module` (whole-shaped, e.g. on the meta device) needs from a checkpoint."""
+    names: dict[int, list[str]] = {}
+    parameters = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+        parameters[name] = tuple(param.shape)
+    aliases = {n: [m for m in group if m != n] for group in names.values() for n in group}
+    for target, source in (getattr(module, "all_tied_weights_keys", None) or {}).items():
+        aliases.setdefault(target, []).append(source)
+        aliases.setdefault(source, []).append(target)
+    saved = module.state_dict(keep_vars=True).keys()
+    buffers = {name: tuple(buf.shape) for name, buf in module.named_buffers(remove_duplicate=False) if name in saved}
+    return ModelTensors(parameters, buffers, aliases, getattr(module, "base_model_prefix", None) or None)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """While a model is constructed, put each parameter on the meta device as it is registered
+    and leave buffers where the constructor made them (accelerate's `init_empty_weights(
+    include_buffers=False)`, without depending on accelerate for these few lines)."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            kwargs = dict(module._parameters[name].__dict__)  # Parameter subclasses keep their attributes
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+            module._parameters[name].__dict__.update(kwargs)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _open_hf_directory(path: Path, dtype: str) -> ModelSource:
     from transformers import AutoConfig, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise UsageError(f"model directory {str(path)!r}: config.json is not loadable: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - transformers' config validation raises its own types
+        text = " ".join(str(exc).split())  # one line: validation errors span several
+        raise UsageError(f"model directory {str(path)!r}: config.json is not loadable: {text}") from None
     torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
     cls, causal = _model_class(config)
-    try:
-        module = cls.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"model directory {str(path)!r}: weights are not loadable: {exc}") from None
-    module.eval()
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -99,15 +233,9 @@ def _load_hf_directory(path: Path, dtype: str) -> LoadedModel:
     if tokenizer is not None and getattr(tokenizer, "model_max_length", None):
         if max_context is None or tokenizer.model_max_length < max_context:
             max_context = int(tokenizer.model_max_length)
-    kind = "causal-lm" if causal else "module"
-    input_name = getattr(module, "main_input_name", "input_ids")
-    log.info("loaded %s from %s: %s (%s), %.1fM parameters, %s", config.model_type, path, kind,
-             type(module).__name__, sum(p.numel() for p in module.parameters()) / 1e6, torch_dtype)
-    return LoadedModel(module=module, kind=kind, name=path.resolve().name, dtype=torch_dtype,
-                       tokenizer=tokenizer, max_context=max_context,
-                       vocab_size=getattr(config, "vocab_size", None),
-                       input_dtype=torch.long if input_name == "input_ids" else torch_dtype,
-                       input_name=input_name, hf=True)
+    return ModelSource(spec=str(path), name=path.resolve().name, dtype=torch_dtype, hf=True,
+                       kind="causal-lm" if causal else "module", path=path, config=config, model_class=cls,
+                       tokenizer=tokenizer, max_context=max_context)
 
 
 def _model_class(config) -> tuple[type, bool]:
@@ -131,7 +259,7 @@ def _model_class(config) -> tuple[type, bool]:
     return cls, False
 
 
-def _load_import_spec(spec: str, dtype: str, checkpoint: str | None) -> LoadedModel:
+def _open_import_spec(spec: str, dtype: str, checkpoint: str | None) -> ModelSource:
     module_name, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like uvicorn: specs resolve from the working directory
@@ -141,15 +269,8 @@ def _load_import_spec(spec: str, dtype: str, checkpoint: str | None) -> LoadedMo
         raise UsageError(f"model {spec!r}: cannot import {module_name}: {exc}") from None
     except AttributeError:
         raise UsageError(f"model {spec!r}: {module_name} has no attribute {attr}") from None
-    module = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
-    if not isinstance(module, nn.Module):
-        raise UsageError(f"model {spec!r}: {attr} returned {type(module).__name__}, not a torch.nn.Module")
-    if checkpoint:
-        _load_checkpoint(module, checkpoint)
-    torch_dtype = resolve_dtype(dtype)
-    module = module.to(torch_dtype).eval()
-    return LoadedModel(module=module, kind="module", name=spec, dtype=torch_dtype,
-                       input_shape=_input_shape(module), input_dtype=torch_dtype)
+    return ModelSource(spec=spec, name=spec, dtype=resolve_dtype(dtype), hf=False, factory=factory,
+                       checkpoint=checkpoint)
 
 
 def _load_checkpoint(module: nn.Module, checkpoint: str) -> None:

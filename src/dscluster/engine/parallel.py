@@ -1,20 +1,35 @@
-"""Split the loaded model across ranks: `tp` (DeepSpeed AutoTP), `zero3` (partitioned parameters,
+"""Load the model split across ranks: `tp` (DeepSpeed AutoTP), `zero3` (partitioned parameters,
 gathered layer by layer on every forward), or `replicated` (every rank holds it all).
 
+Each engine reads only what its rank keeps: `tp` builds the model on the meta device, splits it with
+AutoTP and fills each rank's shards from slices of the checkpoint files (`tp_load.py`); `zero3`
+builds it under `deepspeed.zero.Init` and fills each rank's partitions from the files
+(`zero3_load.py`); `replicated` loads it whole. Without safetensors files (a PyTorch .bin
+checkpoint) or for an import-spec model, every rank loads the whole model and the engine splits it.
+
+Loading is in two steps. `prepare` runs on every rank before any collective and names what is
+wrong with the model for this engine (a missing tensor, a shape the config contradicts, heads that
+do not divide by the tp degree) as a UsageError, so every rank exits 2 with the same one line
+instead of some waiting in a collective for the others. `load_split` then loads and splits.
+
 Every engine returns a plain module to call; all ranks must call it with the same inputs at the
-same time (the protocol guarantees that). DeepSpeed is imported only here.
+same time (the protocol guarantees that). DeepSpeed is imported only here and in the two loaders.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from dscluster.engine.loading import LoadedModel
+from dscluster.engine.checkpoint import DTYPES, SafetensorsCheckpoint
+from dscluster.engine.host_memory import check_host_memory
+from dscluster.engine.loading import LoadedModel, ModelSource, build_on_meta, load_whole, model_tensors
 from dscluster.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -30,7 +45,19 @@ class ParallelModel:
     description: str
 
 
-def choose_engine(requested: str | None, loaded: LoadedModel, world_size: int) -> str:
+@dataclass
+class Prepared:
+    """A model checked for its engine on this rank, before any collective."""
+
+    source: ModelSource
+    engine: str
+    world_size: int
+    checkpoint: SafetensorsCheckpoint | None = None   # None: no safetensors (a .bin), or not a directory
+    meta_module: nn.Module | None = None              # tp: the structure AutoTP splits
+    keys: dict[str, str] | None = None                # tensor name (every alias) -> checkpoint key
+
+
+def choose_engine(requested: str | None, source: ModelSource | LoadedModel, world_size: int) -> str:
     """Default: tp when there are several ranks and AutoTP can split the model, else replicated."""
     if requested is not None and requested not in ENGINES:
         raise UsageError(f"--engine {requested!r}: choose tp, zero3 or replicated")
@@ -39,51 +66,141 @@ def choose_engine(requested: str | None, loaded: LoadedModel, world_size: int) -
             log.info("one rank: --engine %s runs unsplit", requested)
         return "replicated"
     if requested is None:
-        if loaded.hf:
+        if source.hf:
             return "tp"
         log.info("AutoTP cannot split %s (not a transformers model): running it replicated on every rank; "
-                 "--engine zero3 partitions its parameters", loaded.name)
+                 "--engine zero3 partitions its parameters", source.name)
         return "replicated"
-    if requested == "tp" and not loaded.hf:
-        raise UsageError(f"--engine tp needs a transformers model AutoTP can split; {loaded.name} is a plain "
+    if requested == "tp" and not source.hf:
+        raise UsageError(f"--engine tp needs a transformers model AutoTP can split; {source.name} is a plain "
                          "torch module: use --engine zero3 or replicated")
     return requested
 
 
-def parallelize(loaded: LoadedModel, engine: str, world_size: int,
-                zero3_persistence_threshold: int = 0, group=None) -> ParallelModel:
-    """`group`: a gloo group of all ranks (the control group) for agreeing on shared memory."""
+def prepare(source: ModelSource, engine: str, world_size: int) -> Prepared:
+    """Check the model and its checkpoint for `engine` over `world_size` ranks. No collective."""
+    prepared = Prepared(source, engine, world_size)
+    if not source.hf:
+        return prepared
+    split = engine == "tp" and world_size > 1
+    if split:
+        from dscluster.engine.tp_load import check_divisible
+
+        check_divisible(source.config, world_size)
+    prepared.checkpoint = SafetensorsCheckpoint.open(source.path)
+    if prepared.checkpoint is None:
+        log.warning("%s has no safetensors weights: every rank reads the whole checkpoint", source.path)
+        return prepared
+    meta = build_on_meta(source)
+    tensors = model_tensors(meta)
+    prepared.keys = prepared.checkpoint.locate(tensors.parameters, tensors.aliases, tensors.prefix,
+                                               optional=tensors.buffers)
+    prepared.meta_module = meta if split else None
+    return prepared
+
+
+def load_split(prepared: Prepared, device: torch.device, zero3_persistence_threshold: int = 0,
+               group=None) -> tuple[LoadedModel, ParallelModel]:
+    """Load the prepared model onto `device` (this rank's: cuda:LOCAL_RANK with NCCL, else the CPU),
+    split by its engine. `group`: a gloo group of all ranks (the control group), for agreeing on
+    shared memory."""
+    source, engine, world_size = prepared.source, prepared.engine, prepared.world_size
     if engine == "replicated" or world_size == 1:
-        return ParallelModel(loaded.module, "replicated", 1, f"replicated on {world_size} rank(s)")
+        if device.type == "cpu" and prepared.checkpoint is not None:
+            check_host_memory(_converted_bytes(prepared), f"the whole model ({_dtype_name(source.dtype)}, converted "
+                              "from the checkpoint's dtype; one unsharded rank)")
+        module = load_whole(source).to(device)
+        return source.loaded(module), ParallelModel(module, "replicated", 1, f"replicated on {world_size} rank(s)")
     import deepspeed
 
     _shared_memory_only_within_one_node(world_size, group)
     if engine == "tp":
-        try:
-            wrapped = deepspeed.init_inference(loaded.module, tensor_parallel={"tp_size": world_size},
-                                               dtype=loaded.dtype, replace_with_kernel_inject=False)
-        except AssertionError as exc:  # AutoTP's "Not able to determine model policy automatically"
-            raise UsageError(f"--engine tp: DeepSpeed AutoTP cannot split {loaded.name}: {exc}; "
-                             "use --engine zero3 or replicated") from None
-        module = wrapped.module
-        desc = f"tensor parallel (DeepSpeed AutoTP), tp={world_size}"
+        if prepared.meta_module is not None:
+            from dscluster.engine.tp_load import load_tensor_parallel
+
+            module = load_tensor_parallel(source, prepared.meta_module, prepared.checkpoint, prepared.keys,
+                                          world_size, device)
+            prepared.meta_module = None
+            how = "each rank read its own shards"
+        else:
+            module = _autotp(load_whole(source), source, world_size)
+            how = "split after every rank read the whole checkpoint"
+        desc = f"tensor parallel (DeepSpeed AutoTP), tp={world_size}, {how}"
     elif engine == "zero3":
-        config = {
-            "train_micro_batch_size_per_gpu": 1,
-            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": zero3_persistence_threshold},
-        }
-        if str(loaded.dtype) == "torch.bfloat16":
-            config["bf16"] = {"enabled": True}
-        elif str(loaded.dtype) == "torch.float16":
-            config["fp16"] = {"enabled": True}
-        wrapped, *_ = deepspeed.initialize(model=loaded.module, config=config)
+        config = _zero3_config(source.dtype, zero3_persistence_threshold)
+        if prepared.checkpoint is not None:
+            from dscluster.engine.zero3_load import load_zero3
+
+            if device.type == "cpu":
+                need = sum(-(-math.prod(prepared.checkpoint.tensors[k].shape) // world_size)
+                           for k in set(prepared.keys.values())) * source.dtype.itemsize
+                check_host_memory(need, f"its ZeRO-3 partitions ({_dtype_name(source.dtype)}, {world_size} ranks)")
+            built = load_zero3(source, prepared.checkpoint, prepared.keys, config, device)
+            how = "each rank read its own partitions"
+        else:
+            built = load_whole(source)
+            how = "partitioned after every rank read the whole checkpoint"
+        wrapped, *_ = deepspeed.initialize(model=built, config=config)
         module = wrapped.module
-        desc = f"ZeRO stage 3, parameters partitioned over {world_size} ranks"
+        desc = f"ZeRO stage 3, parameters partitioned over {world_size} ranks, {how}"
     else:
         raise UsageError(f"--engine {engine!r}: choose tp, zero3 or replicated")
+    _check_device(module, device)
     module.eval()
     log.info("engine: %s", desc)
-    return ParallelModel(module, engine, world_size if engine == "tp" else 1, desc)
+    parallel = ParallelModel(module, engine, world_size if engine == "tp" else 1, desc)
+    return source.loaded(module), parallel
+
+
+def _autotp(module: nn.Module, source: ModelSource, world_size: int) -> nn.Module:
+    """AutoTP on a whole model (a checkpoint without safetensors): every rank held it all first."""
+    import deepspeed
+
+    try:
+        wrapped = deepspeed.init_inference(module, tensor_parallel={"tp_size": world_size}, dtype=source.dtype,
+                                           replace_with_kernel_inject=False)
+    except AssertionError as exc:  # AutoTP's "Not able to determine model policy automatically"
+        raise UsageError(f"--engine tp: DeepSpeed AutoTP cannot split {source.name}: {exc}; "
+                         "use --engine zero3 or replicated") from None
+    return wrapped.module
+
+
+def _converted_bytes(prepared: Prepared) -> int:
+    """Host memory a whole-model load allocates: tensors stored in the serving dtype are mapped from
+    the file by transformers (pages the kernel can reclaim); the others are converted into new
+    memory."""
+    dtype = prepared.source.dtype
+    stored = {prepared.checkpoint.tensors[k] for k in prepared.keys.values()}
+    return sum(math.prod(t.shape) * dtype.itemsize for t in stored if DTYPES[t.dtype] != dtype)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _zero3_config(dtype: torch.dtype, persistence_threshold: int) -> dict:
+    """ZeRO-3 for serving: gathered parameters are released as soon as their module has run.
+    DeepSpeed's defaults (made for training) keep up to 1e9 gathered parameters alive and reuse
+    them within a distance of 1e9: after one forward pass a rank held the whole model again."""
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": persistence_threshold,
+                              "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0,
+                              "stage3_prefetch_bucket_size": 0},
+    }
+    if dtype == torch.bfloat16:
+        config["bf16"] = {"enabled": True}
+    elif dtype == torch.float16:
+        config["fp16"] = {"enabled": True}
+    return config
+
+
+def _check_device(module: nn.Module, device: torch.device) -> None:
+    """Every parameter this rank holds (its ZeRO-3 partition, or its shard) is on its device."""
+    for name, param in module.named_parameters():
+        held = getattr(param, "ds_tensor", param)
+        if held.device.type != device.type or (device.index is not None and held.device.index != device.index):
+            raise RuntimeError(f"{name} is on {held.device}, not on this rank's {device}")
 
 
 def _shared_memory_only_within_one_node(world_size: int, group=None) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dscluster.cluster.group import Groups, default_threads, init_groups
+from dscluster.cluster.group import Groups, init_groups
 from dscluster.cluster.rendezvous import Rendezvous
 from dscluster.engine.api import (
     GenerationLimits,
@@ -43,10 +43,11 @@ from dscluster.engine.api import (
     TokenCallback,
 )
 from dscluster.engine.batch import RunningBatch, StepOutput
-from dscluster.engine.loading import LoadedModel, load_model
-from dscluster.engine.parallel import ParallelModel, choose_engine, parallelize, release_shared_memory
+from dscluster.engine.loading import LoadedModel, open_model
+from dscluster.engine.parallel import ParallelModel, choose_engine, load_split, prepare, release_shared_memory
 from dscluster.engine.protocol import ControlChannel, Message, Op, StepPlan
 from dscluster.engine.scheduler import Scheduler
+from dscluster.engine.threads import torch_threads
 from dscluster.errors import EXIT_PEER_FAILED, PeerFailure, UsageError
 
 log = logging.getLogger(__name__)
@@ -476,20 +477,30 @@ def run_worker(runtime: Runtime) -> int:
 # Building it
 
 
-def set_threads(local_world_size: int) -> int:
-    """Torch threads per rank: OMP_NUM_THREADS if a launcher set it, else the cores split evenly.
-    More threads than cores spin-wait and starve rank 0's HTTP event loop."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    threads = int(env) if env.isdigit() and int(env) > 0 else default_threads(local_world_size)
+def set_threads(local_world_size: int, runs_front_end: bool = False) -> int:
+    """Torch threads per rank (engine/threads.py: the policy and why): OMP_NUM_THREADS if a launcher
+    set it, else the cores split evenly, less one for rank 0's front end."""
+    threads = torch_threads(local_world_size, runs_front_end)
     torch.set_num_threads(threads)
     return threads
 
 
 def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
-    """Join the group, load and split the model, and wait until every rank has done the same."""
-    set_threads(rdzv.local_world_size)
+    """Join the group, check the model, load this rank's share of it onto its device, and wait
+    until every rank has done the same.
+
+    The model and its checkpoint are checked once the group has formed and before any collective:
+    every rank reads the same files, so a bad checkpoint makes every rank exit 2 with the same
+    message at once (a rank alone with a bad copy exits 2 and the others notice it is gone). The
+    check comes after the rendezvous so that it never delays noticing a rank that never arrives,
+    and a peer lost while this rank is still checking is acted on only after its own verdict: a
+    rank whose model is bad says so, rather than that rank 0 (which hosts the store) left first."""
+    threads = set_threads(rdzv.local_world_size, runs_front_end=rdzv.rank == 0)
+    log.info("rank %d: %d torch thread(s), OMP_WAIT_POLICY=%s", rdzv.rank, threads,
+             os.environ.get("OMP_WAIT_POLICY", "(libgomp's default)"))
     groups = monitor = None
     engine_ref: dict[str, Engine] = {}
+    checking: dict = {"active": True, "failure": None}
     if rdzv.world_size > 1:
         from dscluster.engine.liveness import LivenessMonitor
 
@@ -498,6 +509,9 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
                              rendezvous_timeout_s=options.rendezvous_timeout)
 
         def on_failure(reason: str) -> None:
+            if checking["active"]:
+                checking["failure"] = checking["failure"] or reason
+                return
             if rdzv.rank == 0 and "engine" in engine_ref:
                 engine_ref["engine"].on_liveness_failure(reason)
             else:
@@ -509,10 +523,14 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
                                   options.heartbeat_interval, options.heartbeat_timeout, on_failure,
                                   prefix=f"dscluster/{run_id}/{restart}")
         monitor.start()
-    loaded = load_model(options.model, options.dtype, options.checkpoint)
-    engine_name = choose_engine(options.engine, loaded, rdzv.world_size)
-    model = parallelize(loaded, engine_name, rdzv.world_size, options.zero3_persistence_threshold,
-                        group=groups.control if groups is not None else None)
+    source = open_model(options.model, options.dtype, options.checkpoint)
+    prepared = prepare(source, choose_engine(options.engine, source, rdzv.world_size), rdzv.world_size)
+    checking["active"] = False
+    if checking["failure"]:
+        exit_group_broken(checking["failure"], rdzv.rank)
+    device = groups.device if groups is not None else torch.device("cpu")
+    loaded, model = load_split(prepared, device, options.zero3_persistence_threshold,
+                               group=groups.control if groups is not None else None)
     if monitor is not None:
         monitor.mark_ready()
         monitor.wait_all_ready()
@@ -536,6 +554,6 @@ def open_engine(model: str, *, engine: str | None = None, dtype: str = "auto", c
     max_model_len."""
     options = RuntimeOptions(model=model, engine=engine, dtype=dtype, checkpoint=checkpoint,
                              served_model_name=served_model_name, **limits)
-    loaded = load_model(model, dtype, checkpoint)
-    parallel = parallelize(loaded, choose_engine(engine, loaded, 1), 1)
+    source = open_model(model, dtype, checkpoint)
+    loaded, parallel = load_split(prepare(source, choose_engine(engine, source, 1), 1), torch.device("cpu"))
     return Engine(Runtime(options, loaded, parallel, None))

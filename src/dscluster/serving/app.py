@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import json
 import logging
 import time
 
@@ -21,8 +20,8 @@ from dscluster.engine.api import EngineClient
 from dscluster.serving import openai, predict
 from dscluster.serving.batcher import Batcher
 from dscluster.serving.metrics import Metrics
-from dscluster.serving.protocol import APIError, error_body
-from dscluster.serving.state import ClientGone, ServerConfig, ServerState, get_state
+from dscluster.serving.protocol import APIError, ClientGone, error_body
+from dscluster.serving.state import ServerConfig, ServerState, get_state
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +46,47 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
             state.serving = False          # readiness turns 503 first
             batcher.stop(timeout=config.request_timeout)
 
-    app = FastAPI(title="dscluster", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # FastAPI's own OpenTelemetry hooks look up the global providers on every request; off.
+    app = ServingApp(title="dscluster", lifespan=lifespan, docs_url=None, redoc_url=None,
+                     telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.dscluster = state
-    app.include_router(predict.router)
+    app.tensor_routes = predict.routes(state)
+    for path, route in app.tensor_routes.items():
+        app.add_route(path, route, methods=["POST"], include_in_schema=False)
     app.include_router(openai.router)
     _add_health_routes(app)
     _add_error_handlers(app)
-    app.add_middleware(_Gate, state=state)
+    app.gate = _Gate(state)
     return app
+
+
+class ServingApp(FastAPI):
+    """FastAPI, with the gate (API key, request metrics) in front of every HTTP request, and the
+    tensor routes' POSTs sent straight to their handlers: on a small model FastAPI's middleware
+    stack and routing cost more than the forward pass, and these routes carry every request of a
+    tensor model. Everything else goes through FastAPI as usual."""
+
+    tensor_routes: dict[str, predict.TensorRoute]
+    gate: _Gate
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        route = self.tensor_routes.get(scope["path"]) if scope["method"] == "POST" else None
+        await self.gate(scope, receive, send, route or self._through_fastapi)
+
+    async def _through_fastapi(self, scope, receive, send) -> int:
+        status = 500
+
+        async def send_with_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await super().__call__(scope, receive, send_with_status)
+        return status
 
 
 def _add_health_routes(app: FastAPI) -> None:
@@ -110,39 +142,35 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 class _Gate:
-    """Pure ASGI middleware (it must not buffer streams): API key, request counts and latency."""
+    """API key and request metrics, for every HTTP request. `handler` answers and returns the status."""
 
-    def __init__(self, app, state: ServerState):
-        self.app = app
-        self.state = state
+    def __init__(self, state: ServerState):
+        self.metrics = state.metrics
         self.key = state.config.api_key.encode() if state.config.api_key else None
+        self._children: dict[tuple[str, int], tuple] = {}  # prometheus children by (route, status)
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def __call__(self, scope, receive, send, handler) -> None:
         path = scope["path"]
-        route = path if path in ROUTES else "other"
         started = time.monotonic()
         status = 500
-
-        async def send_with_status(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
         try:
             if self.key is not None and path not in OPEN_ROUTES and not self._authorized(scope):
-                await _send_json(send_with_status, 401, error_body(
+                status = await predict.send_json(send, 401, error_body(
                     "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error",
                     "invalid_api_key"), {"www-authenticate": "Bearer"})
                 return
-            await self.app(scope, receive, send_with_status)
+            status = await handler(scope, receive, send)
         finally:
-            metrics = self.state.metrics
-            metrics.requests.labels(route, str(status)).inc()
-            metrics.latency.labels(route).observe(time.monotonic() - started)
+            count, latency = self._metric_children(path if path in ROUTES else "other", status)
+            count.inc()
+            latency.observe(time.monotonic() - started)
+
+    def _metric_children(self, route: str, status: int) -> tuple:
+        children = self._children.get((route, status))
+        if children is None:
+            children = (self.metrics.requests.labels(route, str(status)), self.metrics.latency.labels(route))
+            self._children[(route, status)] = children
+        return children
 
     def _authorized(self, scope) -> bool:
         for name, value in scope["headers"]:
@@ -150,11 +178,3 @@ class _Gate:
                 scheme, _, token = value.partition(b" ")
                 return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
         return False
-
-
-async def _send_json(send, status: int, body: dict, headers: dict[str, str]) -> None:
-    payload = json.dumps(body).encode()
-    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": payload})

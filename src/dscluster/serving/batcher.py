@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from dscluster.engine.api import EngineClient, GenerationRequest
@@ -51,7 +52,7 @@ class WorkItem:
     """One example to predict or one prompt to decode, and where its answer goes."""
 
     key: tuple                                   # items batch together only when keys are equal
-    payload: torch.Tensor | GenerationRequest
+    payload: np.ndarray | torch.Tensor | GenerationRequest  # an example: numpy where it can hold the dtype
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     # Called in the batcher thread with each new token; returns False to stop this item.
@@ -74,11 +75,28 @@ class WorkItem:
             pass
 
 
-def predict_key(example: torch.Tensor) -> tuple:
+def predict_key(example: np.ndarray | torch.Tensor) -> tuple:
     return ("predict", tuple(example.shape), example.dtype)
 
 
 GENERATE_KEY = ("generate",)
+
+
+def _tensors(examples: list) -> list[torch.Tensor]:
+    """A batch's examples as tensors: numpy ones (one key, one dtype) stacked once and shared."""
+    if isinstance(examples[0], np.ndarray):
+        return list(torch.from_numpy(np.stack(examples)).unbind(0))
+    return examples
+
+
+def numpy_rows(outputs: list[torch.Tensor]) -> list[np.ndarray]:
+    """One batch's outputs as numpy rows, which orjson writes without a Python float per number.
+    Converted here, once per batch, rather than once per request on the event loop; half precision
+    goes out as float32 (numpy has no bfloat16)."""
+    batch = torch.stack(outputs)
+    if batch.is_floating_point() and batch.dtype != torch.float64:
+        batch = batch.float()
+    return list(batch.numpy())
 
 
 class Batcher:
@@ -211,7 +229,7 @@ class Batcher:
         self._running = batch
         try:
             with self.metrics.forward_time.labels("predict").time():
-                results = self.engine.predict([item.payload for item in batch])
+                results = numpy_rows(self.engine.predict(_tensors([item.payload for item in batch])))
         except PeerFailure as exc:
             self._fail_all(batch, unavailable(f"the group is broken ({exc})"))
             return False

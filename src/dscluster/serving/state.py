@@ -8,11 +8,12 @@ import time
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
+from starlette.types import Receive
 
 from dscluster.engine.api import EngineClient
 from dscluster.serving.batcher import Batcher, WorkItem
 from dscluster.serving.metrics import Metrics
-from dscluster.serving.protocol import APIError
+from dscluster.serving.protocol import APIError, ClientGone
 
 
 @dataclass(frozen=True)
@@ -52,36 +53,45 @@ def get_state(request: Request) -> ServerState:
     return request.app.state.dscluster
 
 
-class ClientGone(Exception):
-    """The client closed the connection before its answer was ready."""
-
-
-async def _disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
 async def wait_results(items: list[WorkItem], request: Request, timeout: float | None) -> list:
     """Results of `items` in order. A deadline answers 504 and a departed client ends the wait;
     in both cases the items are cancelled, so the batcher drops them or stops decoding them."""
-    gathered = asyncio.gather(*(item.future for item in items))
-    watcher = asyncio.ensure_future(_disconnected(request))
+    return await wait_items(items, request.receive, timeout)
+
+
+async def wait_items(items: list[WorkItem], receive: Receive, timeout: float | None) -> list:
+    """`wait_results` on the ASGI `receive`. Whichever comes first settles one future (the item's
+    own, or a gather of several): the results, the client leaving (a task watching `receive`) or the
+    deadline (a timer)."""
+    loop = asyncio.get_running_loop()
+    outcome = items[0].future if len(items) == 1 else asyncio.gather(*(item.future for item in items))
+    watcher = loop.create_task(_end_when_client_leaves(receive, items, outcome))
+    deadline = loop.call_later(timeout, _end, items, outcome, _PastDeadline) if timeout is not None else None
     try:
-        done, _ = await asyncio.wait({gathered, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if gathered in done:
-            return gathered.result()
-        for item in items:
-            item.cancelled = True
-        if watcher in done:
-            raise ClientGone()
+        result = await outcome
+    except _PastDeadline:
         raise APIError(504, f"request not answered within --request-timeout {timeout:g} s",
-                       type="timeout", code="timeout")
+                       type="timeout", code="timeout") from None
     finally:
         watcher.cancel()
-        if not gathered.done():
-            gathered.cancel()
-            # A cancelled gather ends holding a CancelledError; read it, or asyncio logs
-            # "exception was never retrieved" for every 504.
-            gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if deadline is not None:
+            deadline.cancel()
+    return [result] if len(items) == 1 else result
+
+
+class _PastDeadline(Exception):
+    pass
+
+
+def _end(items: list[WorkItem], outcome: asyncio.Future, error: type[Exception]) -> None:
+    """Cancel the items (the batcher drops them or stops decoding them) and end the wait."""
+    for item in items:
+        item.cancelled = True
+    if not outcome.done():
+        outcome.set_exception(error)
+
+
+async def _end_when_client_leaves(receive: Receive, items: list[WorkItem], outcome: asyncio.Future) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    _end(items, outcome, ClientGone)
