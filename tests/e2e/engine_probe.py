@@ -18,6 +18,7 @@ from dscluster.cluster.rendezvous import discover
 from dscluster.engine import batch as batch_mod
 from dscluster.engine.api import GenerationRequest, SamplingParams
 from dscluster.engine.runtime import RuntimeOptions, build_runtime, make_engine, run_worker
+from dscluster.errors import EXIT_PEER_FAILED, PeerFailure
 
 
 def local_parameter_count(module: torch.nn.Module) -> int:
@@ -100,6 +101,11 @@ def main() -> int:
     time.sleep(spec.get("hold_seconds", 0))  # idle: only heartbeats cross the control channel
     try:
         result = run_work(engine, spec["work"])
+    except PeerFailure:
+        # As `dscluster serve` does: stay until the engine exits 3 by itself, once the liveness
+        # monitor has named the rank that is gone.
+        time.sleep(options.heartbeat_timeout * 3)
+        return EXIT_PEER_FAILED
     finally:
         engine.shutdown()
     with open(spec["output"], "w") as f:
@@ -110,4 +116,9 @@ def main() -> int:
 if __name__ == "__main__":
     from dscluster.cluster.group import exit_now_if_joined
 
-    raise SystemExit(exit_now_if_joined(main()))  # as the product does: no teardown abort
+    try:
+        code = main()
+    except PeerFailure as exc:  # as the command line does
+        print(f"dscluster: peer failure: {exc}", file=sys.stderr)
+        code = EXIT_PEER_FAILED
+    raise SystemExit(exit_now_if_joined(code))  # as the product does: no teardown abort

@@ -112,7 +112,7 @@ def test_killed_run_resumes_each_id_exactly_once(tiny, tmp_path):
     bodies = [("/v1/completions", {"prompt": f"number {i}", "max_tokens": 24, "temperature": 0}) for i in range(n)]
     src.write_text("\n".join(batch_lines(bodies)) + "\n")
     cmd = [sys.executable, "-m", "dscluster", "batch", tiny, "--nproc", "2", "--input", str(src),
-           "--output", str(out), "--max-batch-size", "1"]
+           "--output", str(out), "--max-num-seqs", "1"]  # one request at a time: lines come one by one
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 240

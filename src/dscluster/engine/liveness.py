@@ -18,6 +18,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from dscluster.errors import PeerFailure
+
 log = logging.getLogger(__name__)
 
 
@@ -76,13 +78,22 @@ class LivenessMonitor:
 
     # -- start-up barrier ------------------------------------------------------------------
     def mark_ready(self) -> None:
-        self._store.add(self._key("ready"), 1)
+        self._ready_count(1)
 
     def wait_all_ready(self, poll: float = 0.05) -> None:
         """Wait until every rank has loaded its model; the monitor keeps watching meanwhile."""
-        while self._store.add(self._key("ready"), 0) < self.world_size:
+        while self._ready_count(0) < self.world_size:
             if self._failed or self._stop.wait(poll):
                 return
+
+    def _ready_count(self, add: int) -> int:
+        """The store lives in rank 0: losing it here means rank 0 is gone (a group failure, exit 3,
+        not a crash), whichever of this and the watching thread notices first."""
+        try:
+            return self._store.add(self._key("ready"), add)
+        except Exception as exc:  # noqa: BLE001 - DistNetworkError, DistStoreError, ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PeerFailure(f"lost {self.describe(0)} while waiting for every rank to load ({first})") from exc
 
     # -- the watching thread ---------------------------------------------------------------
     def stale_ranks(self) -> list[int]:
