@@ -295,7 +295,8 @@ def test_every_engine_loads_onto_the_ranks_gpu(gqa, engine, world_size, local_ra
     seen = _device_chosen(gqa, engine, world_size, local_rank, visible)
     assert seen["device"] == torch.device("cuda", expected)
     assert seen["engine"] == (engine if world_size > 1 else "replicated")
-    assert seen["accelerator"] == "cuda"      # DeepSpeed allocates AutoTP shards / ZeRO-3 partitions there
+    # DeepSpeed allocates AutoTP's shards and ZeRO-3's partitions on its accelerator; a lone rank never uses it
+    assert seen["accelerator"] == ("cuda" if world_size > 1 else None)
     assert seen["dtype"] == torch.float32     # --dtype auto: the checkpoint's dtype on a GPU (float32 here)
 
 
@@ -309,7 +310,8 @@ def test_gloo_on_a_gpu_host_keeps_the_model_and_deepspeed_on_the_cpu(gqa, tmp_pa
     assert on_gpu["device"] == torch.device("cuda", 0) and on_gpu["dtype"] == torch.bfloat16
     on_cpu = _device_chosen(str(bf16), "tp", world_size, 0, 2, backend="gloo")
     # float32 on the CPU, where half-precision matmuls are slow; DeepSpeed on the CPU as well
-    assert on_cpu == {"device": torch.device("cpu"), "dtype": torch.float32, "accelerator": "cpu",
+    assert on_cpu == {"device": torch.device("cpu"), "dtype": torch.float32,
+                      "accelerator": "cpu" if world_size > 1 else None,
                       "engine": "tp" if world_size > 1 else "replicated"}
 
 

@@ -532,7 +532,7 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
                                   options.heartbeat_interval, options.heartbeat_timeout, on_failure,
                                   prefix=store_prefix())
         monitor.start()
-    use_accelerator(device)
+        use_accelerator(device)  # before `prepare` first imports DeepSpeed (a lone rank never uses it)
     source = open_model(options.model, options.dtype, options.checkpoint, device=device)
     prepared = prepare(source, choose_engine(options.engine, source, rdzv.world_size), rdzv.world_size)
     checking["active"] = False
@@ -566,7 +566,6 @@ def open_engine(model: str, *, engine: str | None = None, dtype: str = "auto", c
     options = RuntimeOptions(model=model, engine=engine, dtype=dtype, checkpoint=checkpoint,
                              served_model_name=served_model_name, **limits)
     device = single_rank_device() if device is None else torch.device(device)
-    use_accelerator(device)
     source = open_model(model, dtype, checkpoint, device=device)
     loaded, parallel = load_split(prepare(source, choose_engine(engine, source, 1), 1), device)
     return Engine(Runtime(options, loaded, parallel, None, device=device))
