@@ -81,13 +81,7 @@ fi
 echo "gpu-check: constraint: $(cat "$pins")"
 
 # dscluster's requirements less torch (and mpi4py, which needs an MPI compiler), from pyproject.toml.
-"$PYTHON" - "$ROOT/pyproject.toml" >"$pins.req" <<'EOF'
-import re, sys, tomllib
-project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-for req in project["dependencies"] + project["optional-dependencies"]["test"]:
-    if re.split(r"[=<>!~\[; ]", req, maxsplit=1)[0].lower() not in ("torch", "mpi4py"):
-        print(req)
-EOF
+"$PYTHON" "$ROOT/scripts/gpu_requirements.py" >"$pins.req"
 
 run "$PYTHON" -m venv --system-site-packages "$VENV"
 pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q "${index[@]}" -c "$pins")

@@ -22,13 +22,7 @@ trap 'rm -f "$reqs"' EXIT
 
 # dscluster's requirements less torch and mpi4py (as scripts/gpu-check.sh installs them), and
 # DeepSpeed's own requirements less torch, read from its sdist's metadata once downloaded.
-"$PYTHON" - "$ROOT/pyproject.toml" >"$reqs" <<'EOF'
-import re, sys, tomllib
-project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-for req in project["dependencies"] + project["optional-dependencies"]["test"]:
-    if re.split(r"[=<>!~\[; ]", req, maxsplit=1)[0].lower() not in ("torch", "mpi4py"):
-        print(req)
-EOF
+"$PYTHON" "$ROOT/scripts/gpu_requirements.py" >"$reqs"
 deepspeed=$(grep -i '^deepspeed' "$reqs")
 grep -vi '^deepspeed' "$reqs" >"$reqs.rest" && mv "$reqs.rest" "$reqs"
 "$PYTHON" -m pip download -q --no-deps --no-binary :all: -d "$DIR" "$deepspeed"
