@@ -96,8 +96,11 @@ def test_bfloat16_on_one_gpu(tiny, cpu_reference):
 def test_weights_go_straight_to_the_gpu(tiny):
     """No host copy of the model: transformers' from_pretrained (which builds it on the host) is
     never called, and the GPU holds the weights."""
+    import gc
+
     import transformers
 
+    gc.collect()  # earlier tests' engines freed now, not while this one loads
     before = torch.cuda.memory_allocated(DEVICE)
     with mock.patch.object(transformers.AutoModelForCausalLM, "from_pretrained",
                            side_effect=AssertionError("from_pretrained loads on the host")):
