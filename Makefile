@@ -8,7 +8,7 @@ MODEL    ?= models/tiny
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BIN      := $(VENV)/bin
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test bench gpu-check gpu-wheels clean
 
 $(BIN)/.installed: pyproject.toml
 	@command -v mpirun >/dev/null && command -v mpicc >/dev/null && command -v ip >/dev/null || { \
@@ -39,5 +39,13 @@ bench: $(BIN)/.installed
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk >/dev/null; }
 	$(BIN)/python -m benchmarks.run
 
+# The GPU path on this machine's NVIDIA GPUs (docs/gpu.md): one line and exit 0 where there is none.
+# Offline: make gpu-check WHEELS=DIR, with DIR from `make gpu-wheels` on a machine with network.
+gpu-check:
+	@scripts/gpu-check.sh $(if $(WHEELS),--wheels $(WHEELS))
+
+gpu-wheels:
+	scripts/gpu-wheels.sh $(or $(WHEELS),wheels) $(GPU_PYTHON_VERSION)
+
 clean:
-	rm -rf $(VENV) models
+	rm -rf $(VENV) .venv-gpu models

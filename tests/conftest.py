@@ -1,11 +1,22 @@
-"""Fixtures shared by the test suite: models written by `dscluster tiny-model` (nothing downloaded)."""
+"""Fixtures shared by the test suite: models written by `dscluster tiny-model` (nothing downloaded).
+
+The suite runs on the CPU whatever the host has: its servers, launches and in-process references
+must agree on the device (a sampled token on a GPU is not the CPU's), so GPUs are hidden from this
+process and every process it starts. `DSCLUSTER_GPU_TESTS=1` (which `make gpu-check` sets) leaves
+them visible for tests/test_gpu.py, the tests that run on GPUs.
+"""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
+
+GPU_TESTS = os.environ.get("DSCLUSTER_GPU_TESTS") == "1"
+if not GPU_TESTS:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def write_tiny_model(path, seed: int = 3) -> str:

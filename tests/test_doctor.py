@@ -168,11 +168,23 @@ def test_rank0_master_addr_of_another_host_warns():
 
 
 def test_no_gpu_warns_and_fails_when_required():
-    # This machine has no GPU: both outcomes are real here.
-    code, checks = doctor()
+    # No GPU visible (CUDA_VISIBLE_DEVICES empty hides any this host has): both outcomes are real.
+    code, checks = doctor(CUDA_VISIBLE_DEVICES="")
     assert code == 0 and checks["gpus"]["status"] == "WARN" and "no GPU: gloo backend" in checks["gpus"]["message"]
-    code, checks = doctor("--require-gpu")
+    code, checks = doctor("--require-gpu", CUDA_VISIBLE_DEVICES="")
     assert code == 1 and checks["gpus"]["status"] == "FAIL" and "a GPU is required" in checks["gpus"]["message"]
+
+
+def test_gpus_this_host_has_are_counted():
+    """Whatever this host has: none (a warning), or its GPUs for the one local rank (a pass)."""
+    from dscluster.doctor import gpu_count
+
+    count = gpu_count()
+    code, checks = doctor("--require-gpu")
+    if count == 0:
+        assert code == 1 and checks["gpus"]["status"] == "FAIL"
+    else:
+        assert checks["gpus"]["status"] == "PASS" and checks["gpus"]["message"] == f"{count} GPU(s) visible for 1 local rank(s)"
 
 
 def test_gpu_count_against_local_ranks():

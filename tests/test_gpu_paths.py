@@ -1,16 +1,24 @@
 """The GPU paths, which this machine (no GPU) cannot run: backend choice, one device per rank,
-CUDA_VISIBLE_DEVICES per local rank. CUDA and the process group are mocked here, and only here,
-because no GPU exists; everything else is the real code."""
+CUDA_VISIBLE_DEVICES per local rank, the device every engine loads onto at every world size, two
+ranks on one GPU. CUDA (and where needed the process group) is mocked here, and only here,
+because no GPU exists; everything else is the real code, stores included. tests/test_gpu.py runs
+the same paths for real where a GPU is visible."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import threading
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from dscluster.cluster import group
 from dscluster.cluster import launch as launch_mod
@@ -39,23 +47,63 @@ def test_cuda_device_errors():
         group.cuda_device_index(4, 2)
 
 
-def test_nccl_group_pins_the_rank_to_its_gpu():
+def _gpu_properties(device):
+    """What torch.cuda.get_device_properties says of a GPU: each index a different physical GPU."""
+    index = torch.device(device).index or 0
+    return SimpleNamespace(name="NVIDIA H200", uuid=f"GPU-0000000{index}")
+
+
+def _store_with_peers(world_size: int, rank: int, held: dict[int, str] | None = None) -> dist.HashStore:
+    """A real in-process store in which every other rank already said which GPU it holds (by
+    default each its own), as peers do before NCCL is joined."""
+    store = dist.HashStore()
+    for r in range(world_size):
+        if r != rank:
+            where = (held or {}).get(r, f"{socket.gethostname()}\tNVIDIA H200 GPU-peer-{r}")
+            store.set(f"{group.store_prefix()}/gpu/{r}", where)
+            store.add(f"{group.store_prefix()}/gpu/read", 1)
+    return store
+
+
+def test_nccl_group_pins_the_rank_to_its_gpu_before_any_collective():
     rdzv = Rendezvous(rank=5, local_rank=1, world_size=8, local_world_size=4, master_addr="m", master_port=29500,
                       launcher="torchrun")
+    order = mock.Mock()
+    store = _store_with_peers(8, 5)
     with mock.patch.object(torch.cuda, "is_available", return_value=True), \
          mock.patch.object(torch.cuda, "device_count", return_value=4), \
-         mock.patch.object(torch.cuda, "set_device") as set_device, \
+         mock.patch.object(torch.cuda, "get_device_properties", side_effect=_gpu_properties), \
+         mock.patch.object(torch.cuda, "set_device", side_effect=lambda d: order.set_device(d)) as set_device, \
          mock.patch.dict(os.environ), \
-         mock.patch.object(group, "join_store") as join_store, \
+         mock.patch.object(group, "join_store", return_value=store), \
          mock.patch.object(group.dist, "is_initialized", return_value=False), \
-         mock.patch.object(group.dist, "init_process_group") as init, \
+         mock.patch.object(group.dist, "init_process_group", side_effect=lambda **kw: order.init(**kw)), \
          mock.patch.object(group.dist, "new_group", return_value="control") as new_group:
         groups = group.init_groups(rdzv, "auto", timeout_s=60, control_timeout_s=10)
     assert groups.backend == "nccl" and groups.device == torch.device("cuda", 1)
     set_device.assert_called_once_with(torch.device("cuda", 1))
-    assert init.call_args.kwargs["backend"] == "nccl" and init.call_args.kwargs["store"] is join_store.return_value
+    # The device is set first; NCCL is joined bound to it (device_id: its communicator is made on
+    # this GPU at once, not at the first collective), after the one-GPU-per-rank check.
+    assert [c[0] for c in order.mock_calls] == ["set_device", "init"]
+    init = order.mock_calls[1].kwargs
+    assert init["backend"] == "nccl" and init["store"] is store and init["device_id"] == torch.device("cuda", 1)
+    assert store.get(f"{group.store_prefix()}/gpu/5").decode().endswith("NVIDIA H200 GPU-00000001")
     # The control group is gloo even on GPUs: an idle NCCL collective would trip NCCL's watchdog.
     assert new_group.call_args.kwargs["backend"] == "gloo" and groups.control == "control"
+
+
+def test_gloo_group_joins_without_a_device_or_gpu_check():
+    rdzv = Rendezvous(rank=0, local_rank=0, world_size=2, local_world_size=2, master_addr="m", master_port=1,
+                      launcher="torchrun")
+    avail, count = _cuda(2)
+    with avail, count, mock.patch.object(torch.cuda, "set_device") as set_device, mock.patch.dict(os.environ), \
+         mock.patch.object(group, "join_store", return_value=dist.HashStore()), \
+         mock.patch.object(group.dist, "is_initialized", return_value=False), \
+         mock.patch.object(group.dist, "init_process_group") as init, \
+         mock.patch.object(group.dist, "new_group", return_value="control"):
+        groups = group.init_groups(rdzv, "gloo", timeout_s=30, control_timeout_s=10)
+    assert groups.device == torch.device("cpu") and "device_id" not in init.call_args.kwargs
+    set_device.assert_not_called()
 
 
 def test_visible_gpus():
@@ -104,8 +152,12 @@ def test_nccl_with_one_pinned_gpu_uses_cuda_0():
                       launcher="local")
     avail, count = _cuda(1)
     # No GPU and no peers here: the device switch and the process group are mocked, nothing else.
+    # Each rank's only visible GPU is another physical one (the launcher pinned them).
+    held = {r: f"{socket.gethostname()}\tNVIDIA H200 GPU-pinned-{r}" for r in range(4)}
     with avail, count, mock.patch.object(torch.cuda, "set_device") as set_device, mock.patch.dict(os.environ), \
-         mock.patch.object(group, "join_store"), \
+         mock.patch.object(torch.cuda, "get_device_properties",
+                           return_value=SimpleNamespace(name="NVIDIA H200", uuid="GPU-pinned-3")), \
+         mock.patch.object(group, "join_store", return_value=_store_with_peers(4, 3, held)), \
          mock.patch.object(group.dist, "is_initialized", return_value=False), \
          mock.patch.object(group.dist, "init_process_group") as init, \
          mock.patch.object(group.dist, "new_group", return_value="control"):
@@ -114,6 +166,7 @@ def test_nccl_with_one_pinned_gpu_uses_cuda_0():
     set_device.assert_called_once_with(torch.device("cuda", 0))
     assert groups.device == torch.device("cuda", 0)
     assert init.call_args.kwargs["rank"] == 3 and init.call_args.kwargs["world_size"] == 4
+    assert init.call_args.kwargs["device_id"] == torch.device("cuda", 0)
 
 
 def test_nccl_rank_without_a_gpu_of_its_own_is_a_usage_error():
@@ -179,3 +232,157 @@ def test_the_launcher_hands_each_local_rank_one_of_the_visible_gpus():
     avail, count = _cuda(0)
     with avail, count:
         assert launch_mod._gpus({"CUDA_VISIBLE_DEVICES": "0"}) == []
+
+
+# -- the device of a lone rank, and of every engine at every world size ------------------------
+# CUDA is mocked below because no GPU exists here.
+
+
+@pytest.mark.parametrize("backend, visible, expected", [
+    ("auto", 1, "cuda:0"), ("auto", 8, "cuda:0"), ("nccl", 2, "cuda:0"), ("gloo", 2, "cpu"), ("auto", 0, "cpu")])
+def test_a_lone_rank_runs_on_the_first_gpu_unless_told_gloo(backend, visible, expected):
+    avail, count = _cuda(visible)
+    with avail, count, mock.patch.object(torch.cuda, "set_device") as set_device:
+        device = group.single_rank_device(backend)
+    assert device == torch.device(expected)
+    assert set_device.call_count == (1 if device.type == "cuda" else 0)
+
+
+class _Loaded(Exception):
+    """Stops build_runtime where the weights would be read: the device is what is checked."""
+
+
+def _device_chosen(model: str, engine: str, world_size: int, local_rank: int, visible: int, backend: str = "auto"):
+    """build_runtime up to load_split on a rank of `world_size` with `visible` GPUs (mocked), the
+    rest real: the device it loads onto, the dtype --dtype auto gave, and DeepSpeed's accelerator.
+    With several ranks the process group is mocked too, its device chosen by the real rank_device."""
+    from deepspeed.accelerator import real_accelerator
+
+    from dscluster.engine import runtime as rt
+
+    rdzv = Rendezvous(rank=local_rank, local_rank=local_rank, world_size=world_size, local_world_size=world_size,
+                      master_addr="127.0.0.1", master_port=1, launcher="torchrun")
+    seen = {}
+
+    def fake_groups(rdzv, backend, **kwargs):
+        resolved = group.resolve_backend(backend)
+        return group.Groups(rdzv, resolved, None, group.rank_device(resolved, rdzv.local_rank))
+
+    def fake_load(prepared, device, *args, **kwargs):
+        seen.update(device=device, dtype=prepared.source.dtype, engine=prepared.engine,
+                    accelerator=os.environ.get("DS_ACCELERATOR"))
+        raise _Loaded
+
+    avail, count = _cuda(visible)
+    with avail, count, mock.patch.object(torch.cuda, "set_device"), mock.patch.dict(os.environ), \
+         mock.patch.object(real_accelerator, "ds_accelerator", None), \
+         mock.patch.object(rt, "init_groups", side_effect=fake_groups), \
+         mock.patch("dscluster.engine.liveness.LivenessMonitor"), \
+         mock.patch.object(rt, "load_split", side_effect=fake_load), \
+         mock.patch.object(torch, "set_num_threads"):
+        with pytest.raises(_Loaded):
+            rt.build_runtime(rt.RuntimeOptions(model=model, engine=engine, backend=backend), rdzv)
+    return seen
+
+
+@pytest.mark.parametrize("engine", ["tp", "zero3", "replicated"])
+@pytest.mark.parametrize("world_size, local_rank, visible, expected", [
+    (1, 0, 1, 0), (1, 0, 4, 0),          # one rank: the first GPU
+    (2, 1, 2, 1), (4, 3, 4, 3),          # a GPU per local rank, all visible: cuda:LOCAL_RANK
+    (2, 1, 1, 0), (4, 3, 1, 0),          # the launcher pinned one GPU per rank: cuda:0
+])
+def test_every_engine_loads_onto_the_ranks_gpu(gqa, engine, world_size, local_rank, visible, expected):
+    seen = _device_chosen(gqa, engine, world_size, local_rank, visible)
+    assert seen["device"] == torch.device("cuda", expected)
+    assert seen["engine"] == (engine if world_size > 1 else "replicated")
+    # DeepSpeed allocates AutoTP's shards and ZeRO-3's partitions on its accelerator; a lone rank never uses it
+    assert seen["accelerator"] == ("cuda" if world_size > 1 else None)
+    assert seen["dtype"] == torch.float32     # --dtype auto: the checkpoint's dtype on a GPU (float32 here)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_gloo_on_a_gpu_host_keeps_the_model_and_deepspeed_on_the_cpu(gqa, tmp_path, world_size):
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(gqa, bf16)
+    config = json.loads((bf16 / "config.json").read_text())
+    (bf16 / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    on_gpu = _device_chosen(str(bf16), "tp", world_size, 0, 2)
+    assert on_gpu["device"] == torch.device("cuda", 0) and on_gpu["dtype"] == torch.bfloat16
+    on_cpu = _device_chosen(str(bf16), "tp", world_size, 0, 2, backend="gloo")
+    # float32 on the CPU, where half-precision matmuls are slow; DeepSpeed on the CPU as well
+    assert on_cpu == {"device": torch.device("cpu"), "dtype": torch.float32,
+                      "accelerator": "cpu" if world_size > 1 else None,
+                      "engine": "tp" if world_size > 1 else "replicated"}
+
+
+def test_deepspeed_bound_to_another_accelerator_is_refused():
+    from deepspeed.accelerator import real_accelerator
+
+    from dscluster.engine.parallel import use_accelerator
+
+    chosen = SimpleNamespace(device_name=lambda: "cpu")
+    with mock.patch.dict(os.environ), mock.patch.object(real_accelerator, "ds_accelerator", chosen):
+        use_accelerator(torch.device("cpu"))
+        assert os.environ["DS_ACCELERATOR"] == "cpu"
+        with pytest.raises(RuntimeError, match="DeepSpeed already chose the cpu accelerator"):
+            use_accelerator(torch.device("cuda", 0))
+
+
+# -- two ranks on one GPU ------------------------------------------------------------------------
+
+
+def _check_ranks(world_size: int, gpu_of_rank: dict[int, int]) -> dict[int, BaseException | None]:
+    """check_one_gpu_per_rank on every rank at once (a thread each) against one real store, with
+    the ranks' GPU properties mocked (no GPU here): what each rank raised."""
+    store = dist.HashStore()
+    outcome: dict[int, BaseException | None] = {}
+
+    def properties(device):
+        return SimpleNamespace(name="NVIDIA H200", uuid=f"GPU-{torch.device(device).index}")
+
+    def rank(r: int) -> None:
+        rdzv = Rendezvous(rank=r, local_rank=r, world_size=world_size, local_world_size=world_size,
+                          master_addr="m", master_port=1, launcher="local")
+        try:
+            group.check_one_gpu_per_rank(store, rdzv, torch.device("cuda", gpu_of_rank[r]), timeout_s=30)
+            outcome[r] = None
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertions
+            outcome[r] = exc
+
+    with mock.patch.object(torch.cuda, "get_device_properties", side_effect=properties):
+        threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    return outcome
+
+
+def test_two_ranks_on_one_gpu_stop_every_rank_with_one_line():
+    outcome = _check_ranks(3, {0: 0, 1: 1, 2: 1})
+    messages = {str(e) for e in outcome.values()}
+    assert all(isinstance(e, UsageError) for e in outcome.values()) and len(messages) == 1
+    (line,) = messages
+    assert line.startswith("ranks 1 and 2 share one GPU (NVIDIA H200 GPU-1 on ") and "NCCL needs a GPU per rank" in line
+    assert "--backend gloo" in line and "\n" not in line
+
+
+def test_ranks_on_distinct_gpus_pass_the_check():
+    assert _check_ranks(4, {0: 0, 1: 1, 2: 2, 3: 3}) == {0: None, 1: None, 2: None, 3: None}
+
+
+def test_two_ranks_on_one_gpu_never_join_nccl():
+    rdzv = Rendezvous(rank=1, local_rank=1, world_size=2, local_world_size=2, master_addr="m", master_port=1,
+                      launcher="torchrun")
+    store = dist.HashStore()
+    store.set(f"{group.store_prefix()}/gpu/0", f"{socket.gethostname()}\tNVIDIA H200 GPU-only")
+    avail, count = _cuda(1)
+    with avail, count, mock.patch.object(torch.cuda, "set_device"), mock.patch.dict(os.environ), \
+         mock.patch.object(torch.cuda, "get_device_properties",
+                           return_value=SimpleNamespace(name="NVIDIA H200", uuid="GPU-only")), \
+         mock.patch.object(group, "join_store", return_value=store), \
+         mock.patch.object(group.dist, "is_initialized", return_value=False), \
+         mock.patch.object(group.dist, "init_process_group") as init:
+        with pytest.raises(UsageError, match="ranks 0 and 1 share one GPU"):
+            group.init_groups(rdzv, "auto", timeout_s=30)
+    init.assert_not_called()

@@ -1,4 +1,11 @@
-"""Process groups: the data group the model's collectives use, and a gloo control group.
+"""Process groups: the data group the model's collectives use, and a gloo control group; and the
+device each rank computes on.
+
+The backend names the device: NCCL means every rank on its own GPU (`cuda:LOCAL_RANK`, or `cuda:0`
+when the launcher made one GPU visible per rank), gloo means the CPU. A single rank forms no group
+but follows the same rule (`auto`: its GPU when CUDA is there). NCCL refuses two ranks on one GPU,
+so before joining it every rank publishes which GPU it holds and all of them stop with one line
+(exit 2) when two share one; there is no gloo-on-CUDA fallback (docs/gpu.md says why).
 
 The control group is always gloo, even on GPUs: rank 0 idles in it between requests, and an idle
 NCCL collective would trip the NCCL watchdog. Transport code never imports DeepSpeed; the engine
@@ -13,6 +20,7 @@ import re
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -48,6 +56,74 @@ def cuda_device_index(local_rank: int, visible_devices: int) -> int:
     if local_rank >= visible_devices:
         raise UsageError(f"local rank {local_rank} has no GPU: only {visible_devices} visible")
     return local_rank
+
+
+def rank_device(backend: str, local_rank: int) -> torch.device:
+    """The device a rank computes on under `backend` (already resolved): its GPU with NCCL, the
+    CPU with gloo."""
+    if backend != "nccl":
+        return torch.device("cpu")
+    return torch.device("cuda", cuda_device_index(local_rank, torch.cuda.device_count()))
+
+
+def single_rank_device(backend: str = "auto") -> torch.device:
+    """The device of a lone rank (no process group): what `--backend` would give it, so `auto` is
+    the first visible GPU when there is one. Made the current CUDA device."""
+    device = rank_device(resolve_backend(backend), 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def store_prefix() -> str:
+    """Keys of this run in the rendezvous store. torchrun's agent keeps one store across restarts
+    of the group, so the run id and restart count keep one attempt's keys apart from another's."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return f"dscluster/{run_id}/{restart}"
+
+
+def gpu_identity(device: torch.device) -> str:
+    """What names a physical GPU across processes, whatever CUDA_VISIBLE_DEVICES each one has:
+    its UUID, else its PCI address."""
+    props = torch.cuda.get_device_properties(device)
+    uuid = getattr(props, "uuid", None)
+    if uuid:
+        return f"{props.name} {uuid}"
+    return f"{props.name} at PCI {props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}"
+
+
+def check_one_gpu_per_rank(store: dist.Store, rdzv: Rendezvous, device: torch.device, timeout_s: float,
+                           prefix: str | None = None) -> None:
+    """Before NCCL is joined: every rank writes (host, GPU) to the store and reads everyone's. Two
+    ranks on one GPU make every rank raise the same UsageError, since NCCL would refuse the pair
+    ("Duplicate GPU detected") and leave the others waiting. Rank 0 hosts the store, so it raises
+    only once every rank has read."""
+    prefix = f"{prefix or store_prefix()}/gpu"
+    mine = f"{socket.gethostname()}\t{gpu_identity(device)}"
+    store.set(f"{prefix}/{rdzv.rank}", mine)
+    keys = [f"{prefix}/{r}" for r in range(rdzv.world_size)]
+    try:
+        store.wait(keys, timedelta(seconds=timeout_s))
+        held = [v.decode() for v in store.multi_get(keys)]
+    except dist.DistError as exc:
+        raise PeerFailure(f"not every rank said which GPU it holds within {timeout_s:g} s "
+                          f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from None
+    store.add(f"{prefix}/read", 1)
+    first: dict[str, int] = {}
+    for rank, where in enumerate(held):
+        if where not in first:
+            first[where] = rank
+            continue
+        host, gpu = where.split("\t", 1)
+        sharing = sum(1 for w in held if w == where)
+        if rdzv.rank == 0:  # the store goes when rank 0 exits: let every rank read its verdict first
+            deadline = time.monotonic() + timeout_s
+            while store.add(f"{prefix}/read", 0) < rdzv.world_size and time.monotonic() < deadline:
+                time.sleep(0.05)
+        raise UsageError(f"ranks {first[where]} and {rank} share one GPU ({gpu} on {host}; {sharing} ranks on it): "
+                         "NCCL needs a GPU per rank; start as many ranks per node as it has GPUs, or "
+                         "--backend gloo to run the ranks on the CPU")
 
 
 @dataclass
@@ -121,16 +197,19 @@ def init_groups(rdzv: Rendezvous, backend: str = "auto", timeout_s: float = 600.
     `rendezvous_timeout_s` bounds forming the group (default: `timeout_s`)."""
     backend = resolve_backend(backend)
     rdzv.export()
-    device = torch.device("cpu")
-    if backend == "nccl":
-        device = torch.device("cuda", cuda_device_index(rdzv.local_rank, torch.cuda.device_count()))
+    device = rank_device(backend, rdzv.local_rank)
+    if device.type == "cuda":  # before any collective: NCCL binds the communicator to the current device
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         store = join_store(rdzv, rendezvous_timeout_s or timeout_s)
         store.set_timeout(timedelta(seconds=timeout_s))
         _mark_joined()
+        bound = {}
+        if device.type == "cuda":
+            check_one_gpu_per_rank(store, rdzv, device, rendezvous_timeout_s or timeout_s)
+            bound["device_id"] = device  # NCCL's communicator is made now, on this GPU, not at the first collective
         dist.init_process_group(backend=backend, store=store, rank=rdzv.rank,
-                                world_size=rdzv.world_size, timeout=timedelta(seconds=timeout_s))
+                                world_size=rdzv.world_size, timeout=timedelta(seconds=timeout_s), **bound)
     control = None
     if rdzv.world_size > 1:
         control = (dist.new_group(backend="gloo", timeout=timedelta(seconds=control_timeout_s))

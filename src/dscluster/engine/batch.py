@@ -142,22 +142,22 @@ class RunningBatch:
         if not ids:
             return StepOutput([], None)
         self.cache.reserve(len(self.rows), longest)
-        device = self.device
-
-        def tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
-
-        layout = StepLayout(
-            cache=self.cache, token_rows=tensor(rows), token_pos=tensor(positions),
-            single_index=tensor([s[0] for s in singles]), single_rows=tensor([s[1] for s in singles]),
-            single_pos=tensor([s[2] for s in singles]),
-            single_span=max((s[1] for s in singles), default=-1) + 1, chunks=chunks)
         # At least one row of logits: a step that samples nothing (prompt chunks only) still runs
         # the last projection the same way on every rank.
-        wanted = tensor(keep or [len(ids) - 1])
-        kwargs = {"logits_to_keep": wanted} if self._logits_to_keep else {}
+        wanted = keep or [len(ids) - 1]
+        # Every index the step needs goes to the device in one copy (on a GPU each copy is a
+        # transfer of its own), then is cut into views.
+        lists = (ids, positions, rows, [s[0] for s in singles], [s[1] for s in singles], [s[2] for s in singles],
+                 wanted)
+        packed = torch.tensor([v for values in lists for v in values], dtype=torch.long).to(self.device)
+        ids_t, pos_t, rows_t, single_index, single_rows, single_pos, wanted_t = packed.split([len(v) for v in lists])
+        layout = StepLayout(
+            cache=self.cache, token_rows=rows_t, token_pos=pos_t, single_index=single_index,
+            single_rows=single_rows, single_pos=single_pos,
+            single_span=max((s[1] for s in singles), default=-1) + 1,
+            single_longest=max((s[2] for s in singles), default=0) + 1, chunks=chunks)
+        kwargs = {"logits_to_keep": wanted_t} if self._logits_to_keep else {}
         with kv_cache.active_step(layout):
-            out = self.module(input_ids=tensor(ids)[None], position_ids=tensor(positions)[None],
-                              use_cache=False, **kwargs)
-        logits = out.logits[0] if self._logits_to_keep else out.logits[0, wanted]
+            out = self.module(input_ids=ids_t[None], position_ids=pos_t[None], use_cache=False, **kwargs)
+        logits = out.logits[0] if self._logits_to_keep else out.logits[0, wanted_t]
         return StepOutput(sampled_rows, logits if keep else None)

@@ -49,6 +49,7 @@ class StepLayout:
     single_rows: torch.Tensor           # [S]
     single_pos: torch.Tensor            # [S]
     single_span: int                    # rows [0, single_span) cover every one-token row
+    single_longest: int                 # positions [0, single_longest) cover every one-token row's
     chunks: list[tuple[int, int, int, int]]
     _masks: dict = field(default_factory=dict)
     _layer_of: dict = field(default_factory=dict)
@@ -68,7 +69,7 @@ class StepLayout:
             device = self.single_rows.device
             lengths = torch.ones(self.single_span, dtype=torch.long, device=device)
             lengths[self.single_rows] = self.single_pos + 1
-            span = torch.arange(int(lengths.max()), device=device)
+            span = torch.arange(self.single_longest, device=device)  # known on the host: no device sync
             mask = span[None, :] < lengths[:, None]
             if window is not None:
                 mask &= span[None, :] > lengths[:, None] - 1 - window

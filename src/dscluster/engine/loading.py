@@ -106,14 +106,17 @@ class ModelSource:
                            input_name=input_name, hf=True)
 
 
-def open_model(spec: str, dtype: str = "auto", checkpoint: str | None = None) -> ModelSource:
-    """Read what the model is (config, class, tokenizer; for an import spec, the factory), no weights."""
+def open_model(spec: str, dtype: str = "auto", checkpoint: str | None = None,
+               device: torch.device | None = None) -> ModelSource:
+    """Read what the model is (config, class, tokenizer; for an import spec, the factory), no weights.
+    `device`: where it will run, which `--dtype auto` follows (None: a GPU if CUDA is available)."""
     check_model_spec(spec)
+    cuda = None if device is None else device.type == "cuda"
     if is_import_spec(spec):
-        return _open_import_spec(spec, dtype, checkpoint)
+        return _open_import_spec(spec, dtype, checkpoint, cuda)
     if checkpoint:
         raise UsageError("--checkpoint is for import-spec models; a model directory carries its weights")
-    return _open_hf_directory(Path(spec), dtype)
+    return _open_hf_directory(Path(spec), dtype, cuda)
 
 
 def load_model(spec: str, dtype: str = "auto", checkpoint: str | None = None) -> LoadedModel:
@@ -122,18 +125,24 @@ def load_model(spec: str, dtype: str = "auto", checkpoint: str | None = None) ->
     return source.loaded(load_whole(source))
 
 
-def load_whole(source: ModelSource) -> nn.Module:
+def load_whole(source: ModelSource, device: torch.device | None = None) -> nn.Module:
     """Every weight, in this process's memory: transformers' own loader for a directory (under a
-    live HfDeepSpeedConfig it partitions parameters as it reads them), the factory for a spec."""
+    live HfDeepSpeedConfig it partitions parameters as it reads them), the factory for a spec.
+
+    `device`: where the model goes. A factory runs as its author wrote it (on the host: factories
+    seed CPU generators and the like), its module is moved to the device, and --checkpoint is
+    read straight onto the device into it; a directory's model is moved after loading."""
+    device = torch.device("cpu") if device is None else device
     if not source.hf:
         module = source.factory() if callable(source.factory) and not isinstance(source.factory, nn.Module) \
             else source.factory
         if not isinstance(module, nn.Module):
             raise UsageError(f"model {source.spec!r}: {source.spec.partition(':')[2]} returned "
                              f"{type(module).__name__}, not a torch.nn.Module")
+        module = module.to(device=device, dtype=source.dtype)
         if source.checkpoint:
-            _load_checkpoint(module, source.checkpoint)
-        return module.to(source.dtype).eval()
+            _load_checkpoint(module, source.checkpoint, device)
+        return module.eval()
     try:
         module = source.model_class.from_pretrained(source.path, dtype=source.dtype, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -141,7 +150,7 @@ def load_whole(source: ModelSource) -> nn.Module:
     module.eval()
     log.info("loaded %s from %s: %s (%s), %.1fM parameters, %s", source.config.model_type, source.path,
              source.kind, type(module).__name__, sum(p.numel() for p in module.parameters()) / 1e6, source.dtype)
-    return module
+    return module if device.type == "cpu" else module.to(device)
 
 
 def build_on_meta(source: ModelSource) -> nn.Module:
@@ -216,7 +225,7 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def _open_hf_directory(path: Path, dtype: str) -> ModelSource:
+def _open_hf_directory(path: Path, dtype: str, cuda: bool | None) -> ModelSource:
     from transformers import AutoConfig, AutoTokenizer
 
     try:
@@ -224,7 +233,7 @@ def _open_hf_directory(path: Path, dtype: str) -> ModelSource:
     except Exception as exc:  # noqa: BLE001 - transformers' config validation raises its own types
         text = " ".join(str(exc).split())  # one line: validation errors span several
         raise UsageError(f"model directory {str(path)!r}: config.json is not loadable: {text}") from None
-    torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
+    torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None), cuda)
     cls, causal = _model_class(config)
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -259,7 +268,7 @@ def _model_class(config) -> tuple[type, bool]:
     return cls, False
 
 
-def _open_import_spec(spec: str, dtype: str, checkpoint: str | None) -> ModelSource:
+def _open_import_spec(spec: str, dtype: str, checkpoint: str | None, cuda: bool | None) -> ModelSource:
     module_name, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like uvicorn: specs resolve from the working directory
@@ -269,11 +278,11 @@ def _open_import_spec(spec: str, dtype: str, checkpoint: str | None) -> ModelSou
         raise UsageError(f"model {spec!r}: cannot import {module_name}: {exc}") from None
     except AttributeError:
         raise UsageError(f"model {spec!r}: {module_name} has no attribute {attr}") from None
-    return ModelSource(spec=spec, name=spec, dtype=resolve_dtype(dtype), hf=False, factory=factory,
+    return ModelSource(spec=spec, name=spec, dtype=resolve_dtype(dtype, cuda=cuda), hf=False, factory=factory,
                        checkpoint=checkpoint)
 
 
-def _load_checkpoint(module: nn.Module, checkpoint: str) -> None:
+def _load_checkpoint(module: nn.Module, checkpoint: str, device: torch.device) -> None:
     path = Path(checkpoint)
     if not path.is_file():
         raise UsageError(f"--checkpoint {checkpoint!r}: no such file")
@@ -281,9 +290,9 @@ def _load_checkpoint(module: nn.Module, checkpoint: str) -> None:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
+            state = load_file(str(path), device=str(device))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location=device, weights_only=True)
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem

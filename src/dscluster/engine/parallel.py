@@ -106,11 +106,22 @@ def load_split(prepared: Prepared, device: torch.device, zero3_persistence_thres
     shared memory."""
     source, engine, world_size = prepared.source, prepared.engine, prepared.world_size
     if engine == "replicated" or world_size == 1:
-        if device.type == "cpu" and prepared.checkpoint is not None:
-            check_host_memory(_converted_bytes(prepared), f"the whole model ({_dtype_name(source.dtype)}, converted "
-                              "from the checkpoint's dtype; one unsharded rank)")
-        module = load_whole(source).to(device)
-        return source.loaded(module), ParallelModel(module, "replicated", 1, f"replicated on {world_size} rank(s)")
+        if device.type != "cpu" and prepared.checkpoint is not None:
+            from dscluster.engine.device_load import load_whole_on_device
+
+            module = load_whole_on_device(source, prepared.checkpoint, prepared.keys, device)
+        else:
+            if device.type == "cpu" and prepared.checkpoint is not None:
+                check_host_memory(_converted_bytes(prepared), f"the whole model ({_dtype_name(source.dtype)}, "
+                                  "converted from the checkpoint's dtype; one unsharded rank)")
+            elif device.type != "cpu" and source.hf:
+                log.warning("%s has no safetensors weights: the whole model is loaded on the host, then moved "
+                            "to %s", source.name, device)
+            module = load_whole(source, device)
+        _check_device(module, device)
+        desc = f"replicated on {world_size} rank(s), on {device}"
+        return source.loaded(module), ParallelModel(module, "replicated", 1, desc)
+    use_accelerator(device)
     import deepspeed
 
     _shared_memory_only_within_one_node(world_size, group)
@@ -147,9 +158,26 @@ def load_split(prepared: Prepared, device: torch.device, zero3_persistence_thres
         raise UsageError(f"--engine {engine!r}: choose tp, zero3 or replicated")
     _check_device(module, device)
     module.eval()
+    desc += f", on {device}"
     log.info("engine: %s", desc)
     parallel = ParallelModel(module, engine, world_size if engine == "tp" else 1, desc)
     return source.loaded(module), parallel
+
+
+def use_accelerator(device: torch.device) -> None:
+    """Make DeepSpeed's accelerator the kind of this rank's device, before DeepSpeed first picks one.
+
+    DeepSpeed chooses its accelerator once per process (DS_ACCELERATOR, else CUDA when torch sees a
+    GPU) and allocates AutoTP's and ZeRO-3's tensors there, whatever device the process group uses.
+    `--backend gloo` on a GPU host puts the ranks on the CPU, so DeepSpeed must use the CPU too."""
+    import sys
+
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    os.environ["DS_ACCELERATOR"] = kind
+    chosen = getattr(sys.modules.get("deepspeed.accelerator.real_accelerator"), "ds_accelerator", None)
+    if chosen is not None and chosen.device_name() != kind:
+        raise RuntimeError(f"DeepSpeed already chose the {chosen.device_name()} accelerator in this process; "
+                           f"this rank runs on {device}")
 
 
 def _autotp(module: nn.Module, source: ModelSource, world_size: int) -> nn.Module:

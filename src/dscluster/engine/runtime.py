@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dscluster.cluster.group import Groups, init_groups
+from dscluster.cluster.group import Groups, init_groups, single_rank_device, store_prefix
 from dscluster.cluster.rendezvous import Rendezvous
 from dscluster.engine.api import (
     GenerationLimits,
@@ -44,7 +44,14 @@ from dscluster.engine.api import (
 )
 from dscluster.engine.batch import RunningBatch, StepOutput
 from dscluster.engine.loading import LoadedModel, open_model
-from dscluster.engine.parallel import ParallelModel, choose_engine, load_split, prepare, release_shared_memory
+from dscluster.engine.parallel import (
+    ParallelModel,
+    choose_engine,
+    load_split,
+    prepare,
+    release_shared_memory,
+    use_accelerator,
+)
 from dscluster.engine.protocol import ControlChannel, Message, Op, StepPlan
 from dscluster.engine.scheduler import Scheduler
 from dscluster.engine.threads import torch_threads
@@ -108,7 +115,7 @@ class Runtime:
     and the liveness monitor."""
 
     def __init__(self, options: RuntimeOptions, loaded: LoadedModel, model: ParallelModel,
-                 groups: Groups | None, monitor=None):
+                 groups: Groups | None, monitor=None, device: torch.device | None = None):
         self.options = options
         self.loaded = loaded
         self.model = model
@@ -116,7 +123,8 @@ class Runtime:
         self.monitor = monitor
         self.rank = groups.rank if groups else 0
         self.world_size = groups.world_size if groups else 1
-        self.device = groups.device if groups else torch.device("cpu")
+        # where the model's parameters, the key/value cache and every step's inputs live
+        self.device = device or (groups.device if groups else torch.device("cpu"))
         self.channel = ControlChannel(groups.control, self.rank) if groups and self.world_size > 1 else None
         tok = loaded.tokenizer
         self.pad_id = 0
@@ -501,12 +509,15 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
     groups = monitor = None
     engine_ref: dict[str, Engine] = {}
     checking: dict = {"active": True, "failure": None}
-    if rdzv.world_size > 1:
+    if rdzv.world_size == 1:
+        device = single_rank_device(options.backend)
+    else:
         from dscluster.engine.liveness import LivenessMonitor
 
         groups = init_groups(rdzv, options.backend, timeout_s=options.collective_timeout,
                              control_timeout_s=options.heartbeat_timeout,
                              rendezvous_timeout_s=options.rendezvous_timeout)
+        device = groups.device
 
         def on_failure(reason: str) -> None:
             if checking["active"]:
@@ -517,25 +528,23 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
             else:
                 exit_group_broken(reason, rdzv.rank)
 
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         monitor = LivenessMonitor(rdzv.master_addr, rdzv.master_port, rdzv.rank, rdzv.world_size,
                                   options.heartbeat_interval, options.heartbeat_timeout, on_failure,
-                                  prefix=f"dscluster/{run_id}/{restart}")
+                                  prefix=store_prefix())
         monitor.start()
-    source = open_model(options.model, options.dtype, options.checkpoint)
+        use_accelerator(device)  # before `prepare` first imports DeepSpeed (a lone rank never uses it)
+    source = open_model(options.model, options.dtype, options.checkpoint, device=device)
     prepared = prepare(source, choose_engine(options.engine, source, rdzv.world_size), rdzv.world_size)
     checking["active"] = False
     if checking["failure"]:
         exit_group_broken(checking["failure"], rdzv.rank)
-    device = groups.device if groups is not None else torch.device("cpu")
     loaded, model = load_split(prepared, device, options.zero3_persistence_threshold,
                                group=groups.control if groups is not None else None)
     if monitor is not None:
         monitor.mark_ready()
         monitor.wait_all_ready()
         release_shared_memory(rdzv.rank)
-    runtime = Runtime(options, loaded, model, groups, monitor)
+    runtime = Runtime(options, loaded, model, groups, monitor, device=device)
     runtime.engine_ref = engine_ref
     log.info("rank %d ready: %s", rdzv.rank, model.description)
     return runtime
@@ -548,12 +557,15 @@ def make_engine(runtime: Runtime) -> Engine:
 
 
 def open_engine(model: str, *, engine: str | None = None, dtype: str = "auto", checkpoint: str | None = None,
-                served_model_name: str | None = None, **limits) -> Engine:
+                served_model_name: str | None = None, device: str | torch.device | None = None,
+                **limits) -> Engine:
     """A single-rank engine in this process (no process group): the unsharded reference, and the
-    engine for a model that fits one device. `limits`: max_num_seqs, max_num_batched_tokens,
-    max_model_len."""
+    engine for a model that fits one device. `device`: where it runs (default: as `dscluster
+    serve` with one rank, the first GPU if there is one, else the CPU). `limits`: max_num_seqs,
+    max_num_batched_tokens, max_model_len."""
     options = RuntimeOptions(model=model, engine=engine, dtype=dtype, checkpoint=checkpoint,
                              served_model_name=served_model_name, **limits)
-    source = open_model(model, dtype, checkpoint)
-    loaded, parallel = load_split(prepare(source, choose_engine(engine, source, 1), 1), torch.device("cpu"))
-    return Engine(Runtime(options, loaded, parallel, None))
+    device = single_rank_device() if device is None else torch.device(device)
+    source = open_model(model, dtype, checkpoint, device=device)
+    loaded, parallel = load_split(prepare(source, choose_engine(engine, source, 1), 1), device)
+    return Engine(Runtime(options, loaded, parallel, None, device=device))

@@ -25,7 +25,8 @@ import time
 import torch
 from torch import nn
 
-from dscluster.engine.checkpoint import SafetensorsCheckpoint, TensorRead
+from dscluster.engine.checkpoint import SafetensorsCheckpoint
+from dscluster.engine.device_load import fill_from_checkpoint, materialize_parameters
 from dscluster.engine.host_memory import check_host_memory
 from dscluster.engine.loading import ModelSource
 from dscluster.errors import UsageError
@@ -68,21 +69,9 @@ def load_tensor_parallel(source: ModelSource, meta_module: nn.Module, checkpoint
     if device.type == "cpu":  # the shards exist, untouched: check before a byte is written
         need = sum(p.numel() * p.element_size() for p in module.parameters())
         check_host_memory(need, f"its tensor-parallel shards ({str(source.dtype).replace('torch.', '')}, tp={tp_size})")
-    reads = []
-    for name, param in module.named_parameters():
-        if name not in keys:
-            raise RuntimeError(f"AutoTP made a parameter {name} that the model had not")
-        if param.is_meta or param.device != device:  # explicit placement, whatever AutoTP did
-            param.data = torch.empty(param.shape, dtype=param.dtype, device=device)
-        stored = checkpoint.tensors[keys[name]].shape
-        reads.append(TensorRead(keys[name], param.data, *shard_of(module, name, tuple(param.shape), stored)))
-    for name, value in buffers.items():
-        owner, _, attr = name.rpartition(".")
-        holder = module.get_submodule(owner)
-        holder._buffers[attr] = value.to(device)
-        if name in keys:  # a persistent buffer the checkpoint holds
-            reads.append(TensorRead(keys[name], holder._buffers[attr]))
-    copied = checkpoint.read(reads)
+    materialize_parameters(module, device)  # AutoTP allocated them on its accelerator: make sure it is ours
+    copied = fill_from_checkpoint(module, buffers, checkpoint, keys, device,
+                                  lambda name, shard, full: shard_of(module, name, shard, full))
     log.info("tp rank %d/%d: read %.1f MiB of shards from %d checkpoint file(s) onto %s in %.1f s",
              _tp_rank(module), tp_size, copied / 2**20, len(checkpoint.files), device, time.monotonic() - started)
     return module.eval()
