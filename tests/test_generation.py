@@ -35,7 +35,7 @@ class Sink:
         self.cancelled = False
         self.stop_after, self.raise_at = stop_after, raise_at
 
-    def on_token(self, token: int) -> bool:
+    def on_token(self, token: int, logprobs=None) -> bool:
         self.tokens.append(token)
         if self.raise_at is not None and len(self.tokens) == self.raise_at:
             raise RuntimeError("injected failure in a sink")

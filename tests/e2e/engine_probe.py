@@ -48,7 +48,7 @@ class Sink:
         self.outcome = None
         self.cancelled = False
 
-    def on_token(self, token: int) -> bool:
+    def on_token(self, token: int, logprobs=None) -> bool:
         return True
 
     def on_finish(self, result) -> None:
