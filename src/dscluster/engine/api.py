@@ -82,6 +82,7 @@ class GenerationResult:
     prompt_tokens: int
     logprobs: list[TokenLogprobs] | None = None     # one per token_ids entry, when asked
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # one per prompt token (the first: None)
+    joined_at: float | None = None      # time.monotonic() when it joined the running batch
 
 
 class GenerationSink(Protocol):
@@ -136,6 +137,7 @@ class GenerationStats:
     step_tokens: int = 0
     kv_bytes: int = 0
     kv_used_bytes: int = 0
+    kv_usage: float = 0.0           # positions holding tokens / (max_num_seqs x max_model_len)
 
 
 @dataclass(frozen=True)

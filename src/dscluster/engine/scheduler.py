@@ -55,6 +55,7 @@ class Request:
     logprobs: list[TokenLogprobs] = field(default_factory=list)          # per generated token, when asked
     prompt_logprobs: list[TokenLogprobs | None] | None = None          # per prompt token, when asked
     prompt_done: bool = False           # its prompt is computed (its prompt logprobs delivered)
+    joined_at: float | None = None
 
     @property
     def output(self) -> list[int]:
@@ -96,9 +97,10 @@ class Scheduler:
         rows, tokens = self.last_step
         cache = self.batch.cache
         per_position = cache.nbytes() // max(1, cache.rows * cache.length)
+        used = self.batch.used_positions()
         return GenerationStats(waiting=len(self.waiting), running=len(self.running), step_rows=rows,
-                               step_tokens=tokens, kv_bytes=cache.nbytes(),
-                               kv_used_bytes=per_position * self.batch.used_positions())
+                               step_tokens=tokens, kv_bytes=cache.nbytes(), kv_used_bytes=per_position * used,
+                               kv_usage=used / (self.limits.max_num_seqs * self.max_model_len))
 
     # -- before the step ----------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -124,6 +126,7 @@ class Scheduler:
                 self._finish(req, "cancelled")
                 continue
             joining.append(req)
+            req.joined_at = time.monotonic()
             self.running[req.id] = req
             rows += 1
         # Prompt tokens go to the prompts with the fewest tokens left first (oldest first among
@@ -239,7 +242,7 @@ class Scheduler:
         result = GenerationResult(token_ids=list(req.output), finish_reason=reason,
                                   prompt_tokens=len(req.request.prompt_ids),
                                   logprobs=list(req.logprobs) if params.logprobs is not None else None,
-                                  prompt_logprobs=req.prompt_logprobs)
+                                  prompt_logprobs=req.prompt_logprobs, joined_at=req.joined_at)
         _safe(req.sink.on_finish, result)
 
     def _fail(self, req: Request, error: BaseException) -> None:
