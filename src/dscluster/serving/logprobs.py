@@ -52,7 +52,9 @@ class CompletionLogprobs:
                 out["top_logprobs"].append(None)
                 continue
             out["token_logprobs"].append(entry.logprob)
-            top = {self.texts(t): lp for t, lp in entry.top}
+            top: dict[str, float] = {}
+            for t, lp in entry.top:    # most likely first: of two tokens with one text, the likelier stays
+                top.setdefault(self.texts(t), lp)
             top.setdefault(text, entry.logprob)
             out["top_logprobs"].append(top)
         return out
