@@ -26,8 +26,8 @@ from dscluster.serving.state import ServerConfig, ServerState, get_state
 log = logging.getLogger(__name__)
 
 ROUTES = ("/v1/predict", "/predict", "/v1/completions", "/v1/chat/completions", "/v1/models",
-          "/tokenize", "/detokenize", "/health/live", "/health/ready", "/metrics")
-OPEN_ROUTES = ("/health/live", "/health/ready")   # reachable without the API key (probes)
+          "/tokenize", "/detokenize", "/health/live", "/health/ready", "/health", "/metrics")
+OPEN_ROUTES = ("/health/live", "/health/ready", "/health")   # reachable without the API key (probes)
 
 
 def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
@@ -101,6 +101,7 @@ def _add_health_routes(app: FastAPI) -> None:
         return JSONResponse({"status": "alive"})
 
     @app.get("/health/ready")
+    @app.get("/health")          # vLLM's name for it: benchmark clients (guidellm) check it first
     async def ready(request: Request) -> JSONResponse:
         state = get_state(request)
         ok, reason = state.ready()

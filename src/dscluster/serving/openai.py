@@ -28,6 +28,7 @@ from dscluster.serving.protocol import (
     CompletionRequest,
     bad_request,
     parse_model,
+    StreamOptions,
     read_json,
 )
 from dscluster.serving.request_id import REQUEST_ID_KEY
@@ -109,7 +110,9 @@ class Choice:
     logprobs, and (when streaming) the event queue it shares with the other choices.
 
     The engine's thread calls `_on_token` and `_on_prompt_logprobs`; a streamed choice pushes
-    (index, text or PROMPT, logprobs known so far) to the queue, and None when it is done."""
+    (index, text or PROMPT, tokens generated so far) to the queue, and None when it is done. A
+    request that asked for logprobs has one per token, so the count also says which logprobs
+    belong to the text pushed."""
 
     def __init__(self, state: ServerState, index: int, prompt_ids: list[int], params: SamplingParams,
                  stops: list[str] | None, events: asyncio.Queue | None, echo: str | None = None,
@@ -123,6 +126,7 @@ class Choice:
         self.logprobs: list[TokenLogprobs] = []   # one per generated token, when asked
         self.prompt_logprobs: list[TokenLogprobs | None] | None = None
         self.sent_logprobs = 0                    # stream: logprobs already in a chunk
+        self.tokens = 0                           # generated so far (the engine's thread counts)
         self.events = events
         loop = asyncio.get_running_loop()
         self.item = WorkItem(GENERATE_KEY, GenerationRequest(tuple(prompt_ids), params), loop,
@@ -132,9 +136,10 @@ class Choice:
             self.item.future.add_done_callback(lambda _: events.put_nowait((self.index, None, 0)))
 
     def _push(self, what: str) -> None:
-        self.item.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, what, len(self.logprobs)))
+        self.item.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, what, self.tokens))
 
     def _on_token(self, token: int, logprobs: TokenLogprobs | None = None) -> bool:
+        self.tokens += 1
         if logprobs is not None:
             self.logprobs.append(logprobs)
         delta = self.tracker.add(token)
@@ -303,8 +308,7 @@ async def completions(request: Request):
     state.batcher.submit([c.item for c in choices])
     texts = TokenTexts(tok)
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse(_stream(state, request, choices, events, reply, include_usage, texts, chat=False))
+        return _sse(_stream(state, request, choices, events, reply, req.stream_options, texts, chat=False))
     results = await wait_results([c.item for c in choices], request, state.config.request_timeout)
     body = []
     for c, r in zip(choices, results):
@@ -345,8 +349,7 @@ async def chat_completions(request: Request):
     state.batcher.submit([c.item for c in choices])
     texts = TokenTexts(state.engine.info.tokenizer)
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse(_stream(state, request, choices, events, reply, include_usage, texts, chat=True))
+        return _sse(_stream(state, request, choices, events, reply, req.stream_options, texts, chat=True))
     results = await wait_results([c.item for c in choices], request, state.config.request_timeout)
     return reply.body(
         choices=[{"index": c.index, "message": {"role": "assistant", "content": c.final_text()},
@@ -407,9 +410,13 @@ def _sse(events: AsyncIterator[dict | str]) -> StreamingResponse:
 
 
 async def _stream(state: ServerState, request: Request, choices: list[Choice], events: asyncio.Queue,
-                  reply: _Reply, include_usage: bool, texts: TokenTexts, chat: bool) -> AsyncIterator[dict | str]:
+                  reply: _Reply, options: StreamOptions | None, texts: TokenTexts, chat: bool
+                  ) -> AsyncIterator[dict | str]:
     """Chunks as tokens arrive, each with the logprobs of its tokens when asked; the request
-    timeout applies until the first token."""
+    timeout applies until the first token. `include_usage`: a last chunk with the usage;
+    `continuous_usage_stats` (vLLM's): each chunk also carries its choice's usage so far."""
+    include_usage = bool(options and options.include_usage)
+    continuous = bool(options and options.continuous_usage_stats)
     by_index = {c.index: c for c in choices}
     formats = {c.index: CompletionLogprobs(texts) for c in choices}
 
@@ -422,13 +429,17 @@ async def _stream(state: ServerState, request: Request, choices: list[Choice], e
         return formats[choice.index].block([e.token for e in entries], entries)
 
     def piece(index: int, text: str | None = None, finish: str | None = None, role: bool = False,
-              logprobs: dict | None = None) -> dict:
+              logprobs: dict | None = None, tokens: int = 0) -> dict:
         if chat:
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-            return reply.chunk(choices=[{"index": index, "delta": delta, "logprobs": logprobs,
-                                         "finish_reason": finish}])
-        return reply.chunk(choices=[{"index": index, "text": text or "", "logprobs": logprobs,
-                                     "finish_reason": finish}])
+            body = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        else:
+            body = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+        if not continuous:
+            return reply.chunk(choices=[body])
+        prompt = len(by_index[index].prompt_ids)
+        return reply.chunk(choices=[body], usage={"prompt_tokens": prompt, "completion_tokens": tokens,
+                                                  "total_tokens": prompt + tokens})
 
     def echoed(choice: Choice) -> dict:
         logprobs = None
@@ -459,7 +470,7 @@ async def _stream(state: ServerState, request: Request, choices: list[Choice], e
                 yield echoed(choice)
                 continue
             if delta is not None:
-                yield piece(index, delta, logprobs=logprobs_of(choice, known))
+                yield piece(index, delta, logprobs=logprobs_of(choice, known), tokens=known)
                 continue
             pending.pop(index)
             error = choice.item.future.exception()
@@ -471,9 +482,10 @@ async def _stream(state: ServerState, request: Request, choices: list[Choice], e
             result = choice.item.future.result()
             results.append((choice, result))
             tail = choice.tracker.finish()
+            done = len(result.token_ids)
             if tail or choice.sent_logprobs < len(choice.logprobs):
-                yield piece(index, tail, logprobs=logprobs_of(choice, None))
-            yield piece(index, None if chat else "", finish=choice.finish_reason(result))
+                yield piece(index, tail, logprobs=logprobs_of(choice, None), tokens=done)
+            yield piece(index, None if chat else "", finish=choice.finish_reason(result), tokens=done)
         else:
             if include_usage:
                 yield reply.chunk(choices=[], usage=_usage([c for c, _ in results], [r for _, r in results]))

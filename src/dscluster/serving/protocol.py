@@ -121,6 +121,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False    # vLLM's: usage so far in every chunk (guidellm asks for it)
 
 
 MAX_LOGPROBS = 20       # top logprobs per token, vLLM's default --max-logprobs
