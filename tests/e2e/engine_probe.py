@@ -66,6 +66,9 @@ class Sink:
     def on_token(self, token: int, logprobs=None) -> bool:
         return True
 
+    def on_prompt_logprobs(self, logprobs) -> None:
+        pass                                        # in the result too
+
     def on_finish(self, result) -> None:
         self.outcome = {"token_ids": result.token_ids, "finish_reason": result.finish_reason}
 
