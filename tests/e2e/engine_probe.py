@@ -38,7 +38,8 @@ def run_work(engine, work: dict) -> dict:
                     for g in work["generate"]]
         results = engine.generate(requests)
         out["generate"] = [{"token_ids": r.token_ids, "finish_reason": r.finish_reason,
-                            "logprobs": logprob_values(r.logprobs), "prompt_logprobs": logprob_values(r.prompt_logprobs)}
+                            "logprobs": logprob_values(r.logprobs),
+                            "prompt_logprobs": logprob_values(r.prompt_logprobs)}
                            for r in results]
     if "schedule" in work:
         out["schedule"] = run_schedule(engine, work["schedule"])

@@ -26,9 +26,9 @@ from dscluster.serving.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    StreamOptions,
     bad_request,
     parse_model,
-    StreamOptions,
     read_json,
 )
 from dscluster.serving.request_id import REQUEST_ID_KEY
@@ -253,8 +253,8 @@ def _prompts(state: ServerState, prompt) -> list[tuple[str, list[int], str | Non
 
 
 def _usage(choices: list[Choice], results: list[GenerationResult]) -> dict:
-    """Prompt tokens once per prompt (not once per choice, as OpenAI counts), completion tokens of
-    every choice."""
+    """Prompt tokens once per prompt, however many choices it has (as OpenAI and vLLM count them);
+    completion tokens of every choice."""
     prompt = sum(r.prompt_tokens for c, r in zip(choices, results) if c.counts_prompt)
     completion = sum(len(r.token_ids) for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
