@@ -133,3 +133,11 @@ def test_choice_seeds_are_derived_from_the_request_seed():
     params = SamplingParams(seed=2**63 - 1)
     assert params.for_choice(0) is params and params.for_choice(1).seed == 0
     assert SamplingParams(seed=None).for_choice(3).seed is None
+
+
+def test_top_k_and_min_p_never_draw_outside_their_sets():
+    x = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.06, 0.04]]))
+    top_k = RequestSampler(SamplingParams(temperature=1.0, top_k=2, seed=0))
+    assert {sample(x, [top_k])[0].token for _ in range(200)} == {0, 1}
+    min_p = RequestSampler(SamplingParams(temperature=1.0, min_p=0.4, seed=0))   # >= 0.16: tokens 0, 1, 2
+    assert {sample(x, [min_p])[0].token for _ in range(300)} == {0, 1, 2}

@@ -30,6 +30,8 @@ class SamplingParams:
     max_tokens: int = 16            # 0: nothing generated (the prompt's logprobs only)
     temperature: float = 1.0        # 0 (or below 1e-5) means greedy
     top_p: float = 1.0
+    top_k: int = 0                  # vLLM's: sample among the k most likely only (0 or -1: all)
+    min_p: float = 0.0              # vLLM's: drop tokens less likely than min_p x the most likely
     seed: int | None = None         # None: rank 0 draws one (only rank 0 samples)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False        # keep going past the model's end-of-sequence tokens

@@ -14,7 +14,7 @@ would strand every other rank in a collective: nothing may escape.
 Before a token is chosen, `RequestSampler.adjust` applies what the request asked for, in vLLM's
 order: `logit_bias` and `min_tokens` (stop tokens masked until enough tokens exist), then the
 repetition, frequency and presence penalties (read from the prompt and the tokens so far, kept as
-counts on the logits' device), then temperature and top_p. Logprobs are those of the raw
+counts on the logits' device), then temperature, min_p, top_k and top_p. Logprobs are those of the raw
 distribution (the model's own log-softmax, as vLLM reports by default), for the drawn token and
 the k most likely (`token_logprobs`, also used for prompt logprobs). `n` > 1 is several requests
 (rows) with seeds derived from the request's (`SamplingParams.for_choice`).
@@ -101,9 +101,15 @@ class RequestSampler:
         logits = self.adjust(logits)
         if self.greedy:
             return logits
-        logits = logits / self.params.temperature
-        if self.params.top_p < 1.0:
-            logits = top_p_filter(logits, self.params.top_p)
+        p = self.params
+        logits = logits / p.temperature
+        if p.min_p > 0.0:                   # tokens less likely than min_p x the most likely one
+            probs = torch.softmax(logits, dim=-1)
+            logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+        if 0 < p.top_k < logits.shape[-1]:
+            logits = logits.masked_fill(logits < logits.topk(p.top_k).values[-1], float("-inf"))
+        if p.top_p < 1.0:
+            logits = top_p_filter(logits, p.top_p)
         return logits
 
     def choose(self, logits: torch.Tensor) -> int:

@@ -222,7 +222,8 @@ def _params(state: ServerState, req, max_tokens: int, logprobs: int | None = Non
     # Without a seed, draw one here: rank 0 samples, and a fixed default would make every
     # unseeded request with the same prompt return the same text.
     seed = req.seed if req.seed is not None else random.randrange(2**63)
-    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed,
+    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                          top_k=max(0, req.top_k), min_p=req.min_p, seed=seed,
                           stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos,
                           min_tokens=req.min_tokens, presence_penalty=req.presence_penalty,
                           frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,

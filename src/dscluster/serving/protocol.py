@@ -143,11 +143,13 @@ class _SamplingFields(_Strict):
     logit_bias: dict[str, float] | None = Field(None, max_length=1024)
     # vLLM's extensions: stop on these token ids too; or do not stop at end-of-sequence; penalise
     # tokens of the prompt and output (CTRL's repetition penalty); draw no stop token before
-    # min_tokens tokens.
+    # min_tokens tokens; top_k and min_p filters.
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     min_tokens: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=-1)                # 0 or -1: every token
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
 
     @field_validator("stop")
     @classmethod
