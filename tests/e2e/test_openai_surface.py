@@ -106,9 +106,12 @@ def test_max_tokens_0_with_echo_scores_the_prompt_only(client, log_softmax):
     assert single.logprobs.token_logprobs == [None]
 
 
-def test_max_tokens_0_without_echo_is_refused(http):
+def test_max_tokens_0_without_echo_is_refused_and_echo_alone_computes_nothing(http):
     r = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 0})
     assert r.status_code == 400 and "echo" in r.json()["error"]["message"]
+    echoed = http.post("/v1/completions", json={"prompt": "hello there", "max_tokens": 0, "echo": True}).json()
+    assert echoed["choices"][0]["text"] == "hello there" and echoed["choices"][0]["logprobs"] is None
+    assert echoed["usage"]["completion_tokens"] == 0 and echoed["usage"]["prompt_tokens"] > 0
 
 
 def test_generated_logprobs_of_a_sampled_request(client, http, log_softmax, unsharded):
