@@ -49,10 +49,10 @@ WORK = {
         [{"prompt_ids": p, "params": {"max_tokens": 12, "temperature": 0}} for p in PROMPTS]
         + [{"prompt_ids": p, "params": {"max_tokens": 10, "temperature": 0.8, "top_p": 0.9, "seed": 11 + i}}
            for i, p in enumerate(PROMPTS)]
-        + PROCESSED
     ),
     "schedule": SCHEDULE,
 }
+WORK_ALL_PARAMS = {**WORK, "generate": WORK["generate"] + PROCESSED}
 
 
 def run_ranks(tmp_path: Path, options: dict, work: dict, nproc: int = 2, timeout: float = 240, **extra) -> dict:
@@ -100,7 +100,7 @@ def transformers_greedy(model: str, schedule: list[dict]) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def tiny_reference(tiny) -> dict:
-    return reference(tiny, WORK, **LIMITS)
+    return reference(tiny, WORK_ALL_PARAMS, **LIMITS)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def schedule_expected(tiny) -> list[list[int]]:
 
 @pytest.mark.parametrize("engine", ["tp", "zero3"])
 def test_sharded_llama_equals_unsharded(tmp_path, tiny, tiny_reference, schedule_expected, engine):
-    got = run_ranks(tmp_path, {"model": tiny, "engine": engine, **LIMITS}, WORK)
+    got = run_ranks(tmp_path, {"model": tiny, "engine": engine, **LIMITS}, WORK_ALL_PARAMS)
     assert got["engine"] == engine and got["world_size"] == 2
     full = sum(p.numel() for p in open_engine(tiny).runtime.model.module.parameters())
     assert got["local_params"] < 0.65 * full, f"{engine}: rank 0 holds {got['local_params']} of {full}"
