@@ -35,11 +35,14 @@ class Sink:
         self.cancelled = False
         self.stop_after, self.raise_at = stop_after, raise_at
 
-    def on_token(self, token: int) -> bool:
+    def on_token(self, token: int, logprobs=None) -> bool:
         self.tokens.append(token)
         if self.raise_at is not None and len(self.tokens) == self.raise_at:
             raise RuntimeError("injected failure in a sink")
         return self.stop_after is None or len(self.tokens) < self.stop_after
+
+    def on_prompt_logprobs(self, logprobs) -> None:
+        pass                                        # in the result too
 
     def on_finish(self, result: GenerationResult) -> None:
         self.result = result
@@ -242,3 +245,29 @@ def test_a_bug_in_rank0_planning_ends_the_running_requests_not_the_engine(engine
             assert sink.result.token_ids == hf_greedy[i], f"request {i}"
     monkeypatch.setattr(Scheduler, stage, original)
     assert engine.generate([GenerationRequest(tuple(PROMPTS[2]), greedy(9))])[0].token_ids == hf_greedy[2]
+
+
+def test_prompt_logprobs_come_from_the_chunked_prefill(engine, tiny):
+    """A 45-token prompt computed in chunks of at most 16 tokens beside other requests: every prompt
+    token's logprob and top-2 equal the model's own log-softmax over the whole prompt at once; a
+    request with max_tokens 0 draws nothing and still gets them."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = PROMPTS[3]
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    requests = [GenerationRequest(tuple(prompt), SamplingParams(max_tokens=0, prompt_logprobs=2)),
+                GenerationRequest(tuple(PROMPTS[0]), greedy(6)),
+                GenerationRequest(tuple(prompt), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True,
+                                                                prompt_logprobs=2, logprobs=1))]
+    sinks = run_schedule(engine, requests, [0, 0, 1])
+    for sink in (sinks[0], sinks[2]):
+        got = sink.result.prompt_logprobs
+        assert len(got) == len(prompt) and got[0] is None
+        for i in range(1, len(prompt)):
+            assert abs(got[i].logprob - reference[i - 1, prompt[i]].item()) < 1e-4, i
+            assert [t for t, _ in got[i].top] == reference[i - 1].topk(2).indices.tolist(), i
+    assert sinks[0].result.token_ids == [] and sinks[0].tokens == []
+    assert sinks[0].result.finish_reason == "length"
+    assert len(sinks[2].result.logprobs) == 3 and all(lp.rank == 1 for lp in sinks[2].result.logprobs)

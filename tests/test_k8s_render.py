@@ -405,3 +405,34 @@ def test_cli_bad_flag_exit_2_one_line():
     r = run_cli("k8s", "render", "mpijob", "--nodes", "0")
     assert r.returncode == 2 and r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1 and "--nodes" in r.stderr
+
+
+def _pod_templates(doc: dict):
+    """(path, pod template) for every pod template in a manifest."""
+    for path, node in _walk(doc):
+        if isinstance(node, dict) and "spec" in node and "containers" in node.get("spec", {}):
+            yield path, node
+
+
+@pytest.mark.parametrize("kind", ["mpijob", "trainjob", "lws", "deployment"])
+def test_scrape_annotations_only_where_rank_0_serves_http(kind):
+    """Prometheus finds /metrics through the HTTP Service (it selects rank 0's pod only) and, where
+    every pod of a template serves HTTP, the pod; never on other ranks' pods (targets that are down).
+    With an API key, the server lets /metrics through without it, so a scrape needs no secret."""
+    extra = ("--nodes", "2") if kind != "deployment" else ()
+    docs = docs_of(render(kind, make_opts(kind, "--api-key-secret", "key", *extra)))
+    want = {"prometheus.io/scrape": "true", "prometheus.io/port": "8000", "prometheus.io/path": "/metrics"}
+    http = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-http")]
+    assert len(http) == 1 and http[0]["metadata"]["annotations"] == want
+    annotated = []
+    for doc in docs:
+        for path, template in _pod_templates(doc):
+            notes = template.get("metadata", {}).get("annotations", {})
+            if notes:
+                assert notes == want
+                annotated.append(path)
+                assert any("--port" in c.get("command", []) or "--port" in " ".join(c.get("args", []))
+                           for c in template["spec"]["containers"]), path
+    assert bool(annotated) == (kind in ("lws", "deployment")), annotated
+    commands = [node for d in docs for _, node in _walk(d) if isinstance(node, list) and "serve" in node]
+    assert commands and all("--metrics-without-api-key" in cmd for cmd in commands)

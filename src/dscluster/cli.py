@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before 504 (0: no deadline)")
     p.add_argument("--api-key", default=os.environ.get("DSCLUSTER_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (env DSCLUSTER_API_KEY)")
+    p.add_argument("--metrics-without-api-key", action="store_true",
+                   help="let GET /metrics through without the API key, so a Prometheus scrape needs no "
+                        "secret (it shows counts and latencies, never request content)")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--max-body-bytes", type=_positive_int, default=8 * 1024 * 1024)
     p.add_argument("--drain-delay", type=_non_negative_float, default=0.0, metavar="SECONDS",

@@ -35,13 +35,29 @@ def run_work(engine, work: dict) -> dict:
         outputs = engine.predict([torch.tensor(x, dtype=dtype) for x in work["predict"]])
         out["predict"] = [o.tolist() for o in outputs]
     if "generate" in work:
-        requests = [GenerationRequest(tuple(g["prompt_ids"]), SamplingParams(**g.get("params", {})))
+        requests = [GenerationRequest(tuple(g["prompt_ids"]), sampling_params(g.get("params", {})))
                     for g in work["generate"]]
         results = engine.generate(requests)
-        out["generate"] = [{"token_ids": r.token_ids, "finish_reason": r.finish_reason} for r in results]
+        out["generate"] = [{"token_ids": r.token_ids, "finish_reason": r.finish_reason,
+                            "logprobs": logprob_values(r.logprobs),
+                            "prompt_logprobs": logprob_values(r.prompt_logprobs)}
+                           for r in results]
     if "schedule" in work:
         out["schedule"] = run_schedule(engine, work["schedule"])
     return out
+
+
+def sampling_params(params: dict) -> SamplingParams:
+    """SamplingParams from JSON (lists where the dataclass holds tuples)."""
+    fix = {"stop_token_ids": tuple, "logit_bias": lambda pairs: tuple(tuple(p) for p in pairs)}
+    return SamplingParams(**{k: fix[k](v) if k in fix else v for k, v in params.items()})
+
+
+def logprob_values(entries) -> list | None:
+    """[token, logprob, [top token ids]] per entry (None stays None)."""
+    if entries is None:
+        return None
+    return [None if e is None else [e.token, e.logprob, [t for t, _ in e.top]] for e in entries]
 
 
 class Sink:
@@ -49,8 +65,11 @@ class Sink:
         self.outcome = None
         self.cancelled = False
 
-    def on_token(self, token: int) -> bool:
+    def on_token(self, token: int, logprobs=None) -> bool:
         return True
+
+    def on_prompt_logprobs(self, logprobs) -> None:
+        pass                                        # in the result too
 
     def on_finish(self, result) -> None:
         self.outcome = {"token_ids": result.token_ids, "finish_reason": result.finish_reason}
@@ -66,7 +85,7 @@ def run_schedule(engine, schedule: list[dict]) -> list[dict]:
     while any(s.outcome is None for s in sinks) or engine.has_generation_work():
         for entry, sink in zip(schedule, sinks):
             if entry["arrive"] == step:
-                engine.submit(GenerationRequest(tuple(entry["prompt_ids"]), SamplingParams(**entry["params"])), sink)
+                engine.submit(GenerationRequest(tuple(entry["prompt_ids"]), sampling_params(entry["params"])), sink)
         if engine.has_generation_work():
             engine.step()
         step += 1

@@ -16,7 +16,7 @@ import torch
 
 from dscluster.engine.api import GenerationRequest, SamplingParams
 from dscluster.engine.runtime import open_engine
-from engine_probe import run_schedule  # tests/e2e/engine_probe.py
+from engine_probe import logprob_values, run_schedule, sampling_params  # tests/e2e/engine_probe.py
 
 PROBE = Path(__file__).with_name("engine_probe.py")
 
@@ -33,6 +33,16 @@ SCHEDULE = [
     for arrive, prompt, n in [(0, PROMPTS[0], 12), (0, PROMPTS[1], 5), (1, [1, *range(300, 340)], 9),
                               (2, PROMPTS[2], 14), (5, [9], 6), (7, [1, *range(700, 730)], 8)]
 ]
+# Every per-request parameter travels in the join: penalties, biases, min_tokens, and logprobs
+# (prompt logprobs change which logits every rank keeps, across prompt chunks of 16 tokens).
+PROCESSED = [
+    {"prompt_ids": [1, 20, 30, 20, 30], "params": {"max_tokens": 10, "temperature": 0.8, "seed": 5,
+                                                   "presence_penalty": -2.0, "frequency_penalty": -1.0,
+                                                   "repetition_penalty": 0.3, "logprobs": 2}},
+    {"prompt_ids": [1, *range(300, 340)], "params": {"max_tokens": 4, "temperature": 0, "min_tokens": 2,
+                                                     "logit_bias": [[400, 8.0]], "logprobs": 1, "prompt_logprobs": 1}},
+    {"prompt_ids": PROMPTS[2], "params": {"max_tokens": 0, "prompt_logprobs": 0}},
+]
 WORK = {
     "predict": [PROMPTS[0], PROMPTS[0][::-1]],
     "generate": (
@@ -42,6 +52,7 @@ WORK = {
     ),
     "schedule": SCHEDULE,
 }
+WORK_ALL_PARAMS = {**WORK, "generate": WORK["generate"] + PROCESSED}
 
 
 def run_ranks(tmp_path: Path, options: dict, work: dict, nproc: int = 2, timeout: float = 240, **extra) -> dict:
@@ -62,8 +73,10 @@ def reference(model: str, work: dict, engine: str | None = None, **limits) -> di
         outs = ref.predict([torch.tensor(x, dtype=ref.info.input_dtype) for x in work["predict"]])
         out["predict"] = [o.tolist() for o in outs]
     if "generate" in work:
-        reqs = [GenerationRequest(tuple(g["prompt_ids"]), SamplingParams(**g["params"])) for g in work["generate"]]
-        out["generate"] = [r.token_ids for r in ref.generate(reqs)]
+        reqs = [GenerationRequest(tuple(g["prompt_ids"]), sampling_params(g["params"])) for g in work["generate"]]
+        results = ref.generate(reqs)
+        out["generate"] = [r.token_ids for r in results]
+        out["logprobs"] = [(logprob_values(r.logprobs), logprob_values(r.prompt_logprobs)) for r in results]
         # Each prompt alone: padding in a mixed-length batch must not change the tokens.
         out["generate_alone"] = [ref.generate([r])[0].token_ids for r in reqs]
     if "schedule" in work:
@@ -87,7 +100,7 @@ def transformers_greedy(model: str, schedule: list[dict]) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def tiny_reference(tiny) -> dict:
-    return reference(tiny, WORK, **LIMITS)
+    return reference(tiny, WORK_ALL_PARAMS, **LIMITS)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +112,7 @@ def schedule_expected(tiny) -> list[list[int]]:
 
 @pytest.mark.parametrize("engine", ["tp", "zero3"])
 def test_sharded_llama_equals_unsharded(tmp_path, tiny, tiny_reference, schedule_expected, engine):
-    got = run_ranks(tmp_path, {"model": tiny, "engine": engine, **LIMITS}, WORK)
+    got = run_ranks(tmp_path, {"model": tiny, "engine": engine, **LIMITS}, WORK_ALL_PARAMS)
     assert got["engine"] == engine and got["world_size"] == 2
     full = sum(p.numel() for p in open_engine(tiny).runtime.model.module.parameters())
     assert got["local_params"] < 0.65 * full, f"{engine}: rank 0 holds {got['local_params']} of {full}"
@@ -109,11 +122,21 @@ def test_sharded_llama_equals_unsharded(tmp_path, tiny, tiny_reference, schedule
         diff = (torch.tensor(sharded) - torch.tensor(single)).abs().max().item()
         assert diff < 1e-5, f"{engine} logits differ from the unsharded model by {diff}"
     tokens = [g["token_ids"] for g in got["generate"]]
-    # Greedy (first three) and seeded sampling (last three), batched with different prompt lengths.
+    # Greedy (first three), seeded sampling (next three) and penalties, biases, min_tokens and
+    # logprobs (the last three), batched with different prompt lengths.
     assert tokens == tiny_reference["generate"]
+    assert tokens[-1] == [] and len(tokens[-2]) == 4
+    for g, (want, want_prompt) in zip(got["generate"], tiny_reference["logprobs"], strict=True):
+        for mine, ref in ((g["logprobs"], want), (g["prompt_logprobs"], want_prompt)):
+            assert (mine is None) == (ref is None)
+            for a, b in zip(mine or [], ref or [], strict=True):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    assert a[0] == b[0] and a[2] == b[2] and abs(a[1] - b[1]) < 1e-4, (a, b)
+    assert len(got["generate"][-2]["prompt_logprobs"]) == len(PROCESSED[1]["prompt_ids"])
     greedy = len(PROMPTS)
     assert tokens[:greedy] == tiny_reference["generate_alone"][:greedy]
-    assert all(len(t) > 0 for t in tokens)
+    assert all(len(t) > 0 for t in tokens[:-1])
     # Joining mid-batch, prompts in chunks: every request as transformers generates it alone.
     assert [r.get("token_ids") for r in got["schedule"]] == schedule_expected
     assert tiny_reference["schedule"] == got["schedule"]

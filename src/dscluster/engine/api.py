@@ -13,7 +13,7 @@ that for a list of prompts and returns when they are done.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import torch
@@ -21,12 +21,51 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    """Everything per request that decides its tokens, or what the model computes for it. It travels
+    whole to every rank in the step that the request joins (`protocol.Join`): `prompt_logprobs`
+    changes which logits every rank's forward pass keeps, and the rest keeps every rank able to
+    sample identically (only rank 0 samples today). The same seed gives the same tokens on one
+    rank or many, whatever else runs beside the request."""
+
+    max_tokens: int = 16            # 0: nothing generated (the prompt's logprobs only)
     temperature: float = 1.0        # 0 (or below 1e-5) means greedy
     top_p: float = 1.0
+    top_k: int = 0                  # vLLM's: sample among the k most likely only (0 or -1: all)
+    min_p: float = 0.0              # vLLM's: drop tokens less likely than min_p x the most likely
     seed: int | None = None         # None: rank 0 draws one (only rank 0 samples)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False        # keep going past the model's end-of-sequence tokens
+    min_tokens: int = 0             # end-of-sequence and stop tokens cannot be drawn before this many
+    presence_penalty: float = 0.0   # OpenAI's: minus this once for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times how often the token was generated
+    repetition_penalty: float = 1.0  # vLLM's (CTRL's): tokens of the prompt or output divided by this
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit), OpenAI's logit_bias
+    logprobs: int | None = None     # each generated token's log-probability and the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token (computed while prefilling)
+
+    @property
+    def processed(self) -> bool:
+        """Something beyond temperature and top_p changes the logits before a token is chosen."""
+        return bool(self.min_tokens or self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.repetition_penalty != 1.0)
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The parameters of choice `index` of a request with n choices: seed + index, as vLLM
+        derives them, so choice 0 is what the same request with n = 1 gives."""
+        if index == 0 or self.seed is None:
+            return self
+        return replace(self, seed=(self.seed + index) % 2**63)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A token's log-probability under the model (the raw distribution, before temperature,
+    penalties or biases, as vLLM reports it), and the most likely tokens at that position."""
+
+    token: int
+    logprob: float
+    rank: int                                   # 1 for the most likely token
+    top: tuple[tuple[int, float], ...] = ()     # (token id, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -43,6 +82,9 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: FinishReason
     prompt_tokens: int
+    logprobs: list[TokenLogprobs] | None = None     # one per token_ids entry, when asked
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # one per prompt token (the first: None)
+    joined_at: float | None = None      # time.monotonic() when it joined the running batch
 
 
 class GenerationSink(Protocol):
@@ -55,8 +97,13 @@ class GenerationSink(Protocol):
     def cancelled(self) -> bool:
         """True once nobody wants the answer (client gone, deadline passed): the request leaves."""
 
-    def on_token(self, token: int) -> bool:
-        """A new token of the request. Return False to end it here (a stop string was found)."""
+    def on_token(self, token: int, logprobs: TokenLogprobs | None = None) -> bool:
+        """A new token of the request (with its logprobs, when the request asked for them).
+        Return False to end it here (a stop string was found)."""
+
+    def on_prompt_logprobs(self, logprobs: list[TokenLogprobs | None]) -> None:
+        """Called once, only for a request that asked for prompt logprobs, when its whole prompt
+        has been computed (before its first token): one entry per prompt token, the first None."""
 
     def on_finish(self, result: GenerationResult) -> None:
         """The request ended normally (stop, length, or on_token said so)."""
@@ -92,6 +139,7 @@ class GenerationStats:
     step_tokens: int = 0
     kv_bytes: int = 0
     kv_used_bytes: int = 0
+    kv_usage: float = 0.0           # positions holding tokens / (max_num_seqs x max_model_len)
 
 
 @dataclass(frozen=True)

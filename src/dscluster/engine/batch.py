@@ -9,7 +9,11 @@ needs (tensor parallel and ZeRO-3 collectives run inside the forward pass). Appl
 3. joining rows are appended;
 4. the step's new tokens (one per decoding row, a chunk per prefilling row) go through the model as
    one packed sequence; the logits come back for the rows whose next token is sampled now (every
-   decoding row, and a prefilling row whose chunk ends its prompt).
+   decoding row, and a prefilling row whose chunk ends its prompt), and, for a request that asked
+   for prompt logprobs, at every position of its chunk (they score the prompt's next tokens). So
+   prompt logprobs come from the same chunked prefill, one chunk per step, never a separate pass;
+   and since a row's `prompt_logprobs` travels in its join, every rank keeps the same positions
+   through the split last projection.
 
 Only rank 0 looks at the logits; the other ranks compute them too because the last projection
 is split (and gathered) like every other layer.
@@ -18,7 +22,7 @@ is split (and gathered) like every other layer.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -33,6 +37,7 @@ class Row:
     request_id: int
     prompt: tuple[int, ...]
     computed: int = 0               # positions whose keys and values are in the cache
+    prompt_logits: bool = False     # keep the logits of every prompt position (prompt logprobs)
 
     @property
     def prefilling(self) -> bool:
@@ -43,6 +48,9 @@ class Row:
 class StepOutput:
     sampled_rows: list[int]         # rows (after the step's changes) whose next token is drawn now
     logits: torch.Tensor | None     # [len(sampled_rows), vocab], on this rank's device
+    # Rows keeping prompt logits: (row, first position p, logits [count, vocab]); the logits at
+    # position p + i give the distribution of prompt token p + i + 1.
+    prompt_logits: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
 
 
 class RunningBatch:
@@ -95,7 +103,8 @@ class RunningBatch:
                 self.rows[i] = self.rows[last]
             self.rows.pop()
         for join in plan.joins:
-            row = Row(join.request_id, tuple(join.prompt_ids))
+            row = Row(join.request_id, tuple(join.prompt_ids),
+                      prompt_logits=join.params.prompt_logprobs is not None)
             if not 0 < len(row.prompt) <= self.max_len or join.first_chunk > len(row.prompt):
                 raise ValueError(f"request {join.request_id}: a prompt of {len(row.prompt)} tokens "
                                  f"(limit {self.max_len}), first chunk {join.first_chunk}")
@@ -114,6 +123,8 @@ class RunningBatch:
         chunks: list[tuple[int, int, int, int]] = []     # row, packed start, count, first position
         sampled_rows: list[int] = []
         keep: list[int] = []                              # packed index of each sampled row's last token
+        prompt_keep: list[int] = []                       # packed indices of prompt positions kept
+        prompt_rows: list[tuple[int, int, int]] = []      # row, first position, count
         longest = 0
         for r, row in enumerate(self.rows):
             start, first = len(ids), row.computed
@@ -136,6 +147,11 @@ class RunningBatch:
                 chunks.append((r, start, count, first))
             row.computed = first + count
             longest = max(longest, row.computed)
+            if row.prompt_logits and id(row) in chunk:
+                scored = min(count, len(row.prompt) - 1 - first)  # the last prompt position is sampled
+                if scored > 0:
+                    prompt_rows.append((r, first, scored))
+                    prompt_keep += range(start, start + scored)
             if not row.prefilling:
                 sampled_rows.append(r)
                 keep.append(len(ids) - 1)
@@ -144,7 +160,7 @@ class RunningBatch:
         self.cache.reserve(len(self.rows), longest)
         # At least one row of logits: a step that samples nothing (prompt chunks only) still runs
         # the last projection the same way on every rank.
-        wanted = keep or [len(ids) - 1]
+        wanted = (keep + prompt_keep) or [len(ids) - 1]
         # Every index the step needs goes to the device in one copy (on a GPU each copy is a
         # transfer of its own), then is cut into views.
         lists = (ids, positions, rows, [s[0] for s in singles], [s[1] for s in singles], [s[2] for s in singles],
@@ -160,4 +176,8 @@ class RunningBatch:
         with kv_cache.active_step(layout):
             out = self.module(input_ids=ids_t[None], position_ids=pos_t[None], use_cache=False, **kwargs)
         logits = out.logits[0] if self._logits_to_keep else out.logits[0, wanted_t]
-        return StepOutput(sampled_rows, logits if keep else None)
+        scored, at = [], len(keep)
+        for r, first, count in prompt_rows:
+            scored.append((r, first, logits[at:at + count]))
+            at += count
+        return StepOutput(sampled_rows, logits[:len(keep)] if keep else None, scored)

@@ -424,8 +424,11 @@ class _CollectingSink:
         self.done = False
         self.cancelled = False
 
-    def on_token(self, token: int) -> bool:
+    def on_token(self, token: int, logprobs=None) -> bool:
         return self.callback is None or self.callback(self.index, token) is not False
+
+    def on_prompt_logprobs(self, logprobs) -> None:
+        pass                            # they are in the result
 
     def on_finish(self, result: GenerationResult) -> None:
         self.result, self.done = result, True

@@ -11,10 +11,13 @@ for one request (a non-finite row, a failing processor) comes back as that reque
 other rows are sampled as usual. The step's broadcast follows sampling, so an exception here
 would strand every other rank in a collective: nothing may escape.
 
-Where the next features go (they need no change of this shape): presence, frequency and
-repetition penalties, `logit_bias` and `min_tokens` are steps of `RequestSampler.process` (they
-read `prompt_ids` and `output_ids`); logprobs and top-k alternatives are fields of `Sample`, filled
-from the processed row; `n` > 1 is several requests (rows) with seeds derived from the request's.
+Before a token is chosen, `RequestSampler.adjust` applies what the request asked for, in vLLM's
+order: `logit_bias` and `min_tokens` (stop tokens masked until enough tokens exist), then the
+repetition, frequency and presence penalties (read from the prompt and the tokens so far, kept as
+counts on the logits' device), then temperature, min_p, top_k and top_p. Logprobs are those of the raw
+distribution (the model's own log-softmax, as vLLM reports by default), for the drawn token and
+the k most likely (`token_logprobs`, also used for prompt logprobs). `n` > 1 is several requests
+(rows) with seeds derived from the request's (`SamplingParams.for_choice`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dscluster.engine.api import SamplingParams
+from dscluster.engine.api import SamplingParams, TokenLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +42,26 @@ class Sample:
 
     token: int = -1
     error: BaseException | None = None
+    logprobs: TokenLogprobs | None = None     # when the request asked for them
 
 
 class RequestSampler:
-    """One request's sampling state on rank 0."""
+    """One request's sampling state on rank 0. `stop_ids`: the tokens that end it (end-of-sequence
+    and its stop_token_ids), which `min_tokens` keeps from being drawn too early."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: tuple[int, ...] = ()):
+    def __init__(self, params: SamplingParams, prompt_ids: tuple[int, ...] = (),
+                 stop_ids: frozenset[int] = frozenset()):
         self.params = params
         self.prompt_ids = prompt_ids
+        self.stop_ids = sorted(stop_ids)
         self.output_ids: list[int] = []
         self.greedy = not params.temperature >= GREEDY_BELOW   # NaN included
         # Greedy with nothing to change the logits: sampled for all such requests with one argmax.
-        self.plain_greedy = self.greedy
+        self.plain_greedy = self.greedy and not params.processed
         self.seed = params.seed if params.seed is not None else 0
         self._generator: torch.Generator | None = None
+        self._counts: torch.Tensor | None = None    # [vocab] times each token was generated
+        self._seen: torch.Tensor | None = None      # [vocab] in the prompt or generated (repetition)
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The request's generator, created on first use on the device the logits live on."""
@@ -60,13 +69,47 @@ class RequestSampler:
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
         return self._generator
 
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """logit_bias, min_tokens and the penalties, on one row of logits (a new tensor)."""
+        p = self.params
+        if not p.processed:
+            return logits
+        logits = logits.clone()
+        vocab, device = logits.shape[-1], logits.device
+        if p.logit_bias:
+            ids = torch.tensor([t for t, _ in p.logit_bias], device=device)
+            logits.index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias], dtype=logits.dtype, device=device))
+        if len(self.output_ids) < p.min_tokens and self.stop_ids:
+            logits[torch.tensor(self.stop_ids, device=device)] = float("-inf")
+        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+            if self._counts is None or self._counts.device != device:
+                self._counts = torch.zeros(vocab, dtype=logits.dtype, device=device)
+                self._counts.index_add_(0, torch.tensor(self.output_ids, dtype=torch.long, device=device),
+                                        torch.ones(len(self.output_ids), dtype=logits.dtype, device=device))
+                self._seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+                self._seen[torch.tensor(self.prompt_ids, dtype=torch.long, device=device)] = True
+            generated = self._counts > 0
+            if p.repetition_penalty != 1.0:
+                penalised = logits / p.repetition_penalty
+                penalised = torch.where(logits > 0, penalised, logits * p.repetition_penalty)
+                logits = torch.where(self._seen | generated, penalised, logits)
+            logits -= p.frequency_penalty * self._counts + p.presence_penalty * generated
+        return logits
+
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """One row of logits (float32) -> the distribution's logits this request samples from."""
+        logits = self.adjust(logits)
         if self.greedy:
             return logits
-        logits = logits / self.params.temperature
-        if self.params.top_p < 1.0:
-            logits = top_p_filter(logits, self.params.top_p)
+        p = self.params
+        logits = logits / p.temperature
+        if p.min_p > 0.0:                   # tokens less likely than min_p x the most likely one
+            probs = torch.softmax(logits, dim=-1)
+            logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+        if 0 < p.top_k < logits.shape[-1]:
+            logits = logits.masked_fill(logits < logits.topk(p.top_k).values[-1], float("-inf"))
+        if p.top_p < 1.0:
+            logits = top_p_filter(logits, p.top_p)
         return logits
 
     def choose(self, logits: torch.Tensor) -> int:
@@ -79,6 +122,27 @@ class RequestSampler:
     def accept(self, token: int) -> None:
         """The token joins the request's output (a stop token does not)."""
         self.output_ids.append(token)
+        if self._counts is not None and 0 <= token < self._counts.numel():
+            self._counts[token] += 1
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprobs]:
+    """For each row of `logits` ([n, vocab]) the log-probability and rank of the matching token, and
+    the k most likely tokens: the model's own log-softmax, computed in float32."""
+    if not tokens:
+        return []
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(tokens, dtype=torch.long, device=logprobs.device)[:, None]
+    chosen = logprobs.gather(1, ids)
+    ranks = (logprobs > chosen).sum(dim=-1).add_(1).tolist()
+    chosen = chosen[:, 0].tolist()
+    if k:
+        values, indices = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+    else:
+        tops = [()] * len(tokens)
+    return [TokenLogprobs(t, lp, r, top)
+            for t, lp, r, top in zip(tokens, chosen, ranks, tops, strict=True)]
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -115,6 +179,8 @@ def sample(logits: torch.Tensor, samplers: list[RequestSampler]) -> list[Sample]
         try:
             if not sampler.plain_greedy:
                 out[i].token = sampler.choose(sampler.process(rows[i]))
+            if sampler.params.logprobs is not None:
+                (out[i].logprobs,) = token_logprobs(rows[i:i + 1], [out[i].token], sampler.params.logprobs)
         except Exception as exc:  # noqa: BLE001 - this request's problem, not the step's
             log.warning("sampling failed for one request: %s: %s", type(exc).__name__, exc)
             out[i].error = exc

@@ -10,8 +10,10 @@ Before a step is sent, `schedule` decides, within the user's limits (`--max-num-
   over several steps, so it never stalls the decoding requests, and a short request that arrives
   behind it is not kept waiting by it either.
 
-After the step's forward pass, `after_step` samples every row that is due a token, checks stop
-tokens and lengths, and hands each token to the request's sink. All of this is rank-0-only work
+After the step's forward pass, `after_step` scores the prompt chunks of requests that asked for
+prompt logprobs, samples every row that is due a token, checks stop tokens and lengths, and hands
+each token to the request's sink. A request with max_tokens 0 (its prompt's logprobs only) ends
+when its prompt is computed, without a token drawn. All of this is rank-0-only work
 between two broadcasts: whatever fails in it for one request (its sampling, its sink) ends that
 request with the error, and the step goes on for the others.
 """
@@ -31,10 +33,11 @@ from dscluster.engine.api import (
     GenerationResult,
     GenerationSink,
     GenerationStats,
+    TokenLogprobs,
 )
 from dscluster.engine.batch import RunningBatch, StepOutput
 from dscluster.engine.protocol import LEAVE, Join, StepPlan, prefill
-from dscluster.engine.sampling import RequestSampler, sample
+from dscluster.engine.sampling import RequestSampler, sample, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,10 @@ class Request:
     arrived: float = field(default_factory=time.monotonic)
     next_token: int | None = None       # sampled at the last step, fed at the next
     done: bool = False
+    logprobs: list[TokenLogprobs] = field(default_factory=list)          # per generated token, when asked
+    prompt_logprobs: list[TokenLogprobs | None] | None = None          # per prompt token, when asked
+    prompt_done: bool = False           # its prompt is computed (its prompt logprobs delivered)
+    joined_at: float | None = None
 
     @property
     def output(self) -> list[int]:
@@ -69,13 +76,19 @@ class Scheduler:
     # -- requests ---------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: GenerationSink) -> None:
         prompt, params = request.prompt_ids, request.params
-        if not prompt or params.max_tokens < 1 or len(prompt) + params.max_tokens > self.max_model_len:
+        if not prompt or params.max_tokens < 0 or len(prompt) + params.max_tokens > self.max_model_len:
             _safe(sink.on_error, ValueError(
                 f"a prompt of {len(prompt)} tokens with max_tokens {params.max_tokens} does not fit "
                 f"--max-model-len {self.max_model_len}"))
             return
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_ids))
-        self.waiting.append(Request(next(self._ids), request, sink, RequestSampler(params, prompt), stops))
+        req = Request(next(self._ids), request, sink, RequestSampler(params, prompt, stops), stops)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
+        if params.max_tokens == 0 and params.prompt_logprobs is None:
+            self._finish(req, "length")         # nothing to compute
+            return
+        self.waiting.append(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.batch.rows)
@@ -84,9 +97,10 @@ class Scheduler:
         rows, tokens = self.last_step
         cache = self.batch.cache
         per_position = cache.nbytes() // max(1, cache.rows * cache.length)
+        used = self.batch.used_positions()
         return GenerationStats(waiting=len(self.waiting), running=len(self.running), step_rows=rows,
-                               step_tokens=tokens, kv_bytes=cache.nbytes(),
-                               kv_used_bytes=per_position * self.batch.used_positions())
+                               step_tokens=tokens, kv_bytes=cache.nbytes(), kv_used_bytes=per_position * used,
+                               kv_usage=used / (self.limits.max_num_seqs * self.max_model_len))
 
     # -- before the step ----------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -112,6 +126,7 @@ class Scheduler:
                 self._finish(req, "cancelled")
                 continue
             joining.append(req)
+            req.joined_at = time.monotonic()
             self.running[req.id] = req
             rows += 1
         # Prompt tokens go to the prompts with the fewest tokens left first (oldest first among
@@ -134,22 +149,66 @@ class Scheduler:
 
     # -- after the step -----------------------------------------------------------------------
     def after_step(self, out: StepOutput) -> None:
+        for r, first, logits in out.prompt_logits:
+            self._score_prompt(self.running[self.batch.rows[r].request_id], first, logits)
         if out.logits is None:
             return
-        reqs = [self.running[self.batch.rows[r].request_id] for r in out.sampled_rows]
-        for req, drawn in zip(reqs, sample(out.logits, [r.sampler for r in reqs]), strict=True):
+        rows, reqs = [], []
+        for i, r in enumerate(out.sampled_rows):
+            req = self.running[self.batch.rows[r].request_id]
+            if not req.prompt_done:
+                self._prompt_done(req)
+            if not req.done:
+                rows.append(i)
+                reqs.append(req)
+        if not reqs:
+            return
+        logits = out.logits if len(rows) == len(out.sampled_rows) else out.logits[rows]
+        for req, drawn in zip(reqs, sample(logits, [r.sampler for r in reqs]), strict=True):
             if drawn.error is not None:
                 self._fail(req, drawn.error)
                 continue
-            self._take(req, drawn.token)
+            self._take(req, drawn.token, drawn.logprobs)
 
-    def _take(self, req: Request, token: int) -> None:
+    def _score_prompt(self, req: Request, first: int, logits) -> None:
+        """Logprobs of prompt tokens first + 1 ... from the logits at positions first ... (rank 0
+        only, after the step: a failure ends this request alone)."""
+        if req.done:
+            return
+        try:
+            following = list(req.request.prompt_ids[first + 1:first + 1 + logits.shape[0]])
+            req.prompt_logprobs += token_logprobs(logits, following, req.request.params.prompt_logprobs)
+        except Exception as exc:  # noqa: BLE001 - this request's problem, not the step's
+            self._fail(req, exc)
+
+    def _prompt_done(self, req: Request) -> None:
+        """The whole prompt is computed: its prompt logprobs go to the sink; a request that wanted
+        no tokens (max_tokens 0) ends here."""
+        req.prompt_done = True
+        if req.done:
+            return
+        if req.prompt_logprobs is not None:
+            if len(req.prompt_logprobs) != len(req.request.prompt_ids):
+                self._fail(req, RuntimeError(f"{len(req.prompt_logprobs)} prompt logprobs for "
+                                             f"{len(req.request.prompt_ids)} prompt tokens"))
+                return
+            try:
+                req.sink.on_prompt_logprobs(req.prompt_logprobs)
+            except Exception as exc:  # noqa: BLE001 - the sink's problem: this request only
+                self._fail(req, exc)
+                return
+        if req.request.params.max_tokens == 0:
+            self._finish(req, "length")
+
+    def _take(self, req: Request, token: int, logprobs: TokenLogprobs | None = None) -> None:
         if token in req.stops:          # a stop token ends the request and is not part of its text
             self._finish(req, "stop")
             return
         req.sampler.accept(token)
+        if logprobs is not None:
+            req.logprobs.append(logprobs)
         try:
-            keep = req.sink.on_token(token)
+            keep = req.sink.on_token(token, logprobs)
         except Exception as exc:  # noqa: BLE001 - the sink's problem (detokenising, a stream): this request only
             self._fail(req, exc)
             return
@@ -179,8 +238,11 @@ class Scheduler:
         if req.done:
             return
         req.done = True
+        params = req.request.params
         result = GenerationResult(token_ids=list(req.output), finish_reason=reason,
-                                  prompt_tokens=len(req.request.prompt_ids))
+                                  prompt_tokens=len(req.request.prompt_ids),
+                                  logprobs=list(req.logprobs) if params.logprobs is not None else None,
+                                  prompt_logprobs=req.prompt_logprobs, joined_at=req.joined_at)
         _safe(req.sink.on_finish, result)
 
     def _fail(self, req: Request, error: BaseException) -> None:

@@ -69,6 +69,8 @@ def serve_command(opts: argparse.Namespace, nproc: int | None = None) -> list[st
         cmd += ["--nproc", str(nproc)]
     if opts.dtype:
         cmd += ["--dtype", opts.dtype]
+    if opts.api_key_secret:
+        cmd += ["--metrics-without-api-key"]    # the annotated scrape (scrape_annotations) needs no secret
     return cmd + ["--request-timeout", f"{opts.request_timeout:g}", "--drain-delay", f"{opts.drain_delay:g}"]
 
 
@@ -77,6 +79,20 @@ def termination_grace_seconds(opts: argparse.Namespace) -> int:
     delay, then the longest request in flight (no deadline: the server drains for 60 s), then
     the margin."""
     return math.ceil(opts.drain_delay + (opts.request_timeout or 60.0) + GRACE_MARGIN_S)
+
+
+def scrape_annotations(opts: argparse.Namespace) -> dict[str, str]:
+    """Prometheus' conventional annotations (read by the common `kubernetes-pods` and
+    `kubernetes-service-endpoints` scrape jobs): /metrics on the HTTP port. They go on the HTTP
+    Service, which selects rank 0's pod only, and on the pod template when every pod it makes
+    serves HTTP (Deployment, LeaderWorkerSet leader); never on pods of other ranks, which would
+    show as targets that are down."""
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(opts.port), "prometheus.io/path": "/metrics"}
+
+
+def http_pod_metadata(opts: argparse.Namespace) -> Obj:
+    """Metadata of a pod template whose pods run rank 0 (labels, and the scrape annotations)."""
+    return {"labels": common_labels(opts), "annotations": scrape_annotations(opts)}
 
 
 def pod_spec(opts: argparse.Namespace, containers: list[Obj], *, volumes: bool = True) -> Obj:
@@ -281,7 +297,8 @@ def master_service(opts: argparse.Namespace, selector: dict[str, str]) -> Obj:
 
 def http_service(opts: argparse.Namespace, selector: dict[str, str]) -> Obj:
     return {
-        "apiVersion": "v1", "kind": "Service", "metadata": meta(opts, http_name(opts)),
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {**meta(opts, http_name(opts)), "annotations": scrape_annotations(opts)},
         "spec": {"type": "ClusterIP", "selector": dict(selector),
                  "ports": [{"name": "http", "port": opts.port, "targetPort": "http", "protocol": "TCP"}]},
     }

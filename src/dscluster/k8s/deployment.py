@@ -44,7 +44,7 @@ def deployment(opts: argparse.Namespace) -> c.Obj:
             # A new pod is Ready (model loaded) before an old one is told to stop; this needs room
             # for one more pod's GPUs during a rollout.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "template": {"metadata": {"labels": c.common_labels(opts)},
+            "template": {"metadata": c.http_pod_metadata(opts),
                          "spec": c.pod_spec(opts, [container])},
         },
     }

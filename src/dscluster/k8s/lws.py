@@ -46,8 +46,8 @@ def _container(opts: argparse.Namespace, *, leader: bool) -> c.Obj:
 
 def leader_worker_set(opts: argparse.Namespace) -> c.Obj:
     def template(leader: bool) -> c.Obj:
-        return {"metadata": {"labels": c.common_labels(opts)},
-                "spec": c.pod_spec(opts, [_container(opts, leader=leader)])}
+        metadata = c.http_pod_metadata(opts) if leader else {"labels": c.common_labels(opts)}
+        return {"metadata": metadata, "spec": c.pod_spec(opts, [_container(opts, leader=leader)])}
 
     lwt: c.Obj = {
         "size": opts.nodes,

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dscluster.engine.api import EngineClient
-from dscluster.serving import openai, predict
+from dscluster.serving import openai, predict, request_id, tokenize
 from dscluster.serving.batcher import Batcher
 from dscluster.serving.metrics import Metrics
 from dscluster.serving.protocol import APIError, ClientGone, error_body
@@ -26,12 +26,12 @@ from dscluster.serving.state import ServerConfig, ServerState, get_state
 log = logging.getLogger(__name__)
 
 ROUTES = ("/v1/predict", "/predict", "/v1/completions", "/v1/chat/completions", "/v1/models",
-          "/health/live", "/health/ready", "/metrics")
-OPEN_ROUTES = ("/health/live", "/health/ready")   # reachable without the API key (probes)
+          "/tokenize", "/detokenize", "/health/live", "/health/ready", "/health", "/metrics")
+OPEN_ROUTES = ("/health/live", "/health/ready", "/health")   # reachable without the API key (probes)
 
 
 def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
-    metrics = Metrics(engine.ranks_alive, engine.info.world_size, engine.generation_stats)
+    metrics = Metrics(engine.ranks_alive, engine.info.world_size, engine.generation_stats, engine.info.name)
     batcher = Batcher(engine, metrics, config.max_batch_size, config.max_wait_ms / 1000.0, config.max_queue)
     state = ServerState(config=config, engine=engine, metrics=metrics, batcher=batcher)
 
@@ -54,6 +54,7 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     for path, route in app.tensor_routes.items():
         app.add_route(path, route, methods=["POST"], include_in_schema=False)
     app.include_router(openai.router)
+    app.include_router(tokenize.router)
     _add_health_routes(app)
     _add_error_handlers(app)
     app.gate = _Gate(state)
@@ -100,6 +101,7 @@ def _add_health_routes(app: FastAPI) -> None:
         return JSONResponse({"status": "alive"})
 
     @app.get("/health/ready")
+    @app.get("/health")          # vLLM's name for it: benchmark clients (guidellm) check it first
     async def ready(request: Request) -> JSONResponse:
         state = get_state(request)
         ok, reason = state.ready()
@@ -142,19 +144,23 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 class _Gate:
-    """API key and request metrics, for every HTTP request. `handler` answers and returns the status."""
+    """API key, X-Request-Id and request metrics, for every HTTP request. `handler` answers and
+    returns the status. With --metrics-without-api-key, /metrics is open too (a Prometheus scrape
+    then needs no secret; it shows counts and latencies, no request content)."""
 
     def __init__(self, state: ServerState):
         self.metrics = state.metrics
         self.key = state.config.api_key.encode() if state.config.api_key else None
+        self.open_routes = OPEN_ROUTES + (("/metrics",) if state.config.metrics_without_api_key else ())
         self._children: dict[tuple[str, int], tuple] = {}  # prometheus children by (route, status)
 
     async def __call__(self, scope, receive, send, handler) -> None:
         path = scope["path"]
         started = time.monotonic()
         status = 500
+        send = request_id.echoing(send, request_id.take(scope))
         try:
-            if self.key is not None and path not in OPEN_ROUTES and not self._authorized(scope):
+            if self.key is not None and path not in self.open_routes and not self._authorized(scope):
                 status = await predict.send_json(send, 401, error_body(
                     "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error",
                     "invalid_api_key"), {"www-authenticate": "Bearer"})

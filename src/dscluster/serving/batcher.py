@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dscluster.engine.api import EngineClient, GenerationRequest
+from dscluster.engine.api import EngineClient, GenerationRequest, TokenLogprobs
 from dscluster.errors import PeerFailure
 from dscluster.serving.generation_feed import GenerationFeed
 from dscluster.serving.metrics import Metrics
@@ -55,9 +55,13 @@ class WorkItem:
     payload: np.ndarray | torch.Tensor | GenerationRequest  # an example: numpy where it can hold the dtype
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
-    # Called in the batcher thread with each new token; returns False to stop this item.
-    on_token: Callable[[int], bool] | None = None
+    # Called in the batcher thread with each new token (and its logprobs, when asked); returns
+    # False to stop this item.
+    on_token: Callable[[int, TokenLogprobs | None], bool] | None = None
+    # Called in the batcher thread with the prompt's logprobs, when asked, once it is computed.
+    on_prompt_logprobs: Callable[[list[TokenLogprobs | None]], None] | None = None
     enqueued: float = field(default_factory=time.monotonic)
+    request_id: str | None = None                # X-Request-Id, for the logs
     cancelled: bool = False                      # set by the handler: client gone or deadline passed
 
     def resolve(self, result: Any = None, error: BaseException | None = None) -> None:

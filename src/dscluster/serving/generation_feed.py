@@ -15,7 +15,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from dscluster.engine.api import EngineClient, GenerationResult
+from dscluster.engine.api import EngineClient, GenerationResult, TokenLogprobs
 from dscluster.serving.metrics import Metrics
 from dscluster.serving.protocol import APIError
 
@@ -31,28 +31,49 @@ class _Sink:
     def __init__(self, item: WorkItem, feed: GenerationFeed):
         self.item = item
         self.feed = feed
-        self.first_token = True
+        self.last_token: float | None = None
 
     @property
     def cancelled(self) -> bool:
         return self.item.cancelled
 
-    def on_token(self, token: int) -> bool:
-        if self.first_token:
-            self.first_token = False
-            self.feed.metrics.time_to_first_token.observe(time.monotonic() - self.item.enqueued)
+    def on_token(self, token: int, logprobs: TokenLogprobs | None = None) -> bool:
+        now = time.monotonic()
+        metrics = self.feed.metrics
+        if self.last_token is None:
+            metrics.time_to_first_token.observe(now - self.item.enqueued)
+            metrics.vllm.time_to_first_token.observe(now - self.item.enqueued)
+        else:
+            metrics.vllm.inter_token_latency.observe(now - self.last_token)
+        self.last_token = now
         if self.item.cancelled:
             return False
-        return self.item.on_token is None or self.item.on_token(token) is not False
+        return self.item.on_token is None or self.item.on_token(token, logprobs) is not False
+
+    def on_prompt_logprobs(self, logprobs: list[TokenLogprobs | None]) -> None:
+        if self.item.on_prompt_logprobs is not None:
+            self.item.on_prompt_logprobs(logprobs)
 
     def on_finish(self, result: GenerationResult) -> None:
-        self.feed.metrics.prompt_tokens.inc(result.prompt_tokens)
-        self.feed.metrics.generated_tokens.inc(len(result.token_ids))
+        metrics = self.feed.metrics
+        metrics.prompt_tokens.inc(result.prompt_tokens)
+        metrics.generated_tokens.inc(len(result.token_ids))
+        vllm = metrics.vllm
+        vllm.prompt_tokens.inc(result.prompt_tokens)
+        vllm.generation_tokens.inc(len(result.token_ids))
+        vllm.e2e_request_latency.observe(time.monotonic() - self.item.enqueued)
+        if result.joined_at is not None:
+            vllm.request_queue_time.observe(max(0.0, result.joined_at - self.item.enqueued))
+        # "cancelled" is either the client gone (vLLM's abort) or a stop string found (a stop).
+        reason = result.finish_reason
+        if reason == "cancelled":
+            reason = "abort" if self.item.cancelled else "stop"
+        vllm.success(reason).inc()
         self.feed.done(self.item)
         self.item.resolve(result)
 
     def on_error(self, error: BaseException) -> None:
-        log.error("a generation request failed: %s: %s", type(error).__name__, error)
+        log.error("request %s failed: %s: %s", self.item.request_id or "-", type(error).__name__, error)
         self.feed.done(self.item)
         self.item.resolve(error=APIError(500, f"generation failed: {type(error).__name__}: {error}",
                                          type="server_error", code="engine_error"))

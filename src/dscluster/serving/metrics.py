@@ -1,4 +1,10 @@
-"""Prometheus metrics of one server, in its own registry (two apps in one process never collide)."""
+"""Prometheus metrics of one server, in its own registry (two apps in one process never collide).
+
+Besides dscluster's own names, generation is also reported under vLLM's names (vllm/v1/metrics),
+with a `model_name` label, so that dashboards written for vLLM and the Gateway API Inference
+Extension's endpoint picker (which reads `vllm:num_requests_waiting` and
+`vllm:kv_cache_usage_perc`) work unchanged.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, ranks_alive: Callable[[], int], world_size: int,
-                 generation_stats: Callable[[], GenerationStats] = GenerationStats):
+                 generation_stats: Callable[[], GenerationStats] = GenerationStats, model_name: str = "model"):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("dscluster_requests", "HTTP requests by route and status code",
                                 ["route", "status"], registry=r)
@@ -47,6 +53,42 @@ class Metrics:
         self.ranks_alive.set_function(lambda: float(ranks_alive()))
         self.world_size = Gauge("dscluster_world_size", "ranks in the group", registry=r)
         self.world_size.set(world_size)
+        self.vllm = VLLMMetrics(r, model_name, generation_stats)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class VLLMMetrics:
+    """vLLM's metric names for the same measurements (a `model_name` label on each)."""
+
+    def __init__(self, r: CollectorRegistry, model_name: str, stats: Callable[[], GenerationStats]):
+        label = {"model_name": model_name}
+
+        def gauge(name: str, doc: str, value: Callable[[GenerationStats], float]) -> None:
+            g = Gauge(name, doc, list(label), registry=r)
+            g.labels(**label).set_function(lambda: float(value(stats())))
+
+        gauge("vllm:num_requests_running", "requests in the running batch", lambda s: s.running)
+        gauge("vllm:num_requests_waiting", "requests waiting to join the running batch", lambda s: s.waiting)
+        gauge("vllm:kv_cache_usage_perc", "KV-cache usage: positions holding tokens over --max-num-seqs x "
+              "--max-model-len (1 means full)", lambda s: s.kv_usage)
+
+        def histogram(name: str, doc: str, buckets=LATENCY_BUCKETS):
+            return Histogram(name, doc, list(label), buckets=buckets, registry=r).labels(**label)
+
+        self.time_to_first_token = histogram("vllm:time_to_first_token_seconds", "time to first token")
+        self.inter_token_latency = histogram("vllm:inter_token_latency_seconds", "time between two tokens")
+        self.e2e_request_latency = histogram("vllm:e2e_request_latency_seconds", "arrival to last token")
+        self.request_queue_time = histogram("vllm:request_queue_time_seconds",
+                                            "arrival to joining the running batch")
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "prompt tokens processed", list(label),
+                                     registry=r).labels(**label)
+        self.generation_tokens = Counter("vllm:generation_tokens", "tokens generated", list(label),
+                                         registry=r).labels(**label)
+        self._success = Counter("vllm:request_success", "requests finished, by finish reason",
+                                ["model_name", "finished_reason"], registry=r)
+        self.model_name = model_name
+
+    def success(self, reason: str):
+        return self._success.labels(model_name=self.model_name, finished_reason=reason)

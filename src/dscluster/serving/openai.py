@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import time
 import uuid
@@ -18,19 +19,23 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from dscluster.engine.api import GenerationRequest, GenerationResult, SamplingParams
+from dscluster.engine.api import GenerationRequest, GenerationResult, SamplingParams, TokenLogprobs
 from dscluster.serving.batcher import GENERATE_KEY, WorkItem
+from dscluster.serving.logprobs import CompletionLogprobs, TokenTexts, chat_logprobs
 from dscluster.serving.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    StreamOptions,
     bad_request,
     parse_model,
     read_json,
 )
+from dscluster.serving.request_id import REQUEST_ID_KEY
 from dscluster.serving.state import ServerState, get_state, wait_results
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 DEFAULT_CHAT_MAX_TOKENS = 256  # chat requests without max_tokens: up to this, within the context
 
@@ -101,24 +106,51 @@ class TextTracker:
 
 
 class Choice:
-    """One prompt of a request: its work item, text tracker and (when streaming) event queue."""
+    """One choice of a request (a prompt, or one of its n samples): its work item, text tracker,
+    logprobs, and (when streaming) the event queue it shares with the other choices.
+
+    The engine's thread calls `_on_token` and `_on_prompt_logprobs`; a streamed choice pushes
+    (index, text or PROMPT, tokens generated so far) to the queue, and None when it is done. A
+    request that asked for logprobs has one per token, so the count also says which logprobs
+    belong to the text pushed."""
 
     def __init__(self, state: ServerState, index: int, prompt_ids: list[int], params: SamplingParams,
-                 stops: list[str] | None, events: asyncio.Queue | None):
+                 stops: list[str] | None, events: asyncio.Queue | None, echo: str | None = None,
+                 counts_prompt: bool = True, request_id: str | None = None):
         self.index = index
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.echo = echo                          # the prompt's text, sent before the completion
+        self.counts_prompt = counts_prompt        # the first choice of its prompt counts its tokens
         self.tracker = TextTracker(state.engine.info.tokenizer, stops)
+        self.logprobs: list[TokenLogprobs] = []   # one per generated token, when asked
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None
+        self.sent_logprobs = 0                    # stream: logprobs already in a chunk
+        self.tokens = 0                           # generated so far (the engine's thread counts)
         self.events = events
         loop = asyncio.get_running_loop()
         self.item = WorkItem(GENERATE_KEY, GenerationRequest(tuple(prompt_ids), params), loop,
-                             loop.create_future(), on_token=self._on_token)
+                             loop.create_future(), on_token=self._on_token,
+                             on_prompt_logprobs=self._on_prompt_logprobs, request_id=request_id)
         if events is not None:
-            self.item.future.add_done_callback(lambda _: events.put_nowait((self.index, None)))
+            self.item.future.add_done_callback(lambda _: events.put_nowait((self.index, None, 0)))
 
-    def _on_token(self, token: int) -> bool:
+    def _push(self, what: str) -> None:
+        self.item.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, what, self.tokens))
+
+    def _on_token(self, token: int, logprobs: TokenLogprobs | None = None) -> bool:
+        self.tokens += 1
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
         delta = self.tracker.add(token)
         if delta and self.events is not None:
-            self.item.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, delta))
+            self._push(delta)
         return not self.tracker.stopped
+
+    def _on_prompt_logprobs(self, logprobs: list[TokenLogprobs | None]) -> None:
+        self.prompt_logprobs = logprobs
+        if self.events is not None and self.echo is not None:
+            self._push(PROMPT)
 
     def finish_reason(self, result: GenerationResult) -> str:
         return "stop" if self.tracker.stopped or result.finish_reason == "stop" else "length"
@@ -127,12 +159,20 @@ class Choice:
         self.tracker.finish()
         return self.tracker.text
 
+    def unsent_logprobs(self, upto: int | None = None) -> list[TokenLogprobs]:
+        upto = len(self.logprobs) if upto is None else upto
+        entries, self.sent_logprobs = self.logprobs[self.sent_logprobs:upto], max(self.sent_logprobs, upto)
+        return entries
+
+
+PROMPT = "\0prompt"    # stream event: the echoed prompt (and its logprobs) are ready
+
 
 # ------------------------------------------------------------------------------------------
 # Validation shared by both routes
 
 
-def _check_model(state: ServerState, requested: str | None) -> None:
+def check_model(state: ServerState, requested: str | None) -> None:
     info = state.engine.info
     if requested is not None and requested != info.name:
         raise APIError(404, f"model {requested!r} does not exist; this server serves {info.name!r}",
@@ -145,7 +185,7 @@ def _check_model(state: ServerState, requested: str | None) -> None:
                        "use POST /v1/predict", code="unsupported_model")
 
 
-def _check_in_vocabulary(state: ServerState, ids: list[int], where: str) -> None:
+def check_in_vocabulary(state: ServerState, ids: list[int], where: str) -> None:
     vocab = state.engine.info.vocab_size
     bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
     if bad:
@@ -158,7 +198,7 @@ def _check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, wh
     info = state.engine.info
     if not ids:
         raise bad_request(f"{where} is empty", param=where)
-    _check_in_vocabulary(state, ids, where)
+    check_in_vocabulary(state, ids, where)
     context = info.max_context
     if context is not None and len(ids) >= context:
         raise bad_request(f"{where} has {len(ids)} tokens; the model's context is {context} tokens",
@@ -172,17 +212,27 @@ def _check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, wh
     return max_tokens
 
 
-def _params(state: ServerState, req, max_tokens: int) -> SamplingParams:
-    _check_in_vocabulary(state, req.stop_token_ids, "stop_token_ids")
+def _params(state: ServerState, req, max_tokens: int, logprobs: int | None = None,
+            prompt_logprobs: int | None = None) -> SamplingParams:
+    check_in_vocabulary(state, req.stop_token_ids, "stop_token_ids")
+    bias = req.bias_pairs()
+    check_in_vocabulary(state, [t for t, _ in bias], "logit_bias")
+    if req.min_tokens > max_tokens:
+        raise bad_request(f"min_tokens ({req.min_tokens}) is more than max_tokens ({max_tokens})", param="min_tokens")
     # Without a seed, draw one here: rank 0 samples, and a fixed default would make every
     # unseeded request with the same prompt return the same text.
     seed = req.seed if req.seed is not None else random.randrange(2**63)
-    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed,
-                          stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos)
+    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                          top_k=max(0, req.top_k), min_p=req.min_p, seed=seed,
+                          stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos,
+                          min_tokens=req.min_tokens, presence_penalty=req.presence_penalty,
+                          frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                          logit_bias=tuple(bias), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
-def _prompts(state: ServerState, prompt) -> list[tuple[str, list[int]]]:
-    """(where, token ids) per prompt: a string, a list of token ids, or a list of either."""
+def _prompts(state: ServerState, prompt) -> list[tuple[str, list[int], str | None]]:
+    """(where, token ids, text if given as text) per prompt: a string, a list of token ids, or a
+    list of either."""
     tok = state.engine.info.tokenizer
     if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
         prompt = [prompt]
@@ -196,14 +246,25 @@ def _prompts(state: ServerState, prompt) -> list[tuple[str, list[int]]]:
         where = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
         if p == "":
             raise bad_request(f"{where} is an empty string", param="prompt")
-        out.append((where, tok(p)["input_ids"] if isinstance(p, str) else list(p)))
+        if isinstance(p, str):
+            out.append((where, tok(p)["input_ids"], p))
+        else:
+            out.append((where, list(p), None))
     return out
 
 
-def _usage(results: list[GenerationResult]) -> dict:
-    prompt = sum(r.prompt_tokens for r in results)
+def _usage(choices: list[Choice], results: list[GenerationResult]) -> dict:
+    """Prompt tokens once per prompt, however many choices it has (as OpenAI and vLLM count them);
+    completion tokens of every choice."""
+    prompt = sum(r.prompt_tokens for c, r in zip(choices, results) if c.counts_prompt)
     completion = sum(len(r.token_ids) for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _check_choices(state: ServerState, count: int) -> None:
+    if count > state.config.max_queue:
+        raise bad_request(f"the request asks for {count} choices (prompts x n); at most {state.config.max_queue} "
+                          "per request", param="n")
 
 
 # ------------------------------------------------------------------------------------------
@@ -225,22 +286,45 @@ async def list_models(request: Request) -> dict:
 async def completions(request: Request):
     state = get_state(request)
     req: CompletionRequest = parse_model(CompletionRequest, await read_json(request, state.config.max_body_bytes))
-    _check_model(state, req.model)
+    check_model(state, req.model)
+    if req.max_tokens == 0 and not req.echo:
+        raise bad_request("max_tokens 0 asks for nothing: it is allowed only with echo (the prompt and, "
+                          "with logprobs, its logprobs)", param="max_tokens")
     prompts = _prompts(state, req.prompt)
-    budgets = [_check_prompt(state, ids, req.max_tokens, where) for where, ids in prompts]
+    _check_choices(state, len(prompts) * req.n)
+    budgets = [_check_prompt(state, ids, req.max_tokens, where) for where, ids, _ in prompts]
+    tok = state.engine.info.tokenizer
+    rid = request_id(request)
     events = asyncio.Queue() if req.stream else None
-    choices = [Choice(state, i, ids, _params(state, req, budget), req.stop, events)
-               for i, ((_, ids), budget) in enumerate(zip(prompts, budgets))]
-    reply = _Reply("cmpl", "text_completion", state.engine.info.name)
+    choices = []
+    for p, ((_, ids, text), budget) in enumerate(zip(prompts, budgets)):
+        params = _params(state, req, budget, logprobs=req.logprobs,
+                         prompt_logprobs=req.logprobs if req.echo else None)
+        echo = (text if text is not None else tok.decode(ids)) if req.echo else None
+        choices += [Choice(state, p * req.n + i, ids, params.for_choice(i), req.stop, events, echo, i == 0, rid)
+                    for i in range(req.n)]
+    reply = _Reply("cmpl", "text_completion", state.engine.info.name, rid)
+    log.info("request %s: completion, %d prompt(s) x n=%d, max_tokens %s%s", rid, len(prompts), req.n,
+             req.max_tokens, ", streamed" if req.stream else "")
     state.batcher.submit([c.item for c in choices])
+    texts = TokenTexts(tok)
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse(_stream(state, request, choices, events, reply, include_usage, chat=False))
+        return _sse(_stream(state, request, choices, events, reply, req.stream_options, texts, chat=False))
     results = await wait_results([c.item for c in choices], request, state.config.request_timeout)
-    return reply.body(
-        choices=[{"index": c.index, "text": c.final_text(), "logprobs": None,
-                  "finish_reason": c.finish_reason(r)} for c, r in zip(choices, results)],
-        usage=_usage(results))
+    body = []
+    for c, r in zip(choices, results):
+        text = c.final_text()
+        logprobs = None
+        if req.logprobs is not None:
+            fmt = CompletionLogprobs(texts)
+            blocks = []
+            if c.echo is not None:
+                blocks.append(fmt.block(c.prompt_ids, r.prompt_logprobs or [None] * len(c.prompt_ids)))
+            blocks.append(fmt.block(r.token_ids, r.logprobs or []))
+            logprobs = {key: [v for b in blocks for v in b[key]] for key in blocks[0]}
+        body.append({"index": c.index, "text": (c.echo or "") + text, "logprobs": logprobs,
+                     "finish_reason": c.finish_reason(r)})
+    return reply.body(choices=body, usage=_usage(choices, results))
 
 
 @router.post("/v1/chat/completions")
@@ -248,33 +332,54 @@ async def chat_completions(request: Request):
     state = get_state(request)
     req: ChatCompletionRequest = parse_model(ChatCompletionRequest,
                                              await read_json(request, state.config.max_body_bytes))
-    _check_model(state, req.model)
+    check_model(state, req.model)
+    problem = req.unsupported()
+    if problem is not None:
+        raise bad_request(f"{problem[0]}: {problem[1]}", param=problem[0], code="unsupported_parameter")
+    ids = chat_prompt_ids(state, req.messages)
+    _check_choices(state, req.n)
+    budget = _check_prompt(state, ids, req.max_completion_tokens or req.max_tokens, "messages")
+    events = asyncio.Queue() if req.stream else None
+    params = _params(state, req, budget, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+    rid = request_id(request)
+    choices = [Choice(state, i, ids, params.for_choice(i), req.stop, events, counts_prompt=i == 0, request_id=rid)
+               for i in range(req.n)]
+    reply = _Reply("chatcmpl", "chat.completion", state.engine.info.name, rid)
+    log.info("request %s: chat completion of %d prompt tokens, n=%d, max_tokens %d%s", rid, len(ids), req.n,
+             budget, ", streamed" if req.stream else "")
+    state.batcher.submit([c.item for c in choices])
+    texts = TokenTexts(state.engine.info.tokenizer)
+    if req.stream:
+        return _sse(_stream(state, request, choices, events, reply, req.stream_options, texts, chat=True))
+    results = await wait_results([c.item for c in choices], request, state.config.request_timeout)
+    return reply.body(
+        choices=[{"index": c.index, "message": {"role": "assistant", "content": c.final_text()},
+                  "logprobs": chat_logprobs(texts, r.logprobs or []) if req.logprobs else None,
+                  "finish_reason": c.finish_reason(r)} for c, r in zip(choices, results)],
+        usage=_usage(choices, results))
+
+
+def chat_prompt_ids(state: ServerState, messages: list, add_generation_prompt: bool = True) -> list[int]:
+    """Chat messages rendered with the tokenizer's chat template, as token ids (400s for what the
+    template or the content parts do not allow)."""
     tok = state.engine.info.tokenizer
     if not getattr(tok, "chat_template", None):
         raise APIError(400, f"model {state.engine.info.name!r} has no chat template; use /v1/completions",
                        code="no_chat_template")
     try:
-        messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
+        rendered = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in messages]
     except ValueError as exc:
         raise bad_request(f"messages: {exc}", param="messages") from None
     try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt, tokenize=False)
     except Exception as exc:  # noqa: BLE001 - templates raise for roles or orders they do not allow
         raise bad_request(f"messages: the chat template rejected them: {exc}", param="messages") from None
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    budget = _check_prompt(state, ids, req.max_completion_tokens or req.max_tokens, "messages")
-    events = asyncio.Queue() if req.stream else None
-    choice = Choice(state, 0, ids, _params(state, req, budget), req.stop, events)
-    reply = _Reply("chatcmpl", "chat.completion", state.engine.info.name)
-    state.batcher.submit([choice.item])
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse(_stream(state, request, [choice], events, reply, include_usage, chat=True))
-    (result,) = await wait_results([choice.item], request, state.config.request_timeout)
-    return reply.body(
-        choices=[{"index": 0, "message": {"role": "assistant", "content": choice.final_text()},
-                  "logprobs": None, "finish_reason": choice.finish_reason(result)}],
-        usage=_usage([result]))
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def request_id(request: Request) -> str:
+    """The request's id (X-Request-Id, or the one the gate made up)."""
+    return request.scope.get(REQUEST_ID_KEY) or uuid.uuid4().hex
 
 
 # ------------------------------------------------------------------------------------------
@@ -282,8 +387,8 @@ async def chat_completions(request: Request):
 
 
 class _Reply:
-    def __init__(self, prefix: str, obj: str, model: str):
-        self.id = f"{prefix}-{uuid.uuid4().hex}"
+    def __init__(self, prefix: str, obj: str, model: str, rid: str):
+        self.id = f"{prefix}-{rid}"
         self.object = obj
         self.model = model
         self.created = int(time.time())
@@ -306,34 +411,69 @@ def _sse(events: AsyncIterator[dict | str]) -> StreamingResponse:
 
 
 async def _stream(state: ServerState, request: Request, choices: list[Choice], events: asyncio.Queue,
-                  reply: _Reply, include_usage: bool, chat: bool) -> AsyncIterator[dict | str]:
-    """Chunks as tokens arrive; the request timeout applies until the first token."""
+                  reply: _Reply, options: StreamOptions | None, texts: TokenTexts, chat: bool
+                  ) -> AsyncIterator[dict | str]:
+    """Chunks as tokens arrive, each with the logprobs of its tokens when asked; the request
+    timeout applies until the first token. `include_usage`: a last chunk with the usage;
+    `continuous_usage_stats` (vLLM's): each chunk also carries its choice's usage so far."""
+    include_usage = bool(options and options.include_usage)
+    continuous = bool(options and options.continuous_usage_stats)
+    by_index = {c.index: c for c in choices}
+    formats = {c.index: CompletionLogprobs(texts) for c in choices}
 
-    def piece(index: int, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
+    def logprobs_of(choice: Choice, upto: int | None) -> dict | None:
+        if choice.params.logprobs is None:
+            return None
+        entries = choice.unsent_logprobs(upto)
+        if chat:
+            return chat_logprobs(texts, entries)
+        return formats[choice.index].block([e.token for e in entries], entries)
+
+    def piece(index: int, text: str | None = None, finish: str | None = None, role: bool = False,
+              logprobs: dict | None = None, tokens: int = 0) -> dict:
         if chat:
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-            return reply.chunk(choices=[{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}])
-        return reply.chunk(choices=[{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}])
+            body = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        else:
+            body = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+        if not continuous:
+            return reply.chunk(choices=[body])
+        prompt = len(by_index[index].prompt_ids)
+        return reply.chunk(choices=[body], usage={"prompt_tokens": prompt, "completion_tokens": tokens,
+                                                  "total_tokens": prompt + tokens})
 
-    pending = {c.index: c for c in choices}
-    results: list[GenerationResult] = []
+    def echoed(choice: Choice) -> dict:
+        logprobs = None
+        if choice.params.prompt_logprobs is not None:
+            logprobs = formats[choice.index].block(choice.prompt_ids, choice.prompt_logprobs)
+        return piece(choice.index, choice.echo, logprobs=logprobs)
+
+    pending = dict(by_index)
+    results: list[tuple[Choice, GenerationResult]] = []
     deadline = time.monotonic() + state.config.request_timeout if state.config.request_timeout else None
     try:
-        if chat:
-            yield piece(0, "", role=True)
+        for choice in choices:
+            if chat:
+                yield piece(choice.index, "", role=True)
+            elif choice.echo is not None and choice.params.prompt_logprobs is None:
+                yield echoed(choice)            # nothing to wait for
         while pending:
             try:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                index, delta = await asyncio.wait_for(events.get(), timeout)
+                index, delta, known = await asyncio.wait_for(events.get(), timeout)
             except TimeoutError:
                 yield {"error": {"message": f"no token within {state.config.request_timeout:g} s",
                                  "type": "timeout", "param": None, "code": "timeout"}}
                 break
             deadline = None
-            if delta is not None:
-                yield piece(index, delta)
+            choice = by_index[index]
+            if delta == PROMPT:
+                yield echoed(choice)
                 continue
-            choice = pending.pop(index)
+            if delta is not None:
+                yield piece(index, delta, logprobs=logprobs_of(choice, known), tokens=known)
+                continue
+            pending.pop(index)
             error = choice.item.future.exception()
             if error is not None:
                 body = error.body() if isinstance(error, APIError) else {
@@ -341,14 +481,15 @@ async def _stream(state: ServerState, request: Request, choices: list[Choice], e
                 yield body
                 break
             result = choice.item.future.result()
-            results.append(result)
+            results.append((choice, result))
             tail = choice.tracker.finish()
-            if tail:
-                yield piece(index, tail)
-            yield piece(index, None if chat else "", finish=choice.finish_reason(result))
+            done = len(result.token_ids)
+            if tail or choice.sent_logprobs < len(choice.logprobs):
+                yield piece(index, tail, logprobs=logprobs_of(choice, None), tokens=done)
+            yield piece(index, None if chat else "", finish=choice.finish_reason(result), tokens=done)
         else:
             if include_usage:
-                yield reply.chunk(choices=[], usage=_usage(results))
+                yield reply.chunk(choices=[], usage=_usage([c for c, _ in results], [r for _, r in results]))
         yield "[DONE]"
     finally:
         for choice in choices:  # the client went away, or an error ended the stream early

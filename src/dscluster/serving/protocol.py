@@ -121,24 +121,35 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False    # vLLM's: usage so far in every chunk (guidellm asks for it)
+
+
+MAX_LOGPROBS = 20       # top logprobs per token, vLLM's default --max-logprobs
+MAX_CHOICES = 128       # n
 
 
 class _SamplingFields(_Strict):
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     user: str | None = None
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="only 0 is supported")
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="only 0 is supported")
-    logit_bias: dict[str, float] | None = Field(None, max_length=0)
-    # vLLM's extensions: stop on these token ids too; or do not stop at end-of-sequence.
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024)
+    # vLLM's extensions: stop on these token ids too; or do not stop at end-of-sequence; penalise
+    # tokens of the prompt and output (CTRL's repetition penalty); draw no stop token before
+    # min_tokens tokens; top_k and min_p filters.
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    min_tokens: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=-1)                # 0 or -1: every token
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
 
     @field_validator("stop")
     @classmethod
@@ -152,21 +163,28 @@ class _SamplingFields(_Strict):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value):
+        for key, bias in (value or {}).items():
+            if not key.strip().lstrip("-").isdigit():
+                raise ValueError(f"keys must be token ids, not {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"bias for token {key} is {bias}; it must be within -100 and 100")
+        return value
+
+    def bias_pairs(self) -> list[tuple[int, float]]:
+        """logit_bias as (token id, bias) pairs."""
+        return [(int(k), float(b)) for k, b in (self.logit_bias or {}).items()]
+
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    echo: bool = Field(False, description="not supported")
-    logprobs: None = None
+    max_tokens: int | None = Field(16, ge=0)        # 0 only with echo: the prompt (and its logprobs)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int = Field(1, ge=1, le=1)
     suffix: None = None
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("echo is not supported")
-        return value
 
 
 class ChatMessage(BaseModel):
@@ -189,15 +207,42 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = Field(False, description="not supported")
-    top_logprobs: None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # Accepted so that they get a clear answer (400, not supported yet) instead of "unknown field";
+    # their neutral values pass.
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value:
-            raise ValueError("logprobs are not supported")
-        return value
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, why) for a feature asked for that this server does not do yet."""
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format", "structured output (response_format) is not supported yet"
+        if self.tools:
+            return "tools", "tool calling (tools) is not supported yet"
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice", "tool calling (tool_choice) is not supported yet"
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        return None
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a prompt, or chat messages (rendered with the chat template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None      # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
 
 
 class PredictRequest(_Strict):

@@ -33,6 +33,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_queue=getattr(args, "max_queue", None) or max(defaults.max_queue, 4 * args.max_batch_size),
         request_timeout=None if batch or not args.request_timeout else args.request_timeout,
         api_key=getattr(args, "api_key", None) or None,
+        metrics_without_api_key=bool(getattr(args, "metrics_without_api_key", False)),
         max_body_bytes=getattr(args, "max_body_bytes", defaults.max_body_bytes),
     )
 

@@ -23,6 +23,7 @@ class ServerConfig:
     max_queue: int = 256
     request_timeout: float | None = 60.0     # None: no deadline (batch mode)
     api_key: str | None = None
+    metrics_without_api_key: bool = False    # /metrics readable without the API key (Prometheus scrapes)
     max_body_bytes: int = 8 * 1024 * 1024
 
 
