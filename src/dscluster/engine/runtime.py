@@ -278,6 +278,7 @@ class Engine:
                 out = self.runtime.run_step(plan)
             except Exception as exc:  # noqa: BLE001 - every rank drops the batch at the next message
                 log.exception("generation step failed")
+                self._confirm_group()
                 scheduler.fail_running(exc)
                 return
             try:
@@ -338,6 +339,21 @@ class Engine:
                 self.scheduler.reset(f"a generation step failed on {message.failed} rank(s)")
             return message.failed
         return 0
+
+    def _confirm_group(self) -> None:
+        """After this rank's step raised: a peer lost in the middle of the step's collectives makes
+        the step fail here first (gloo raises on the closed socket). One control message tells the
+        two apart before any request is answered: if it fails the group is broken (PeerFailure:
+        every request 503, exit 3); if it goes through, the step alone failed (a 500 for its
+        requests). The failed-step flag waits for the next message, so the requests are ended
+        with their own error."""
+        if self.runtime.channel is None:
+            return
+        failed, self.runtime.step_failed = self.runtime.step_failed, False
+        try:
+            self._send(Op.HEARTBEAT)
+        finally:
+            self.runtime.step_failed = self.runtime.step_failed or failed
 
     def _send_step(self, plan: StepPlan) -> int:
         if self.runtime.channel is None:  # one rank: a failed step is dropped here alone
