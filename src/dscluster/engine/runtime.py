@@ -278,8 +278,7 @@ class Engine:
                 out = self.runtime.run_step(plan)
             except Exception as exc:  # noqa: BLE001 - every rank drops the batch at the next message
                 log.exception("generation step failed")
-                self._confirm_group()
-                scheduler.fail_running(exc)
+                self._step_failed_here(exc)
                 return
             try:
                 scheduler.after_step(out)
@@ -325,35 +324,34 @@ class Engine:
         if self._closed:
             raise PeerFailure("the engine is shut down")
 
-    def _send(self, op: Op, payload=None, actions: list[int] | None = None) -> int:
+    def _send(self, op: Op, payload=None, actions: list[int] | None = None, settle=None) -> int:
         """Send a message; returns how many ranks reported a failed generation step (then every
-        rank, this one included, has dropped the running batch)."""
+        rank, this one included, has dropped the running batch). `settle` runs once the message
+        went through, before any dropped request is ended."""
         self.runtime.before_message()
         try:
             message = self.runtime.channel.send(op, payload, actions)
         except Exception as exc:  # noqa: BLE001 - any failure of the control group breaks the group
             self._broken(f"control channel failed ({_first_line(exc)})")
         self._last_unit = time.monotonic()
+        if settle is not None:
+            settle()
         if self.runtime.after_message(message):
             if op is not Op.STEP and self.scheduler is not None:
                 self.scheduler.reset(f"a generation step failed on {message.failed} rank(s)")
             return message.failed
         return 0
 
-    def _confirm_group(self) -> None:
-        """After this rank's step raised: a peer lost in the middle of the step's collectives makes
-        the step fail here first (gloo raises on the closed socket). One control message tells the
-        two apart before any request is answered: if it fails the group is broken (PeerFailure:
-        every request 503, exit 3); if it goes through, the step alone failed (a 500 for its
-        requests). The failed-step flag waits for the next message, so the requests are ended
-        with their own error."""
+    def _step_failed_here(self, error: BaseException) -> None:
+        """This rank's step raised. A peer lost in the middle of the step's collectives makes the
+        step fail here first (gloo raises on the closed socket), so the failure is said to every
+        rank at once, before any request is answered: if that message fails the group is broken
+        (PeerFailure: every request 503, exit 3); if it goes through, the step alone failed, its
+        requests end with its error (a 500 each) and every rank drops the batch."""
         if self.runtime.channel is None:
+            self.scheduler.fail_running(error)  # the next step's plan drops the batch
             return
-        failed, self.runtime.step_failed = self.runtime.step_failed, False
-        try:
-            self._send(Op.HEARTBEAT)
-        finally:
-            self.runtime.step_failed = self.runtime.step_failed or failed
+        self._send(Op.HEARTBEAT, settle=lambda: self.scheduler.fail_running(error))
 
     def _send_step(self, plan: StepPlan) -> int:
         if self.runtime.channel is None:  # one rank: a failed step is dropped here alone
