@@ -33,7 +33,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from benchmarks.common import ROOT, load_avg, model_dir, pyplot, stats, table
+from benchmarks.common import ROOT, Server, load_avg, model_dir, pyplot, stats, table
 
 # The last commit with static batching (a batch decodes until its longest request ends).
 BASELINE = "44af1c7"
@@ -168,44 +167,6 @@ def baseline_source(into: Path) -> Path:
     return into / "src"
 
 
-class Server:
-    """One server in its own process group, its output in a log file; stopped with SIGTERM."""
-
-    def __init__(self, name: str, cmd: list[str], port: int, health: str, env: dict[str, str]):
-        import httpx
-
-        self.name, self.url = name, f"http://127.0.0.1:{port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="dscluster-bench-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{name} exited {self.proc.returncode}: {self.output()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}{health}", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"{name} not ready in time: {self.output()[-2000:]}")
-
-    def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        os.unlink(self.log.name)
-
-
 def start(kind: str, ranks: int, threads: int, model: Path, baseline_src: Path | None) -> tuple[Server, str]:
     """(server, load style). `threads`: torch threads per process (each rank, for tp=2)."""
     from dscluster.cluster.launch import free_port
@@ -219,14 +180,14 @@ def start(kind: str, ranks: int, threads: int, model: Path, baseline_src: Path |
             # Its default cache sizing takes most of the machine's memory on a CPU: enough blocks for
             # 16 requests of up to 512 tokens, and the same token budget per step as dscluster.
             cmd += ["--continuous-batching", "--cb-num-blocks", "64", "--cb-max-batch-tokens", str(BATCHED_TOKENS)]
-        return Server(kind, cmd, port, "/health", env), "transformers"
+        return Server(cmd, port, "/health", env), "transformers"
     cmd = [sys.executable, "-m", "dscluster", "serve", str(model), "--nproc", str(ranks), "--port", str(port),
            "--log-level", "WARNING", "--request-timeout", "0"]
     if kind == "baseline":
         env["PYTHONPATH"] = str(baseline_src)
     else:
         cmd += ["--max-num-seqs", str(CONCURRENCY), "--max-num-batched-tokens", str(BATCHED_TOKENS)]
-    return Server(kind, cmd, port, "/health/ready", env), "dscluster"
+    return Server(cmd, port, "/health/ready", env), "dscluster"
 
 
 def measure(name: str, kind: str, ranks: int, threads: int, model: Path, baseline_src: Path | None,

@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, machine, table, write_json
+from benchmarks.common import ROOT, Server, machine, table, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = [[1, 614, 15, 591, 4, 788, 366, 473], [1, 20, 30], [1, *range(500, 540)]]
@@ -129,7 +129,6 @@ class GpuCheck:
 
     def server(self, name: str, *args: str, ranks: int = 1, cpu: bool = False, model: str | None = None):
         """`dscluster serve` on this check's device (`cpu`: the CPU reference, whatever the device)."""
-        from benchmarks.generation import Server
         from dscluster.cluster.launch import free_port
 
         on_cpu = cpu or self.device == "cpu"
@@ -140,7 +139,7 @@ class GpuCheck:
         port = free_port()
         cmd = [sys.executable, "-m", "dscluster", "serve", model or str(self.model), "--nproc", str(ranks),
                "--port", str(port), "--log-level", "WARNING", *args]
-        return Server(name, cmd, port, "/health/ready", env)
+        return Server(cmd, port, "/health/ready", env)
 
     def run(self) -> None:
         """Every check; a server that fails to start or answer fails its checks, and the rest go on."""

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import load_avg, pyplot, stats, table
+from benchmarks.common import Server, load_avg, pyplot, stats, table
 
 IN_FEATURES, WIDTH, LAYERS, OUT_FEATURES = 256, 2048, 4, 256
 MAX_BATCH = 32
@@ -103,58 +102,20 @@ SERVERS = [
 ]
 
 
-class Server:
-    """One server in its own session (process group), ready when its readiness route answers 200."""
-
-    def __init__(self, cmd: list[str], port: int, ready_path: str, env: dict[str, str] | None = None):
-        import httpx
-
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self.log,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{cmd} exited {self.proc.returncode}: {self.output()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}{ready_path}", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"{cmd} not ready in time: {self.output()[-2000:]}")
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.log.close()
-
-
 def start(kind: str, ready_path: str, litserve_timeout: float = LITSERVE_BATCH_TIMEOUT) -> Server:
     from dscluster.cluster.launch import free_port
 
     port = free_port()
     me = [sys.executable, "-m", "benchmarks.serving"]
     if kind == "seeds":
-        return Server([*me, "seeds", "--port", str(port)], port, ready_path)
+        return Server([*me, "seeds", "--port", str(port)], port, ready_path, start_timeout=300)
     if kind == "litserve":
         return Server([sys.executable, "-m", "benchmarks.litserve_mlp", "--port", str(port), "--batch-timeout",
-                       str(litserve_timeout)], port, ready_path)
+                       str(litserve_timeout)], port, ready_path, start_timeout=300)
     nproc = kind.rsplit("-", 1)[1]
     return Server([sys.executable, "-m", "dscluster", "serve", "benchmarks.serving:build_mlp", "--nproc", nproc,
                    "--port", str(port), "--max-batch-size", str(MAX_BATCH), "--log-level", "WARNING"],
-                  port, ready_path)
+                  port, ready_path, start_timeout=300)
 
 
 # -- load: wrk ----------------------------------------------------------------------------------------
