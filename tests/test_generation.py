@@ -118,6 +118,36 @@ def test_joins_chunks_and_leaves_equal_generate_alone(engine, hf_greedy):
     assert engine.runtime.batch.rows == [] and engine.runtime.batch.cache.nbytes() == 0
 
 
+def test_a_short_newcomer_is_computed_alone_and_running_rows_never_wait_twice(tiny, hf_greedy):
+    """Prompts first: a newcomer whose prompt fits one step gets a step of its own (its first token
+    right after it); the decoding rows wait that step, never two in a row, and every output still
+    equals generate alone."""
+    long_prompt = GenerationRequest(tuple(PROMPTS[3]), greedy(NEW[3]))    # 45 tokens: chunked
+    decoding = GenerationRequest(tuple(PROMPTS[0]), greedy(NEW[0]))
+    newcomers = [GenerationRequest(tuple(PROMPTS[i]), greedy(NEW[i])) for i in (4, 6)]
+    steps: list[tuple[int, list[int]]] = []   # tokens computed, and each sink's token count after it
+    sinks: list[Sink] = []
+
+    def on_step(e):
+        steps.append((e.generation_stats().step_tokens, [len(s.tokens) for s in sinks]))
+
+    engine = open_engine(tiny, max_num_seqs=4, max_num_batched_tokens=16)
+    sinks[:] = [Sink() for _ in range(4)]
+    # The newcomers arrive at consecutive steps while one request decodes and one is mid-prompt.
+    run_schedule(engine, [decoding, long_prompt, *newcomers], [0, 1, 2, 3], sinks=sinks, on_step=on_step)
+    for sink, i in zip(sinks, (0, 3, 4, 6), strict=True):
+        assert sink.error is None and sink.result.token_ids == hf_greedy[i] and len(sink.tokens) == NEW[i]
+    # Step 2 (0-based) computes the first newcomer's 6-token prompt alone: it has its first token,
+    # nobody else moved.
+    tokens2, counts2 = steps[2]
+    assert tokens2 == len(PROMPTS[4]) and counts2[2] == 1 and counts2[:2] == steps[1][1][:2]
+    # The second newcomer arrives at step 3, but the running rows waited at step 2: step 3 is an
+    # ordinary step (everyone decodes, the newcomer's prompt and the long prompt's next chunk fill
+    # the budget), so the newcomer still has its first token at once.
+    tokens3, counts3 = steps[3]
+    assert counts3[0] == counts2[0] + 1 and counts3[2] == 2 and counts3[3] == 1 and tokens3 == 16
+
+
 def test_one_step_per_token_when_all_arrive_together(engine, hf_greedy):
     requests = [GenerationRequest(tuple(p), greedy(n)) for p, n in zip(PROMPTS[:3], NEW[:3], strict=True)]
     results = engine.generate(requests)

@@ -4,7 +4,7 @@ Every rank holds a `RunningBatch` and applies the same `StepPlan`s in the same o
 the cache's shape and every forward pass's inputs are identical on all ranks, as a split model
 needs (tensor parallel and ZeRO-3 collectives run inside the forward pass). Applying a plan:
 
-1. each current row's action is read: a token to feed, a prompt chunk to compute, or leave;
+1. each current row's action is read: a token to feed, a prompt chunk to compute, wait, or leave;
 2. leaving rows go, highest index first, each replaced by the last row (one row of cache copied);
 3. joining rows are appended;
 4. the step's new tokens (one per decoding row, a chunk per prefilling row) go through the model as
@@ -92,7 +92,7 @@ class RunningBatch:
                 feed[id(row)] = action
             elif action != LEAVE:
                 n = prefill_count(action)
-                if not row.prefilling or row.computed + n > len(row.prompt):
+                if n and (not row.prefilling or row.computed + n > len(row.prompt)):
                     raise ValueError(f"request {row.request_id}: a prompt chunk of {n} past its prompt")
                 chunk[id(row)] = n
         leaving = [i for i, action in enumerate(plan.actions) if action == LEAVE]

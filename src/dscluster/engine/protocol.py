@@ -16,9 +16,10 @@ takes part, so rank 0 learns at each message (heartbeats included) that every ra
 step, and a missing rank shows up as a timeout of the control group.
 
 A generation step is one message (`Op.STEP`): the actions say, per running row, which token to
-feed it (the one rank 0 sampled at the previous step), how many prompt tokens to prefill, or that
-it leaves; the payload, only when requests join, carries their prompts. A step in which every
-request just decodes is a header of R + 3 integers and nothing else: the cheapest message there is.
+feed it (the one rank 0 sampled at the previous step), how many prompt tokens to prefill, to wait
+this step, or that it leaves; the payload, only when requests join, carries their prompts. A step
+in which every request just decodes is a header of R + 3 integers and nothing else: the cheapest
+message there is.
 
 Payloads are pickled Python values (tensors as numpy arrays). The channel is internal to the
 group, between processes of the same program; it is never reachable from HTTP, and nothing a
@@ -47,7 +48,7 @@ class Op(enum.IntEnum):
 
 HEADER = 3  # opcode, payload length, failed steps; then one action per running row
 
-# A row's action in a step: a token id (>= 0) to feed it, LEAVE, or prefill(n) for n prompt tokens.
+# A row's action in a step: a token id (>= 0) to feed it, LEAVE, prefill(n) for n prompt tokens, or WAIT.
 LEAVE = -1
 
 
@@ -59,6 +60,11 @@ def prefill(n: int) -> int:
 def prefill_count(action: int) -> int:
     """The n of a prefill action."""
     return -2 - action
+
+
+# "Nothing this step", for any row: a prompt waiting for token budget, or a decoding row waiting
+# while newcomers' prompts are computed (its due token is fed at a later step).
+WAIT = prefill(0)
 
 
 @dataclass(frozen=True)
