@@ -31,7 +31,7 @@ serve: $(BIN)/.installed $(MODEL)/config.json
 	$(BIN)/dscluster serve $(MODEL) --nproc $(NPROC) --port $(PORT)
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # The serving benchmark loads servers with wrk (a C load generator), from Debian.
 bench: $(BIN)/.installed
