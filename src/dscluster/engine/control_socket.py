@@ -94,13 +94,23 @@ def _connected(sock: socket.socket, timeout: float) -> socket.socket:
 
 
 class Rank0Link:
-    """Rank 0's end: one connected socket per worker."""
+    """Rank 0's end: one connected socket per worker.
+
+    A worker only ever sends what rank 0 waits for (a frame in answer to one of its own), so a
+    socket that is readable at any other time is one whose peer closed it: `broadcast` checks for
+    that first, which notices a worker lost since the last message at the next one."""
 
     def __init__(self, sockets: dict[int, socket.socket], timeout: float):
         self.sockets = {rank: _connected(sock, timeout) for rank, sock in sorted(sockets.items())}
         self.timeout = timeout
+        self._rank_of = {sock.fileno(): rank for rank, sock in self.sockets.items()}
+        self._poller = select.poll()
+        for fd in self._rank_of:
+            self._poller.register(fd, select.POLLIN)
 
     def broadcast(self, values, payload: bytes = b"") -> None:
+        for fd, _ in self._poller.poll(0):
+            raise self._unasked(self._rank_of[fd])
         frame = _frame(values, payload)
         for rank, sock in self.sockets.items():
             try:
@@ -112,24 +122,30 @@ class Rank0Link:
         """One frame's values from every worker, in rank order; the first peer lost raises at once,
         whichever worker it is."""
         deadline = time.monotonic() + self.timeout
-        by_fd = {sock.fileno(): rank for rank, sock in self.sockets.items()}
-        poller = select.poll()
-        for fd in by_fd:
-            poller.register(fd, select.POLLIN)
         got: dict[int, np.ndarray] = {}
         while len(got) < len(self.sockets):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(set(self.sockets) - set(got))
                 raise LinkLost(missing, f"stopped answering for more than {self.timeout:g} s (control channel)")
-            for fd, _ in poller.poll(remaining * 1000):
-                rank = by_fd[fd]
+            for fd, _ in self._poller.poll(remaining * 1000):
+                rank = self._rank_of[fd]
+                if rank in got:
+                    raise self._unasked(rank)
                 try:
                     got[rank] = _read_frame(self.sockets[rank])[0]
                 except (OSError, EOFError) as exc:
                     raise _lost(rank, exc, self.timeout) from None
-                poller.unregister(fd)
         return [got[rank] for rank in sorted(got)]
+
+    def _unasked(self, rank: int) -> LinkLost:
+        """What a socket that is readable when nothing is owed holds: its end (or a broken peer)."""
+        try:
+            data = self.sockets[rank].recv(1)
+        except OSError as exc:
+            return _lost(rank, exc, self.timeout)
+        return _lost(rank, EOFError() if not data else ConnectionError("sent a frame it was not asked for"),
+                     self.timeout)
 
     def close(self, drain: bool = False) -> None:
         """Close every connection. `drain`: first wait (the timeout at most) until every worker has

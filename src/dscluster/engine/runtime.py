@@ -333,15 +333,16 @@ class Engine:
         if self._closed:
             raise PeerFailure("the engine is shut down")
 
-    def _send(self, op: Op, payload=None, actions: list[int] | None = None, settle=None) -> int:
+    def _send(self, op: Op, payload=None, actions: list[int] | None = None, settle=None,
+              why: str | None = None) -> int:
         """Send a message; returns how many ranks reported a failed generation step (then every
         rank, this one included, has dropped the running batch). `settle` runs once the message
-        went through, before any dropped request is ended."""
+        went through, before any dropped request is ended; `why` it is sent, for the error if not."""
         self.runtime.before_message()
         try:
             message = self.runtime.channel.send(op, payload, actions)
         except Exception as exc:  # noqa: BLE001 - any failure of the control channel breaks the group
-            self._channel_failed(exc, f"sending {op.name.lower()}")
+            self._channel_failed(exc, why or f"sending {op.name.lower()}")
         self._last_unit = time.monotonic()
         if settle is not None:
             settle()
@@ -360,7 +361,8 @@ class Engine:
         if self.runtime.channel is None:
             self.scheduler.fail_running(error)  # the next step's plan drops the batch
             return
-        self._send(Op.HEARTBEAT, settle=lambda: self.scheduler.fail_running(error))
+        self._send(Op.HEARTBEAT, settle=lambda: self.scheduler.fail_running(error),
+                   why=f"after a generation step failed: {_first_line(error)}")
 
     def _send_step(self, plan: StepPlan) -> int:
         if self.runtime.channel is None:  # one rank: a failed step is dropped here alone
