@@ -78,11 +78,15 @@ def _read_frame(sock: socket.socket) -> tuple[np.ndarray, bytes]:
     return np.frombuffer(body, dtype="<i8", count=count), bytes(body[8 * count:])
 
 
+def _silent(timeout: float) -> str:
+    return f"stopped answering on the control channel for more than {timeout:g} s"
+
+
 def _lost(rank: int, exc: BaseException, timeout: float) -> LinkLost:
     if isinstance(exc, (EOFError, ConnectionResetError, BrokenPipeError)):  # the peer's socket is gone
         return LinkLost([rank], "closed its control connection")
     if isinstance(exc, TimeoutError):
-        return LinkLost([rank], f"stopped answering for more than {timeout:g} s (control channel)")
+        return LinkLost([rank], _silent(timeout))
     return LinkLost([rank], f"lost its control connection ({exc})")
 
 
@@ -127,7 +131,7 @@ class Rank0Link:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(set(self.sockets) - set(got))
-                raise LinkLost(missing, f"stopped answering for more than {self.timeout:g} s (control channel)")
+                raise LinkLost(missing, _silent(self.timeout))
             for fd, _ in self._poller.poll(remaining * 1000):
                 rank = self._rank_of[fd]
                 if rank in got:
