@@ -234,7 +234,8 @@ def control(task: dict) -> None:
             channel.rows = 0
         return run
 
-    units = {f"{kind}/{name}": unit(channel, *case) for name, case in cases.items() for kind, channel in channels.items()}
+    units = {f"{kind}/{name}": unit(channel, *case)
+             for name, case in cases.items() for kind, channel in channels.items()}
     header = torch.tensor([1, 0, 0], dtype=torch.int64)  # the bare primitives under the channels
     units["primitive/all_reduce_3xint64"] = lambda: dist.all_reduce(header.clone())
     units["primitive/broadcast_3xint64"] = lambda: dist.broadcast(header.clone(), src=0)

@@ -205,7 +205,7 @@ def open_link(store, key: str, rank: int, world_size: int, master_addr: str, tim
     return WorkerLink(_connect_to_rank0(store, key, rank, master_addr, deadline, setup_timeout), timeout)
 
 
-def address_towards(master_addr: str) -> str:
+def _address_towards(master_addr: str) -> str:
     """This host's address on the route to MASTER_ADDR, as the other nodes reach it: the local
     address of a UDP socket connected there (no packet is sent). 127.0.0.1 on one machine."""
     try:
@@ -227,7 +227,7 @@ def _accept_workers(store, key: str, world_size: int, master_addr: str, deadline
                     setup_timeout: float) -> dict[int, socket.socket]:
     secret = secrets.token_bytes(2 * _SECRET)
     with _listen() as listener:
-        host, port = address_towards(master_addr), listener.getsockname()[1]
+        host, port = _address_towards(master_addr), listener.getsockname()[1]
         store.set(key, json.dumps({"host": host, "port": port, "secret": secret.hex()}))
         accepted: dict[int, socket.socket] = {}
         while len(accepted) < world_size - 1:

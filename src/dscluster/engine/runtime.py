@@ -16,8 +16,8 @@ rank sits in `run_worker`, receiving and running the same unit. The units:
 Every worker reports on each message, and rank 0 reads the reports before it sends the next one
 (engine/protocol.py), so rank 0 knows at every message that every rank is alive and in step.
 
-A broken group (a failed collective, a lost control connection, a silent rank) ends the process with exit code 3 after a
-short grace, so launchers and Kubernetes restart the group.
+A broken group (a failed collective, a lost control connection, a silent rank) ends the process
+with exit code 3 after a short grace, so launchers and Kubernetes restart the group.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from dscluster.engine.api import (
     TokenCallback,
 )
 from dscluster.engine.batch import RunningBatch, StepOutput
+from dscluster.engine.control_socket import open_link
 from dscluster.engine.loading import LoadedModel, open_model
 from dscluster.engine.parallel import (
     ParallelModel,
@@ -55,7 +56,6 @@ from dscluster.engine.parallel import (
     release_shared_memory,
     use_accelerator,
 )
-from dscluster.engine.control_socket import open_link
 from dscluster.engine.protocol import ControlChannel, Message, Op, StepPlan
 from dscluster.engine.scheduler import Scheduler
 from dscluster.engine.threads import torch_threads
