@@ -3,7 +3,7 @@
 Why not a gloo process group, which carried the control messages before: gloo's TCP transport
 hands every operation to its loop thread, which wakes the caller when it is done, so on a 2-core
 machine a 2-rank all-reduce of 3 int64 took about 1000 us and a broadcast about 400 us, while a
-round trip over a plain blocking socket between the same two processes takes about 80 us. A
+round trip over a plain blocking socket between the same two processes takes 80-200 us. A
 `/v1/predict` on two replicated ranks paid about 2.4 ms of control messages on a 2 ms forward
 (a header all-reduce, a payload broadcast, an all-reduce of the outcome), and every generation
 step about 1 ms. The benchmark `control_message` compares the two side by side.
