@@ -4,8 +4,8 @@ Every rank runs the same task and writes its own report to OUT_DIR/rankR.json. M
 - `memory`: load and split the model through the engine's real path (`build_runtime`) and report
   this rank's RSS when ready and after serving, its peak RSS, its load time, and the parameter
   bytes it holds.
-- `control`: time control messages between rank 0 and the others (`ControlChannel`, the per-step
-  token broadcast, and `broadcast_object_list` for comparison).
+- `control`: time control messages between rank 0 and the others, over the sockets
+  (`ControlChannel`) and over a gloo group (the channel as it was before), side by side.
 - `speed`: time greedy decoding of a batch through `Engine.generate` (every rank in lockstep).
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import pickle
 import resource
 import sys
 import time
@@ -135,92 +134,140 @@ def _use_whole_checkpoint_loader(rt) -> None:
 
 
 # -- control messages -----------------------------------------------------------------------
-DECODE_ROWS = (8, 32)
-
-
 def control_payloads() -> dict:
-    """The units the engine sends, at the sizes the brief asks about."""
+    """The units the engine sends, at the sizes the brief asks about: name -> (op, payload, rows)."""
     from dscluster.engine.api import SamplingParams
-    from dscluster.engine.protocol import Join
+    from dscluster.engine.protocol import Join, Op
 
     g = torch.Generator().manual_seed(0)
     prompts = [tuple(torch.randint(4, 1024, (64,), generator=g).tolist()) for _ in range(8)]
+    joins = [Join(i, p, 64, SamplingParams(max_tokens=32, temperature=0.8, top_p=0.95, seed=i))
+             for i, p in enumerate(prompts)]
     return {
-        "heartbeat": None,
-        "predict_1x10": torch.randn(1, 10, generator=g),
-        "predict_32x10": torch.randn(32, 10, generator=g),
-        "join_8x64": [Join(i, p, 64, SamplingParams(max_tokens=32, temperature=0.8, top_p=0.95, seed=i))
-                      for i, p in enumerate(prompts)],
+        "heartbeat": (Op.HEARTBEAT, None, 0),
+        "decode_step_8": (Op.STEP, None, 8),
+        "join_8x64": (Op.STEP, joins, 0),
+        "predict_1x10": (Op.PREDICT, torch.randn(1, 10, generator=g), 0),
+        "predict_32x10": (Op.PREDICT, torch.randn(32, 10, generator=g), 0),
     }
 
 
+class GlooControlChannel:
+    """The control channel as it was before its sockets, kept here to compare against: the header
+    all-reduced over a gloo group (each rank adding its failed-step flag), the payload broadcast
+    from rank 0, a predict unit's outcome all-reduced."""
+
+    def __init__(self, group, rank: int):
+        self.group, self.rank, self.rows, self.step_failed = group, rank, 0, False
+
+    def _header(self, op: int = 0, size: int = 0, actions: list[int] | None = None) -> torch.Tensor:
+        from dscluster.engine.protocol import HEADER
+
+        header = torch.zeros(HEADER + self.rows, dtype=torch.int64)
+        header[0], header[1], header[2] = op, size, int(self.step_failed)
+        if actions:
+            header[HEADER:] = torch.tensor(actions, dtype=torch.int64)
+        self.step_failed = False
+        return header
+
+    def send(self, op, payload=None, actions=None) -> None:
+        import torch.distributed as dist
+
+        from dscluster.engine.protocol import encode
+
+        data = b"" if payload is None else encode(payload)
+        dist.all_reduce(self._header(int(op), len(data), actions), group=self.group)
+        if data:
+            dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), src=0, group=self.group)
+
+    def recv(self) -> None:
+        import torch.distributed as dist
+
+        from dscluster.engine.protocol import decode
+
+        header = self._header()
+        dist.all_reduce(header, group=self.group)
+        if int(header[1]):
+            buf = torch.empty(int(header[1]), dtype=torch.uint8)
+            dist.broadcast(buf, src=0, group=self.group)
+            decode(buf.numpy().tobytes())
+
+    def agree_ok(self, ok: bool) -> int:
+        import torch.distributed as dist
+
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        dist.all_reduce(flag, group=self.group)
+        return int(flag.item())
+
+
 def control(task: dict) -> None:
-    """One-way latency of each message: after an untimed barrier, rank 0 notes the time and sends;
-    each worker notes the time when it holds the decoded message. Both clocks are the machine's
-    monotonic clock, so the difference is the latency. Cases take turns message by message, so
-    noise from other processes on the machine hits every case alike."""
+    """What rank 0 pays per unit on each channel, units back to back as the engine sends them: a
+    heartbeat or a step is one message (on the sockets, its send waits for the workers' reports on
+    the one before), a predict unit is its message and the agreement on its outcome. Blocks of
+    `block` units take turns between the channels and the cases; the first unit of each block is
+    not counted (on the sockets it reads reports left from the block before)."""
     import torch.distributed as dist
 
-    from dscluster.cluster.group import init_groups
+    from dscluster.cluster.group import init_groups, store_prefix
+    from dscluster.engine.control_socket import open_link
     from dscluster.engine.protocol import ControlChannel, Op, decode, encode
 
     rdzv = discover()
     groups = init_groups(rdzv, "gloo")
-    group, rank = groups.control, groups.rank
-    channel = ControlChannel(group, rank)
-    payloads = control_payloads()
-    cases: dict[str, callable] = {}
-    for name, payload in payloads.items():
-        op = Op.HEARTBEAT if payload is None else (Op.PREDICT if name.startswith("predict") else Op.STEP)
-        cases[f"channel/{name}"] = (lambda op=op, payload=payload: channel.send(op, payload)) if rank == 0 \
-            else channel.recv
-        obj = {"op": "heartbeat"} if payload is None else payload
-        cases[f"object_list/{name}"] = lambda obj=obj: dist.broadcast_object_list(
-            [obj if rank == 0 else None], src=0, group=group)
+    rank = groups.rank
+    link = open_link(groups.store, f"{store_prefix()}/bench-control", rank, groups.world_size, rdzv.master_addr,
+                     timeout=120, setup_timeout=120)
+    channels = {"gloo": GlooControlChannel(dist.group.WORLD, rank), "socket": ControlChannel(link, rank)}
+    cases = control_payloads()
 
-    def decode_step(rows: int):
-        """A step in which `rows` running requests each decode one token: the header alone."""
+    def unit(channel, op, payload, rows):
+        actions = list(range(100, 100 + rows)) or None
+
         def run() -> None:
             channel.rows = rows
             if rank == 0:
-                channel.send(Op.STEP, None, list(range(100, 100 + rows)))
+                channel.send(op, payload, actions)
             else:
                 channel.recv()
+            if op is Op.PREDICT:
+                channel.agree_ok(True)
             channel.rows = 0
         return run
 
-    for rows in DECODE_ROWS:
-        cases[f"channel/decode_step_{rows}"] = decode_step(rows)
-    header = torch.tensor([1, 0], dtype=torch.int64)  # the primitives under the header, bare
-    cases["primitive/all_reduce_2xint64"] = lambda: dist.all_reduce(header.clone(), group=group)
-    cases["primitive/broadcast_2xint64"] = lambda: dist.broadcast(header.clone(), src=0, group=group)
+    units = {f"{kind}/{name}": unit(channel, *case)
+             for name, case in cases.items() for kind, channel in channels.items()}
+    header = torch.tensor([1, 0, 0], dtype=torch.int64)  # the bare primitives under the channels
+    units["primitive/all_reduce_3xint64"] = lambda: dist.all_reduce(header.clone())
+    units["primitive/broadcast_3xint64"] = lambda: dist.broadcast(header.clone(), src=0)
+    units["primitive/socket_round_trip"] = (lambda: (link.broadcast([0]), link.gather())) if rank == 0 else \
+        (lambda: (link.receive(), link.send([0])))
 
-    reps, warmup = task["reps"], task["warmup"]
-    times: dict[str, list[int]] = {name: [] for name in cases}
-    sender: dict[str, list[int]] = {name: [] for name in cases}
-    for name, fn in cases.items():  # warm-up: connections, allocator, code paths
-        for _ in range(warmup):
-            dist.barrier(group=group)
-            fn()
-    for _ in range(reps):
-        for name, fn in cases.items():
-            dist.barrier(group=group)
-            t0 = time.perf_counter_ns()
-            fn()
-            t1 = time.perf_counter_ns()
-            times[name].append(t0 if rank == 0 else t1)
-            sender[name].append(t1 - t0)
-    report = {"rank": rank, "times_ns": times, "blocked_ns": sender}
+    block, rounds, warmup = task["block"], -(-task["reps"] // (task["block"] - 1)), task["warmup_rounds"]
+    times: dict[str, list[int]] = {name: [] for name in units}
+    order = list(units)
+    for r in range(warmup + rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            fn = units[name]
+            for i in range(block):
+                t0 = time.perf_counter_ns()
+                fn()
+                if i and r >= warmup:
+                    times[name].append(time.perf_counter_ns() - t0)
+    if rank == 0:
+        channels["socket"].send(Op.STOP)
+    else:
+        channels["socket"].recv()
+    channels["socket"].close()
+    report = {"rank": rank, "unit_ns": {k: v[:task["reps"]] for k, v in times.items()}}
     if rank == 0:  # the encoding alone, in this process
-        report["encode_ns"], report["decode_ns"], report["encoded_bytes"], report["object_bytes"] = {}, {}, {}, {}
-        for name, payload in payloads.items():
+        report["encode_ns"], report["decode_ns"], report["encoded_bytes"] = {}, {}, {}
+        for name, (_, payload, _) in cases.items():
             if payload is None:
                 continue
             data = encode(payload)
             report["encoded_bytes"][name] = len(data)
-            report["object_bytes"][name] = len(pickle.dumps(payload))  # what broadcast_object_list sends
             enc, dec = [], []
-            for _ in range(reps):
+            for _ in range(task["reps"]):
                 t0 = time.perf_counter_ns()
                 encode(payload)
                 t1 = time.perf_counter_ns()
@@ -229,7 +276,7 @@ def control(task: dict) -> None:
                 enc.append(t1 - t0)
                 dec.append(t2 - t1)
             report["encode_ns"][name], report["decode_ns"][name] = enc, dec
-    dist.barrier(group=group)
+    dist.barrier()
     write(report, task, rank)
 
 

@@ -77,9 +77,8 @@ def test_nccl_group_pins_the_rank_to_its_gpu_before_any_collective():
          mock.patch.dict(os.environ), \
          mock.patch.object(group, "join_store", return_value=store), \
          mock.patch.object(group.dist, "is_initialized", return_value=False), \
-         mock.patch.object(group.dist, "init_process_group", side_effect=lambda **kw: order.init(**kw)), \
-         mock.patch.object(group.dist, "new_group", return_value="control") as new_group:
-        groups = group.init_groups(rdzv, "auto", timeout_s=60, control_timeout_s=10)
+         mock.patch.object(group.dist, "init_process_group", side_effect=lambda **kw: order.init(**kw)):
+        groups = group.init_groups(rdzv, "auto", timeout_s=60)
     assert groups.backend == "nccl" and groups.device == torch.device("cuda", 1)
     set_device.assert_called_once_with(torch.device("cuda", 1))
     # The device is set first; NCCL is joined bound to it (device_id: its communicator is made on
@@ -88,8 +87,8 @@ def test_nccl_group_pins_the_rank_to_its_gpu_before_any_collective():
     init = order.mock_calls[1].kwargs
     assert init["backend"] == "nccl" and init["store"] is store and init["device_id"] == torch.device("cuda", 1)
     assert store.get(f"{group.store_prefix()}/gpu/5").decode().endswith("NVIDIA H200 GPU-00000001")
-    # The control group is gloo even on GPUs: an idle NCCL collective would trip NCCL's watchdog.
-    assert new_group.call_args.kwargs["backend"] == "gloo" and groups.control == "control"
+    # The store stays with the groups: the control channel's sockets find rank 0 through it.
+    assert groups.store is store
 
 
 def test_gloo_group_joins_without_a_device_or_gpu_check():
@@ -99,9 +98,8 @@ def test_gloo_group_joins_without_a_device_or_gpu_check():
     with avail, count, mock.patch.object(torch.cuda, "set_device") as set_device, mock.patch.dict(os.environ), \
          mock.patch.object(group, "join_store", return_value=dist.HashStore()), \
          mock.patch.object(group.dist, "is_initialized", return_value=False), \
-         mock.patch.object(group.dist, "init_process_group") as init, \
-         mock.patch.object(group.dist, "new_group", return_value="control"):
-        groups = group.init_groups(rdzv, "gloo", timeout_s=30, control_timeout_s=10)
+         mock.patch.object(group.dist, "init_process_group") as init:
+        groups = group.init_groups(rdzv, "gloo", timeout_s=30)
     assert groups.device == torch.device("cpu") and "device_id" not in init.call_args.kwargs
     set_device.assert_not_called()
 
@@ -159,8 +157,7 @@ def test_nccl_with_one_pinned_gpu_uses_cuda_0():
                            return_value=SimpleNamespace(name="NVIDIA H200", uuid="GPU-pinned-3")), \
          mock.patch.object(group, "join_store", return_value=_store_with_peers(4, 3, held)), \
          mock.patch.object(group.dist, "is_initialized", return_value=False), \
-         mock.patch.object(group.dist, "init_process_group") as init, \
-         mock.patch.object(group.dist, "new_group", return_value="control"):
+         mock.patch.object(group.dist, "init_process_group") as init:
         groups = group.init_groups(rdzv, "nccl", timeout_s=30)
         assert os.environ["LOCAL_SIZE"] == "4" and os.environ["RANK"] == "3"
     set_device.assert_called_once_with(torch.device("cuda", 0))

@@ -266,7 +266,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
     from dscluster.cluster.group import check_all_reduce, destroy_groups, init_groups
 
-    groups = init_groups(rdzv, args.backend, timeout_s=args.timeout, control_timeout_s=args.timeout)
+    groups = init_groups(rdzv, args.backend, timeout_s=args.timeout)
     total = check_all_reduce(groups)  # raises when a rank joined another group
     destroy_groups()
     print(json.dumps({**json.loads(rdzv.to_json()), "backend": groups.backend, "all_reduce": total}))

@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     from dscluster.cluster.rendezvous import discover
 
     rdzv = discover()
-    groups = init_groups(rdzv, backend="gloo", timeout_s=60, control_timeout_s=60)
+    groups = init_groups(rdzv, backend="gloo", timeout_s=60)
     try:
         total = check_all_reduce(groups)
     finally:

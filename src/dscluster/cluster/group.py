@@ -1,4 +1,4 @@
-"""Process groups: the data group the model's collectives use, and a gloo control group; and the
+"""Process groups: the data group the model's collectives use, and the rendezvous store; and the
 device each rank computes on.
 
 The backend names the device: NCCL means every rank on its own GPU (`cuda:LOCAL_RANK`, or `cuda:0`
@@ -7,9 +7,9 @@ but follows the same rule (`auto`: its GPU when CUDA is there). NCCL refuses two
 so before joining it every rank publishes which GPU it holds and all of them stop with one line
 (exit 2) when two share one; there is no gloo-on-CUDA fallback (docs/gpu.md says why).
 
-The control group is always gloo, even on GPUs: rank 0 idles in it between requests, and an idle
-NCCL collective would trip the NCCL watchdog. Transport code never imports DeepSpeed; the engine
-hands the already-initialised default group to DeepSpeed.
+Control messages do not use a process group: they go over sockets in a star around rank 0
+(engine/control_socket.py), which find each other through the store kept here. Transport code
+never imports DeepSpeed; the engine hands the already-initialised default group to DeepSpeed.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def check_one_gpu_per_rank(store: dist.Store, rdzv: Rendezvous, device: torch.de
 class Groups:
     rdzv: Rendezvous
     backend: str
-    control: dist.ProcessGroup | None
+    store: dist.Store | None         # the rendezvous store (rank 0 hosts it)
     device: torch.device
 
     @property
@@ -192,14 +192,15 @@ def join_store(rdzv: Rendezvous, timeout_s: float) -> dist.Store:
 
 
 def init_groups(rdzv: Rendezvous, backend: str = "auto", timeout_s: float = 600.0,
-                control_timeout_s: float = 600.0, rendezvous_timeout_s: float | None = None) -> Groups:
-    """Join the default (data) group over env:// and create the gloo control group.
-    `rendezvous_timeout_s` bounds forming the group (default: `timeout_s`)."""
+                rendezvous_timeout_s: float | None = None) -> Groups:
+    """Join the default (data) group over env://. `rendezvous_timeout_s` bounds forming the group
+    (default: `timeout_s`)."""
     backend = resolve_backend(backend)
     rdzv.export()
     device = rank_device(backend, rdzv.local_rank)
     if device.type == "cuda":  # before any collective: NCCL binds the communicator to the current device
         torch.cuda.set_device(device)
+    store = None
     if not dist.is_initialized():
         store = join_store(rdzv, rendezvous_timeout_s or timeout_s)
         store.set_timeout(timedelta(seconds=timeout_s))
@@ -210,13 +211,12 @@ def init_groups(rdzv: Rendezvous, backend: str = "auto", timeout_s: float = 600.
             bound["device_id"] = device  # NCCL's communicator is made now, on this GPU, not at the first collective
         dist.init_process_group(backend=backend, store=store, rank=rdzv.rank,
                                 world_size=rdzv.world_size, timeout=timedelta(seconds=timeout_s), **bound)
-    control = None
-    if rdzv.world_size > 1:
-        control = (dist.new_group(backend="gloo", timeout=timedelta(seconds=control_timeout_s))
-                   if backend != "gloo" or control_timeout_s != timeout_s else dist.group.WORLD)
-    log.info("rank %d/%d joined: backend=%s control=gloo master=%s:%d launcher=%s",
+    elif rdzv.world_size > 1:  # the caller joined already: a client of the same env:// store
+        store = dist.TCPStore(rdzv.master_addr, rdzv.master_port, rdzv.world_size, is_master=False,
+                              timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    log.info("rank %d/%d joined: backend=%s master=%s:%d launcher=%s",
              rdzv.rank, rdzv.world_size, backend, rdzv.master_addr, rdzv.master_port, rdzv.launcher)
-    return Groups(rdzv, backend, control, device)
+    return Groups(rdzv, backend, store, device)
 
 
 _joined = False  # this process joined a process group (torch's C++ threads may be running)

@@ -99,11 +99,10 @@ def prepare(source: ModelSource, engine: str, world_size: int) -> Prepared:
     return prepared
 
 
-def load_split(prepared: Prepared, device: torch.device, zero3_persistence_threshold: int = 0,
-               group=None) -> tuple[LoadedModel, ParallelModel]:
+def load_split(prepared: Prepared, device: torch.device,
+               zero3_persistence_threshold: int = 0) -> tuple[LoadedModel, ParallelModel]:
     """Load the prepared model onto `device` (this rank's: cuda:LOCAL_RANK with NCCL, else the CPU),
-    split by its engine. `group`: a gloo group of all ranks (the control group), for agreeing on
-    shared memory."""
+    split by its engine."""
     source, engine, world_size = prepared.source, prepared.engine, prepared.world_size
     if engine == "replicated" or world_size == 1:
         if device.type != "cpu" and prepared.checkpoint is not None:
@@ -124,7 +123,8 @@ def load_split(prepared: Prepared, device: torch.device, zero3_persistence_thres
     use_accelerator(device)
     import deepspeed
 
-    _shared_memory_only_within_one_node(world_size, group)
+    if device.type == "cpu":
+        _shared_memory_only_within_one_node(world_size)
     if engine == "tp":
         if prepared.meta_module is not None:
             from dscluster.engine.tp_load import load_tensor_parallel
@@ -231,22 +231,23 @@ def _check_device(module: nn.Module, device: torch.device) -> None:
             raise RuntimeError(f"{name} is on {held.device}, not on this rank's {device}")
 
 
-def _shared_memory_only_within_one_node(world_size: int, group=None) -> None:
+def _shared_memory_only_within_one_node(world_size: int) -> None:
     """DeepSpeed's CPU shared-memory all-reduce is for ranks on one machine that agree on it. When
     ranks span nodes (LOCAL_SIZE < world size) DeepSpeed 0.19 still calls its kernel, on buffers it
     never set up, and every rank dies of SIGSEGV at the first all-reduce; when ranks disagree about
     LOCAL_SIZE (a hand-written environment) some wait in the kernel for peers that never come. So
     every rank reports its host and LOCAL_SIZE, and all of them use the kernel only when all are on
-    one host with LOCAL_SIZE = world size; otherwise all skip it: plain gloo."""
+    one host with LOCAL_SIZE = world size; otherwise all skip it: plain gloo. (The views go over the
+    default group, gloo on the CPU; on GPUs DeepSpeed has no such op, and this is not called.)"""
     import socket
 
     import torch.distributed as dist
 
     mine = (socket.gethostname(), os.environ.get("LOCAL_SIZE", ""))
     views = [mine]
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        views = [None] * dist.get_world_size(group)
-        dist.all_gather_object(views, mine, group=group)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        views = [None] * dist.get_world_size()
+        dist.all_gather_object(views, mine)
     if all(host == mine[0] and local == str(world_size) for host, local in views):
         return
     import importlib

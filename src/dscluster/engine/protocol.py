@@ -1,19 +1,24 @@
-"""Control messages from rank 0 to every rank, over the gloo control group.
+"""Control messages from rank 0 to every rank, over TCP sockets in a star around rank 0
+(engine/control_socket.py: the transport, and why it is not a gloo group).
 
-A message is a header of int64, all-reduced, followed (when its payload length is not zero) by
-the payload bytes, broadcast from rank 0. The header is
+A message is a header of int64 followed by the payload bytes (when its length is not zero). The
+header is
 
     [opcode, payload length, failed steps, action for row 0, ..., action for row R-1]
 
 R is the number of rows of the running generation batch, which every rank holds identically (each
 applies the same steps in the same order), so every rank knows the header's size before it
-arrives. Rank 0 writes the opcode, the length and the actions; each rank adds 1 to "failed steps"
-when its own last generation step raised (each reports that once), so every rank learns of a
-failed step at the next message, at no extra cost, and drops the batch together.
+arrives; a worker that receives another size is out of step and stops.
 
-The header goes by all-reduce rather than broadcast: an all-reduce completes only when every rank
-takes part, so rank 0 learns at each message (heartbeats included) that every rank is alive and in
-step, and a missing rank shows up as a timeout of the control group.
+Lockstep: every worker answers every message it handled (all but STOP) with a report, a single
+flag: after a generation step, whether its step raised; after a heartbeat, at once (no failure);
+after a predict unit, whether it failed (`agree_ok`). Rank 0 reads every report on a message
+before it sends the next one, so it learns at each message (heartbeats included) that every rank
+finished the last unit and is alive, and a missing rank shows up as a closed socket or a timeout.
+The failed-step flags of those reports, and rank 0's own, add up to the next header's "failed
+steps", so every rank learns of a failed step at the next message and drops the batch together.
+A predict unit ends with `agree_ok`: rank 0 reads the workers' outcomes and sends every worker
+the number of ranks that failed, so all of them agree on it before the next unit.
 
 A generation step is one message (`Op.STEP`): the actions say, per running row, which token to
 feed it (the one rank 0 sampled at the previous step), how many prompt tokens to prefill, to wait
@@ -22,8 +27,9 @@ in which every request just decodes is a header of R + 3 integers and nothing el
 message there is.
 
 Payloads are pickled Python values (tensors as numpy arrays). The channel is internal to the
-group, between processes of the same program; it is never reachable from HTTP, and nothing a
-client sends is unpickled: clients' input is validated and converted on rank 0 first.
+group, between processes of the same program that proved it with a secret from the rendezvous
+store; it is never reachable from HTTP, and nothing a client sends is unpickled: clients' input
+is validated and converted on rank 0 first. Rank 0 unpickles nothing: reports are integers.
 """
 
 from __future__ import annotations
@@ -34,9 +40,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from dscluster.engine.api import SamplingParams
+from dscluster.engine.control_socket import Rank0Link, WorkerLink
 
 
 class Op(enum.IntEnum):
@@ -123,52 +129,76 @@ def _from_wire(value):
 
 
 class ControlChannel:
-    """Rank 0 sends, every other rank receives; all of them block until all take part.
+    """Rank 0 sends, every other rank receives and reports back; see the module's docstring.
 
-    `rows` is the running batch's row count, kept equal on every rank by the runtime; it sizes the
-    header. `step_failed` is set by the runtime when this rank's last generation step raised."""
+    `link` is this rank's end of the star (control_socket.open_link). `rows` is the running batch's
+    row count, kept equal on every rank by the runtime; it sizes the header. `step_failed` is set by
+    the runtime when this rank's last generation step raised."""
 
-    def __init__(self, group: dist.ProcessGroup | None, rank: int):
-        self.group = group
+    def __init__(self, link: Rank0Link | WorkerLink, rank: int):
+        self.link = link
         self.rank = rank
         self.rows = 0
         self.step_failed = False
+        self._unreported: Op | None = None  # rank 0: the last message, until every report on it is read
+        self._owes_report = False           # a worker: it has not reported on the last message yet
+        self._stopped = False
 
-    def _header(self, op: int = 0, size: int = 0, actions: list[int] | None = None) -> torch.Tensor:
-        header = torch.zeros(HEADER + self.rows, dtype=torch.int64)
-        header[0], header[1], header[2] = op, size, int(self.step_failed)
+    def _header(self, op: int = 0, size: int = 0, actions: list[int] | None = None) -> np.ndarray:
+        header = np.zeros(HEADER + self.rows, dtype=np.int64)
+        header[0], header[1] = op, size
         if actions:
             if len(actions) != self.rows:
                 raise ValueError(f"{len(actions)} actions for {self.rows} running rows")
-            header[HEADER:] = torch.tensor(actions, dtype=torch.int64)
-        self.step_failed = False
+            header[HEADER:] = actions
         return header
+
+    def _read_reports(self) -> int:
+        """Rank 0: read every worker's report on the last message; the number that said "failed"."""
+        failed = sum(int(values[0]) for values in self.link.gather()) if self._unreported is not None else 0
+        self._unreported = None
+        return failed
 
     def send(self, op: Op, payload: object = None, actions: list[int] | None = None) -> Message:
         """Send a message; returns it as every rank sees it (with the failed-step count)."""
+        if self._unreported is Op.PREDICT:
+            raise RuntimeError("a predict unit ends with agree_ok before the next message")
         data = b"" if payload is None else encode(payload)
         header = self._header(int(op), len(data), actions)
-        dist.all_reduce(header, group=self.group)
-        if data:
-            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            dist.broadcast(buf, src=0, group=self.group)
+        header[2] = int(self.step_failed) + self._read_reports()
+        self.step_failed = False
+        self.link.broadcast(header, data)
+        self._unreported = None if op is Op.STOP else op
+        self._stopped = op is Op.STOP
         return Message(op, payload, list(actions or []), int(header[2]))
 
     def recv(self) -> Message:
-        header = self._header()
-        dist.all_reduce(header, group=self.group)
-        values = header.tolist()
-        op, size, failed = Op(values[0]), values[1], values[2]
-        payload = None
-        if size:
-            buf = torch.empty(size, dtype=torch.uint8)
-            dist.broadcast(buf, src=0, group=self.group)
-            payload = decode(buf.numpy().tobytes())
-        return Message(op, payload, values[HEADER:], failed)
+        """Report on the last message (this rank's failed-step flag), then wait for the next one."""
+        if self._owes_report:
+            self.link.send([int(self.step_failed)])
+            self.step_failed = self._owes_report = False
+        values, data = self.link.receive()
+        if len(values) != HEADER + self.rows:
+            raise RuntimeError(f"out of step: a header of {len(values)} values, expected {HEADER + self.rows} "
+                               f"for {self.rows} running rows")
+        op, size, failed = Op(int(values[0])), int(values[1]), int(values[2])
+        self._owes_report = op is not Op.STOP
+        return Message(op, decode(data) if size else None, values[HEADER:].tolist(), failed)
 
     def agree_ok(self, ok: bool) -> int:
-        """End of a unit of work: every rank reports whether it succeeded. Returns the number of
-        ranks that failed, so that all ranks agree on the outcome and stay in step."""
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-        dist.all_reduce(flag, group=self.group)
-        return int(flag.item())
+        """End of a predict unit: every rank reports whether it succeeded. Returns the number of
+        ranks that failed, on every rank, so that all ranks agree on the outcome and stay in step."""
+        if self.rank != 0:
+            self.link.send([0 if ok else 1])
+            self._owes_report = False
+            return int(self.link.receive()[0][0])
+        if self._unreported is not Op.PREDICT:
+            raise RuntimeError("agree_ok ends a predict unit, and none is open")
+        failed = (0 if ok else 1) + self._read_reports()
+        self.link.broadcast([failed])
+        return failed
+
+    def close(self) -> None:
+        """Rank 0, after STOP: wait (bounded) until every worker has closed its end, that is, has
+        read the STOP. A worker: close its end."""
+        self.link.close(drain=self._stopped)

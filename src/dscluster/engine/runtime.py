@@ -3,8 +3,8 @@
 Rank 0's `Engine` sends each unit of work over the control channel and runs it itself; every other
 rank sits in `run_worker`, receiving and running the same unit. The units:
 
-- a predict batch, which ends with an all-reduce of a success flag, so every rank agrees on the
-  outcome before the next unit;
+- a predict batch, which ends with every rank's success flag sent to rank 0 and the count of
+  failures sent back, so every rank agrees on the outcome before the next unit;
 - a generation step (continuous batching): the step's plan (requests joining and leaving, the
   tokens sampled at the previous step) in one message; every rank applies it to its copy of the
   running batch and runs the forward pass. Rank 0 alone then samples and runs the requests'
@@ -13,8 +13,11 @@ rank sits in `run_worker`, receiving and running the same unit. The units:
   the batch together (its requests fail; the group is intact);
 - a heartbeat, sent by rank 0 when no other unit has gone for an interval.
 
-A broken group (a failed collective, a silent rank) ends the process with exit code 3 after a
-short grace, so launchers and Kubernetes restart the group.
+Every worker reports on each message, and rank 0 reads the reports before it sends the next one
+(engine/protocol.py), so rank 0 knows at every message that every rank is alive and in step.
+
+A broken group (a failed collective, a lost control connection, a silent rank) ends the process
+with exit code 3 after a short grace, so launchers and Kubernetes restart the group.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from dscluster.engine.api import (
     TokenCallback,
 )
 from dscluster.engine.batch import RunningBatch, StepOutput
+from dscluster.engine.control_socket import open_link
 from dscluster.engine.loading import LoadedModel, open_model
 from dscluster.engine.parallel import (
     ParallelModel,
@@ -115,7 +119,8 @@ class Runtime:
     and the liveness monitor."""
 
     def __init__(self, options: RuntimeOptions, loaded: LoadedModel, model: ParallelModel,
-                 groups: Groups | None, monitor=None, device: torch.device | None = None):
+                 groups: Groups | None, monitor=None, device: torch.device | None = None,
+                 channel: ControlChannel | None = None):
         self.options = options
         self.loaded = loaded
         self.model = model
@@ -125,7 +130,7 @@ class Runtime:
         self.world_size = groups.world_size if groups else 1
         # where the model's parameters, the key/value cache and every step's inputs live
         self.device = device or (groups.device if groups else torch.device("cpu"))
-        self.channel = ControlChannel(groups.control, self.rank) if groups and self.world_size > 1 else None
+        self.channel = channel          # None on a lone rank
         tok = loaded.tokenizer
         self.pad_id = 0
         self.eos_ids: tuple[int, ...] = ()
@@ -208,8 +213,12 @@ class Runtime:
             self.channel.rows = 0
 
     def close(self) -> None:
+        """Stop watching the peers, then close the control channel (after STOP, rank 0 waits until
+        every worker closed its end, so no worker sees rank 0 go before it read the STOP)."""
         if self.monitor is not None:
             self.monitor.stop()
+        if self.channel is not None:
+            self.channel.close()
 
 
 class Engine:
@@ -324,15 +333,16 @@ class Engine:
         if self._closed:
             raise PeerFailure("the engine is shut down")
 
-    def _send(self, op: Op, payload=None, actions: list[int] | None = None, settle=None) -> int:
+    def _send(self, op: Op, payload=None, actions: list[int] | None = None, settle=None,
+              why: str | None = None) -> int:
         """Send a message; returns how many ranks reported a failed generation step (then every
         rank, this one included, has dropped the running batch). `settle` runs once the message
-        went through, before any dropped request is ended."""
+        went through, before any dropped request is ended; `why` it is sent, for the error if not."""
         self.runtime.before_message()
         try:
             message = self.runtime.channel.send(op, payload, actions)
-        except Exception as exc:  # noqa: BLE001 - any failure of the control group breaks the group
-            self._broken(f"control channel failed ({_first_line(exc)})")
+        except Exception as exc:  # noqa: BLE001 - any failure of the control channel breaks the group
+            self._channel_failed(exc, why or f"sending {op.name.lower()}")
         self._last_unit = time.monotonic()
         if settle is not None:
             settle()
@@ -351,7 +361,8 @@ class Engine:
         if self.runtime.channel is None:
             self.scheduler.fail_running(error)  # the next step's plan drops the batch
             return
-        self._send(Op.HEARTBEAT, settle=lambda: self.scheduler.fail_running(error))
+        self._send(Op.HEARTBEAT, settle=lambda: self.scheduler.fail_running(error),
+                   why=f"after a generation step failed: {_first_line(error)}")
 
     def _send_step(self, plan: StepPlan) -> int:
         if self.runtime.channel is None:  # one rank: a failed step is dropped here alone
@@ -378,7 +389,8 @@ class Engine:
             try:
                 failed = self.runtime.channel.agree_ok(error is None)
             except Exception as exc:  # noqa: BLE001
-                self._broken(f"a collective failed during {op.name.lower()} ({_first_line(error or exc)})")
+                during = f"during {op.name.lower()}" + (f": {_first_line(error)}" if error is not None else "")
+                self._channel_failed(exc, during)
             self._last_unit = time.monotonic()
             if error is not None:
                 raise EngineError(f"{op.name.lower()} failed: {_first_line(error)}") from error
@@ -398,6 +410,17 @@ class Engine:
                     return
                 finally:
                     self._lock.release()
+
+    def _channel_failed(self, exc: BaseException, during: str) -> None:
+        """The control channel failed: the group is broken. The channel names the ranks it lost (a
+        closed connection, a peer silent past the timeout); otherwise the liveness monitor is given
+        time to name them."""
+        ranks = getattr(exc, "ranks", None)
+        if ranks:
+            monitor = self.runtime.monitor
+            who = ", ".join(monitor.describe(r) if monitor is not None else f"rank {r}" for r in ranks)
+            self._broken(f"{who} {exc.detail} ({during})", named=True)
+        self._broken(f"control channel failed {during} ({_first_line(exc)})")
 
     def on_liveness_failure(self, reason: str) -> None:
         with contextlib.suppress(PeerFailure):
@@ -532,7 +555,6 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
         from dscluster.engine.liveness import LivenessMonitor
 
         groups = init_groups(rdzv, options.backend, timeout_s=options.collective_timeout,
-                             control_timeout_s=options.heartbeat_timeout,
                              rendezvous_timeout_s=options.rendezvous_timeout)
         device = groups.device
 
@@ -555,16 +577,28 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
     checking["active"] = False
     if checking["failure"]:
         exit_group_broken(checking["failure"], rdzv.rank)
-    loaded, model = load_split(prepared, device, options.zero3_persistence_threshold,
-                               group=groups.control if groups is not None else None)
+    loaded, model = load_split(prepared, device, options.zero3_persistence_threshold)
+    channel = None
     if monitor is not None:
         monitor.mark_ready()
         monitor.wait_all_ready()
         release_shared_memory(rdzv.rank)
-    runtime = Runtime(options, loaded, model, groups, monitor, device=device)
+        channel = open_channel(groups, options)
+    runtime = Runtime(options, loaded, model, groups, monitor, device=device, channel=channel)
     runtime.engine_ref = engine_ref
     log.info("rank %d ready: %s", rdzv.rank, model.description)
     return runtime
+
+
+def open_channel(groups: Groups, options: RuntimeOptions) -> ControlChannel:
+    """Connect the control channel's sockets (engine/control_socket.py). Done once every rank has
+    loaded, so that the liveness monitor watches the peers meanwhile and the connections never sit
+    idle through a long load; bounded by the rendezvous timeout. Waits for a peer are bounded by the
+    heartbeat timeout, as the heartbeats keep an idle group talking."""
+    rdzv = groups.rdzv
+    link = open_link(groups.store, f"{store_prefix()}/control", rdzv.rank, rdzv.world_size, rdzv.master_addr,
+                     timeout=options.heartbeat_timeout, setup_timeout=options.rendezvous_timeout)
+    return ControlChannel(link, rdzv.rank)
 
 
 def make_engine(runtime: Runtime) -> Engine:
