@@ -131,15 +131,23 @@ class GenerationLimits:
 @dataclass(frozen=True)
 class GenerationStats:
     """A snapshot for metrics: requests waiting to join, requests running, rows and tokens of the
-    last step, and the key-value cache's memory (bytes allocated and bytes holding tokens)."""
+    last step, and the key-value cache's pool (engine/kv_blocks.py): its blocks, how many hold
+    running requests' tokens, preemptions, and the prefix cache's queries and hits (in tokens, as
+    vLLM counts them). Counters only grow."""
 
     waiting: int = 0
     running: int = 0
     step_rows: int = 0
     step_tokens: int = 0
-    kv_bytes: int = 0
-    kv_used_bytes: int = 0
-    kv_usage: float = 0.0           # positions holding tokens / (max_num_seqs x max_model_len)
+    kv_bytes: int = 0               # bytes of the pool on this rank (rank 0)
+    kv_used_bytes: int = 0          # bytes of the blocks held by running requests
+    kv_usage: float = 0.0           # blocks held by running requests / blocks in the pool (0-1)
+    block_size: int = 0             # tokens per block
+    num_blocks: int = 0             # blocks in the pool (the same on every rank)
+    prefix_caching: bool = False    # --enable-prefix-caching
+    preemptions: int = 0            # running requests sent back to wait for blocks (counter)
+    prefix_queries: int = 0         # prompt tokens looked up in the prefix cache (counter)
+    prefix_hits: int = 0            # of those, tokens found cached and not computed again (counter)
 
 
 @dataclass(frozen=True)
