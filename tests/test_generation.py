@@ -115,7 +115,8 @@ def test_joins_chunks_and_leaves_equal_generate_alone(engine, hf_greedy):
     # Limits held, and the schedule really batched, chunked and refilled rows.
     assert max(rows for rows, _ in seen) == 3 and all(tokens <= 16 for _, tokens in seen)
     assert sum(1 for rows, _ in seen if rows > 1) > len(seen) // 2
-    assert engine.runtime.batch.rows == [] and engine.runtime.batch.cache.nbytes() == 0
+    pool = engine.scheduler.pool
+    assert engine.runtime.batch.rows == [] and pool.runs == {} and pool.free_blocks() == pool.num_blocks
 
 
 def test_a_short_newcomer_is_computed_alone_and_running_rows_never_wait_twice(tiny, hf_greedy):

@@ -49,7 +49,7 @@ def cache_while_generating(engine) -> set[tuple[str, torch.dtype]]:
     seen = set()
 
     def look(index: int, token: int) -> bool:
-        cache = engine.runtime.batch.cache
+        cache = engine.runtime.batch.pool
         seen.update((t.device.type, t.dtype) for t in [*cache.keys.values(), *cache.values.values()])
         return True
 

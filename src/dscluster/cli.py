@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from dscluster.errors import EXIT_PEER_FAILED, EXIT_RUNTIME, EXIT_USAGE, PeerFailure, UsageError
@@ -60,6 +61,21 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _byte_size(text: str) -> int:
+    """'4GiB', '512MiB', '1.5G', '1000000' -> bytes (K, M, G, T are powers of 1024, as memory is counted)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4GiB, 512MiB or 1000000")
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
+
+
+def _fraction(text: str) -> float:
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be a fraction in (0, 1]")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = _float(text)
     if not value > 0:
@@ -89,6 +105,14 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                         "long prompts arrive")
     p.add_argument("--max-model-len", type=_positive_int, default=None,
                    help="longest request, prompt plus output tokens (default: the model's context)")
+    p.add_argument("--kv-cache-memory", type=_byte_size, default=None, metavar="BYTES",
+                   help="bytes of key/value cache per rank, e.g. 4GiB (default: on a GPU, from "
+                        "--gpu-memory-utilization; on a CPU, what the memory limit leaves after the weights, "
+                        "at most 4 GiB when no limit is set)")
+    p.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9,
+                   help="fraction of each GPU for the weights, activations and key/value cache (default 0.9)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the cached keys and values of prompt prefixes already computed (default: on)")
     p.add_argument("--heartbeat-interval", type=_positive_float, default=1.0,
                    help="seconds between liveness heartbeats")
     p.add_argument("--heartbeat-timeout", type=_positive_float, default=10.0,

@@ -5,9 +5,11 @@ the cache's shape and every forward pass's inputs are identical on all ranks, as
 needs (tensor parallel and ZeRO-3 collectives run inside the forward pass). Applying a plan:
 
 1. each current row's action is read: a token to feed, a prompt chunk to compute, wait, or leave;
-2. leaving rows go, highest index first, each replaced by the last row (one row of cache copied);
-3. joining rows are appended;
-4. the step's new tokens (one per decoding row, a chunk per prefilling row) go through the model as
+2. leaving rows go (the others keep their order; their blocks in the pool are rank 0's to reuse);
+3. runs that change are applied in order (a run that moves has its computed blocks copied);
+4. joining rows are appended, each with its run, after the cached blocks of its prefix are copied
+   into it (a prefix cache hit: those positions count as computed);
+5. the step's new tokens (one per decoding row, a chunk per prefilling row) go through the model as
    one packed sequence; the logits come back for the rows whose next token is sampled now (every
    decoding row, and a prefilling row whose chunk ends its prompt), and, for a request that asked
    for prompt logprobs, at every position of its chunk (they score the prompt's next tokens). So
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from dscluster.engine import kv_cache
-from dscluster.engine.kv_cache import KVCache, StepLayout
+from dscluster.engine.kv_cache import KVPool, ShapeProbe, StepLayout
 from dscluster.engine.protocol import LEAVE, StepPlan, prefill_count
 
 
@@ -38,6 +40,8 @@ class Row:
     prompt: tuple[int, ...]
     computed: int = 0               # positions whose keys and values are in the cache
     prompt_logits: bool = False     # keep the logits of every prompt position (prompt logprobs)
+    start: int = 0                  # its run in the pool: first block
+    blocks: int = 0                 # and length in blocks
 
     @property
     def prefilling(self) -> bool:
@@ -54,27 +58,44 @@ class StepOutput:
 
 
 class RunningBatch:
-    def __init__(self, module: nn.Module, device: torch.device, max_rows: int, max_len: int):
+    """The running rows and the key/value pool (allocated by `allocate_pool` once its size is known)."""
+
+    def __init__(self, module: nn.Module, device: torch.device, max_len: int):
         self.module = module
         self.device = device
         self.max_len = max_len
         self.rows: list[Row] = []
-        self.cache = KVCache(device, max_rows, max_len)
+        self.pool: KVPool | None = None
         self.unsupported = kv_cache.install(module)
         params = inspect.signature(module.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
+
+    @torch.no_grad()
+    def probe(self, tokens: int) -> int:
+        """Run one prompt chunk of `tokens` tokens through the model without storing anything, and
+        return what one token costs in this rank's pool (bytes over every layer). Every rank runs
+        it at the same point (its collectives are the forward pass's); it also reaches the
+        activation peak of the largest step before the pool is sized."""
+        probe = ShapeProbe()
+        ids = torch.zeros(1, tokens, dtype=torch.long, device=self.device)
+        positions = torch.arange(tokens, device=self.device)[None]
+        kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        with kv_cache.active_step(probe):
+            self.module(input_ids=ids, position_ids=positions, use_cache=False, **kwargs)
+        if not probe.layers:
+            raise RuntimeError("the model's attention never ran through dscluster's attention function")
+        return probe.bytes_per_token()
+
+    def allocate_pool(self, num_blocks: int, block_size: int) -> None:
+        self.pool = KVPool(self.device, num_blocks, block_size)
 
     def rows_after(self, plan: StepPlan) -> int:
         """How many rows the batch holds once `plan` is applied (known before anything can fail)."""
         return len(self.rows) - sum(1 for a in plan.actions if a == LEAVE) + len(plan.joins)
 
     def reset(self) -> None:
-        """Drop every row and free the cache (after a failed step, on every rank together)."""
+        """Drop every row (after a failed step, on every rank together); rank 0 frees their blocks."""
         self.rows.clear()
-        self.cache.clear()
-
-    def used_positions(self) -> int:
-        return sum(row.computed for row in self.rows)
 
     @torch.no_grad()
     def step(self, plan: StepPlan) -> StepOutput:
@@ -82,7 +103,9 @@ class RunningBatch:
             raise ValueError(f"step plan has {len(plan.actions)} actions for {len(self.rows)} rows")
         if self.unsupported and (self.rows or plan.joins):
             raise RuntimeError(f"generation is not supported for this model: {self.unsupported}")
-        # What each surviving row computes, keyed by the row object (rows move when others leave).
+        if self.pool is None and (self.rows or plan.joins):
+            raise RuntimeError("the key/value pool is not allocated")
+        # What each surviving row computes, keyed by the row object.
         feed: dict[int, int] = {}
         chunk: dict[int, int] = {}
         for row, action in zip(self.rows, plan.actions, strict=True):
@@ -95,37 +118,39 @@ class RunningBatch:
                 if n and (not row.prefilling or row.computed + n > len(row.prompt)):
                     raise ValueError(f"request {row.request_id}: a prompt chunk of {n} past its prompt")
                 chunk[id(row)] = n
-        leaving = [i for i, action in enumerate(plan.actions) if action == LEAVE]
-        for i in reversed(leaving):
-            last = len(self.rows) - 1
-            if i != last:
-                self.cache.move_row(last, i, self.rows[last].computed)
-                self.rows[i] = self.rows[last]
-            self.rows.pop()
+        self.rows = [row for row, action in zip(self.rows, plan.actions) if action != LEAVE]
+        size = self.pool.block_size if self.pool is not None else 1
+        by_id = {row.request_id: row for row in self.rows}
+        for request_id, start, length in plan.placements:
+            row = by_id[request_id]
+            if start != row.start:
+                self.pool.copy_blocks(row.start, start, min(-(-row.computed // size), length))
+            row.start, row.blocks = start, length
         for join in plan.joins:
-            row = Row(join.request_id, tuple(join.prompt_ids),
-                      prompt_logits=join.params.prompt_logprobs is not None)
-            if not 0 < len(row.prompt) <= self.max_len or join.first_chunk > len(row.prompt):
+            row = Row(join.request_id, tuple(join.prompt_ids), computed=join.cached,
+                      prompt_logits=join.params.prompt_logprobs is not None, start=join.start, blocks=join.blocks)
+            if not 0 < len(row.prompt) <= self.max_len or join.cached + join.first_chunk > len(row.prompt) \
+                    or join.cached >= len(row.prompt):
                 raise ValueError(f"request {join.request_id}: a prompt of {len(row.prompt)} tokens "
-                                 f"(limit {self.max_len}), first chunk {join.first_chunk}")
+                                 f"(limit {self.max_len}), {join.cached} cached, first chunk {join.first_chunk}")
+            for src, dst, count in join.copies:
+                self.pool.copy_blocks(src, dst, count)
             self.rows.append(row)
             chunk[id(row)] = join.first_chunk
         if not self.rows:
-            self.cache.clear()
             return StepOutput([], None)
         return self._forward(feed, chunk)
 
     def _forward(self, feed: dict[int, int], chunk: dict[int, int]) -> StepOutput:
         ids: list[int] = []
-        rows: list[int] = []
         positions: list[int] = []
-        singles: list[tuple[int, int, int]] = []        # packed index, row, position
-        chunks: list[tuple[int, int, int, int]] = []     # row, packed start, count, first position
+        slots: list[int] = []                              # each token's slot in the pool
+        spans: list[tuple[int, int, int, int]] = []        # packed start, count, base slot, first position
         sampled_rows: list[int] = []
         keep: list[int] = []                              # packed index of each sampled row's last token
         prompt_keep: list[int] = []                       # packed indices of prompt positions kept
         prompt_rows: list[tuple[int, int, int]] = []      # row, first position, count
-        longest = 0
+        size = self.pool.block_size
         for r, row in enumerate(self.rows):
             start, first = len(ids), row.computed
             if id(row) in feed:
@@ -138,15 +163,15 @@ class RunningBatch:
             count = len(new)
             if first + count > self.max_len:
                 raise ValueError(f"request {row.request_id} would pass {self.max_len} tokens")
+            if first + count > row.blocks * size or row.start + row.blocks > self.pool.num_blocks:
+                raise ValueError(f"request {row.request_id}: {first + count} positions in a run of "
+                                 f"{row.blocks} blocks at block {row.start}")
+            base = row.start * size
             ids += new
-            rows += [r] * count
             positions += range(first, first + count)
-            if count == 1:
-                singles.append((start, r, first))
-            else:
-                chunks.append((r, start, count, first))
+            slots += range(base + first, base + first + count)
+            spans.append((start, count, base, first))
             row.computed = first + count
-            longest = max(longest, row.computed)
             if row.prompt_logits and id(row) in chunk:
                 scored = min(count, len(row.prompt) - 1 - first)  # the last prompt position is sampled
                 if scored > 0:
@@ -157,21 +182,15 @@ class RunningBatch:
                 keep.append(len(ids) - 1)
         if not ids:
             return StepOutput([], None)
-        self.cache.reserve(len(self.rows), longest)
         # At least one row of logits: a step that samples nothing (prompt chunks only) still runs
         # the last projection the same way on every rank.
         wanted = (keep + prompt_keep) or [len(ids) - 1]
         # Every index the step needs goes to the device in one copy (on a GPU each copy is a
         # transfer of its own), then is cut into views.
-        lists = (ids, positions, rows, [s[0] for s in singles], [s[1] for s in singles], [s[2] for s in singles],
-                 wanted)
+        lists = (ids, positions, slots, wanted)
         packed = torch.tensor([v for values in lists for v in values], dtype=torch.long).to(self.device)
-        ids_t, pos_t, rows_t, single_index, single_rows, single_pos, wanted_t = packed.split([len(v) for v in lists])
-        layout = StepLayout(
-            cache=self.cache, token_rows=rows_t, token_pos=pos_t, single_index=single_index,
-            single_rows=single_rows, single_pos=single_pos,
-            single_span=max((s[1] for s in singles), default=-1) + 1,
-            single_longest=max((s[2] for s in singles), default=0) + 1, chunks=chunks)
+        ids_t, pos_t, slots_t, wanted_t = packed.split([len(v) for v in lists])
+        layout = StepLayout(pool=self.pool, token_slots=slots_t, rows=spans)
         kwargs = {"logits_to_keep": wanted_t} if self._logits_to_keep else {}
         with kv_cache.active_step(layout):
             out = self.module(input_ids=ids_t[None], position_ids=pos_t[None], use_cache=False, **kwargs)

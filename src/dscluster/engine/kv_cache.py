@@ -1,21 +1,23 @@
-"""Every rank: the running batch's key/value cache, and the attention that reads it.
+"""Every rank: the key/value cache's pool of blocks, and the attention that reads it.
 
-Layout: per layer, a key and a value tensor of shape [rows, kv heads, capacity, head dim], where
-the heads are this rank's share (tensor parallelism splits them) and row i belongs to the i-th
-running request. Rows stay packed at the front: a leaving row takes the last row's place (one row
-copied), a joining row takes the next free one. A step writes each new token's key and value in
-place at (its row, its position), so nothing is concatenated or copied per step; the capacity
-grows geometrically (and is freed when the batch empties).
+The pool holds, per layer, a key and a value tensor of shape [kv heads, blocks x block size, head
+dim] (head-major), where the heads are this rank's share (tensor parallelism splits them). It is
+allocated once, at its full size, when the first layer is first written (only the attention layer
+knows this rank's head count, head size and dtype); on the CPU its pages are committed only when a
+token is first written to them. Which request holds which blocks is rank 0's decision
+(engine/kv_blocks.py), applied identically on every rank. A request holds one run of consecutive
+blocks, so its keys and values at positions [0, n) are the view `pool[:, base:base + n]` of the
+pool (base = its run's first block x block size): attention reads them in place, with no gather.
 
 A step's tokens go through the model as one packed sequence [1, N] (every request's new tokens
 side by side, with their own position ids), so every linear layer runs once per step for all
 requests together. Attention is the only place the requests must be kept apart; it is done here,
 through transformers' attention interface (`attn_implementation`), for the model's own attention
-modules, whatever engine split them:
-
-- requests computing one token (decoding) attend together: one batched
-  `scaled_dot_product_attention` over a view of the cache's first rows, masked by length;
-- requests computing a prompt chunk attend one at a time, causally from their chunk's offset.
+modules, whatever engine split them: each token's key and value are written at its slot in the
+pool, then each request's new tokens attend to its own view, one
+`scaled_dot_product_attention` per request (causally from its chunk's offset for a prompt chunk).
+Measured on this CPU, one call per request over views of the pool costs within a few percent of
+one batched call over a dense padded cache (docs/architecture.md).
 
 Outside a generation step (a predict unit runs between steps), calls go to the model's original
 attention and mask functions untouched.
@@ -35,23 +37,55 @@ IMPLEMENTATION = "dscluster_batch"
 _active = threading.local()  # the step being computed in this thread, if any
 
 
+class KVPool:
+    """Per-layer key and value tensors of `num_blocks` blocks of `block_size` positions."""
+
+    def __init__(self, device: torch.device, num_blocks: int, block_size: int):
+        self.device = device
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.slots = num_blocks * block_size
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self._bytes: dict[int, int] = {}     # per layer; read by the metrics thread, so kept apart
+
+    def layer(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key and value pool, allocated (uninitialised) at its first use."""
+        k = self.keys.get(layer)
+        if k is None:
+            k = torch.empty(key.shape[1], self.slots, key.shape[-1], dtype=key.dtype, device=self.device)
+            v = torch.empty(value.shape[1], self.slots, value.shape[-1], dtype=value.dtype, device=self.device)
+            self.keys[layer], self.values[layer] = k, v
+            self._bytes[layer] = k.numel() * k.element_size() + v.numel() * v.element_size()
+        return k, self.values[layer]
+
+    def copy_blocks(self, src: int, dst: int, count: int) -> None:
+        """Copy `count` blocks from block `src` to block `dst`, in every layer (the ranges may overlap)."""
+        if count <= 0 or src == dst:
+            return
+        size = self.block_size
+        a, b, n = src * size, dst * size, count * size
+        overlap = abs(a - b) < n
+        for store in (self.keys, self.values):
+            for t in store.values():
+                part = t[:, a:a + n]
+                t[:, b:b + n] = part.clone() if overlap else part
+
+    def nbytes(self) -> int:
+        """Bytes allocated (safe to call from another thread)."""
+        return sum(list(self._bytes.values()))
+
+
 @dataclass
 class StepLayout:
     """Where each of a step's N packed tokens belongs, shared by every layer of the forward pass.
 
-    `single_*`: rows computing exactly one token (index in the packed sequence, row, position).
-    `chunks`: rows computing several tokens: (row, first packed index, count, first position)."""
+    `token_slots`: each token's slot in the pool. `rows`: per request computing tokens this step,
+    (first packed index, count, base slot of its run, position of its first new token)."""
 
-    cache: KVCache
-    token_rows: torch.Tensor            # [N] row of each token
-    token_pos: torch.Tensor             # [N] position of each token
-    single_index: torch.Tensor          # [S] packed index of each one-token row
-    single_rows: torch.Tensor           # [S]
-    single_pos: torch.Tensor            # [S]
-    single_span: int                    # rows [0, single_span) cover every one-token row
-    single_longest: int                 # positions [0, single_longest) cover every one-token row's
-    chunks: list[tuple[int, int, int, int]]
-    _masks: dict = field(default_factory=dict)
+    pool: KVPool
+    token_slots: torch.Tensor                          # [N]
+    rows: list[tuple[int, int, int, int]]
     _layer_of: dict = field(default_factory=dict)
 
     def layer(self, module: nn.Module) -> int:
@@ -61,89 +95,31 @@ class StepLayout:
             return int(idx)
         return self._layer_of.setdefault(id(module), len(self._layer_of))
 
-    def single_mask(self, window: int | None) -> torch.Tensor:
-        """[span, 1, 1, longest] bool: which cached positions each one-token row may attend to.
-        Rows in the span that compute no single token see position 0 only (their output is unused)."""
-        key = ("single", window)
-        if key not in self._masks:
-            device = self.single_rows.device
-            lengths = torch.ones(self.single_span, dtype=torch.long, device=device)
-            lengths[self.single_rows] = self.single_pos + 1
-            span = torch.arange(self.single_longest, device=device)  # known on the host: no device sync
-            mask = span[None, :] < lengths[:, None]
-            if window is not None:
-                mask &= span[None, :] > lengths[:, None] - 1 - window
-            self._masks[key] = mask[:, None, None, :]
-        return self._masks[key]
 
+class ShapeProbe:
+    """A layout that stores nothing: it records each layer's key and value shape and dtype (what
+    one token costs in the pool on this rank), and computes the chunk's causal attention alone."""
 
-class KVCache:
-    """Per-layer key and value tensors for the running rows (allocated at first use, since only the
-    attention layer knows this rank's head count, head size and dtype)."""
+    def __init__(self):
+        self.layers: dict[int, tuple[int, int, int, int, torch.dtype]] = {}
+        self._layer_of: dict = {}
 
-    def __init__(self, device: torch.device, max_rows: int, max_len: int):
-        self.device = device
-        self.max_rows = max_rows
-        self.max_len = max_len
-        self.rows = 0                       # capacity every layer grows to before it is written
-        self.length = 0
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        self._bytes: dict[int, int] = {}     # per layer; read by the metrics thread, so kept apart
+    layer = StepLayout.layer
 
-    def reserve(self, rows: int, length: int) -> None:
-        """Make room for `rows` rows of `length` positions (layers grow when next written)."""
-        if rows > self.rows:
-            self.rows = min(self.max_rows, max(rows, 2 * self.rows, 4))
-        if length > self.length:
-            grown = max(length, 2 * self.length, 64)
-            self.length = min(self.max_len, -(-grown // 64) * 64)
-
-    def _ensure(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        k = self.keys.get(layer)
-        if k is not None and k.shape[0] >= self.rows and k.shape[2] >= self.length:
-            return
-        heads, kdim, vdim = key.shape[1], key.shape[-1], value.shape[-1]
-        new_k = torch.zeros(self.rows, heads, self.length, kdim, dtype=key.dtype, device=self.device)
-        new_v = torch.zeros(self.rows, value.shape[1], self.length, vdim, dtype=value.dtype, device=self.device)
-        if k is not None:
-            r, n = k.shape[0], k.shape[2]
-            new_k[:r, :, :n] = k
-            new_v[:r, :, :n] = self.values[layer]
-        self.keys[layer], self.values[layer] = new_k, new_v
-        self._bytes[layer] = new_k.numel() * new_k.element_size() + new_v.numel() * new_v.element_size()
-
-    def write(self, layer: int, rows: torch.Tensor, pos: torch.Tensor, key: torch.Tensor,
-              value: torch.Tensor) -> None:
-        """key/value: [1, heads, N, dim] for the packed tokens at (rows[i], pos[i])."""
-        self._ensure(layer, key, value)
-        self.keys[layer][rows, :, pos] = key[0].transpose(0, 1)
-        self.values[layer][rows, :, pos] = value[0].transpose(0, 1)
-
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of row src into row dst, in every layer."""
-        for store in (self.keys, self.values):
-            for t in store.values():
-                t[dst, :, :length] = t[src, :, :length]
-
-    def clear(self) -> None:
-        self.keys.clear()
-        self.values.clear()
-        self._bytes = {}
-        self.rows = self.length = 0
-
-    def nbytes(self) -> int:
-        """Bytes allocated (safe to call from another thread)."""
-        return sum(list(self._bytes.values()))
+    def bytes_per_token(self) -> int:
+        total = 0
+        for kheads, kdim, vheads, vdim, dtype in self.layers.values():
+            total += (kheads * kdim + vheads * vdim) * torch.empty((), dtype=dtype).element_size()
+        return total
 
 
 class active_step:
     """Context manager: the model's attention uses `layout` while the forward pass runs."""
 
-    def __init__(self, layout: StepLayout):
+    def __init__(self, layout: StepLayout | ShapeProbe):
         self.layout = layout
 
-    def __enter__(self) -> StepLayout:
+    def __enter__(self):
         _active.layout = self.layout
         return self.layout
 
@@ -151,14 +127,30 @@ class active_step:
         _active.layout = None
 
 
-def _layout() -> StepLayout | None:
+def _layout() -> StepLayout | ShapeProbe | None:
     return getattr(_active, "layout", None)
 
 
 UNSUPPORTED = ("softcap", "s_aux", "position_bias")
 
 
-def batch_attention(layout: StepLayout, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, lo: int, window: int | None,
+            scaling: float | None, gqa: bool) -> torch.Tensor:
+    """q [1, heads, n, dim] at positions first..first+n-1 over k/v [1, kv heads, positions lo..end)."""
+    count, end = q.shape[2], first + q.shape[2]
+    if count == 1:          # a decoding token sees every position up to its own (lo applies the window)
+        return F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=gqa)
+    if first == 0 and lo == 0 and window is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+    qpos = torch.arange(first, end, device=q.device)[:, None]
+    kpos = torch.arange(lo, end, device=q.device)[None, :]
+    allowed = kpos <= qpos
+    if window is not None:
+        allowed &= kpos > qpos - window
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
+
+
+def batch_attention(layout: StepLayout | ShapeProbe, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                     value: torch.Tensor, scaling: float | None = None, sliding_window: int | None = None,
                     **kwargs) -> tuple[torch.Tensor, None]:
     """Attention for the step's packed tokens: query [1, heads, N, dim], key/value [1, kv heads, N,
@@ -167,33 +159,20 @@ def batch_attention(layout: StepLayout, module: nn.Module, query: torch.Tensor, 
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"attention with {name} is not supported by dscluster's batched attention")
     layer = layout.layer(module)
-    cache = layout.cache
-    cache.write(layer, layout.token_rows, layout.token_pos, key, value)
-    keys, values = cache.keys[layer], cache.values[layer]
     gqa = query.shape[1] != key.shape[1]
-    q = query[0]                                               # [heads, N, dim]
-    out = query.new_empty(q.shape[1], q.shape[0], value.shape[-1])  # [N, heads, vdim]
-    if layout.single_index.numel():
-        mask = layout.single_mask(sliding_window)
-        span, longest = mask.shape[0], mask.shape[-1]
-        qs = q.new_zeros(span, q.shape[0], 1, q.shape[2])
-        qs[layout.single_rows, :, 0] = q[:, layout.single_index].transpose(0, 1)
-        o = F.scaled_dot_product_attention(qs, keys[:span, :, :longest], values[:span, :, :longest],
-                                           attn_mask=mask, scale=scaling, enable_gqa=gqa)
-        out[layout.single_index] = o[layout.single_rows, :, 0]
-    for row, start, count, first in layout.chunks:
+    if isinstance(layout, ShapeProbe):
+        layout.layers[layer] = (key.shape[1], key.shape[-1], value.shape[1], value.shape[-1], key.dtype)
+        o = _attend(query, key, value, 0, 0, sliding_window, scaling, gqa)
+        return o.transpose(1, 2), None
+    keys, values = layout.pool.layer(layer, key, value)
+    keys[:, layout.token_slots] = key[0]
+    values[:, layout.token_slots] = value[0]
+    out = query.new_empty(query.shape[2], query.shape[1], value.shape[-1])  # [N, heads, vdim]
+    for start, count, base, first in layout.rows:
         end = first + count
-        qc = q[None, :, start:start + count]
-        kc, vc = keys[row:row + 1, :, :end], values[row:row + 1, :, :end]
-        if first == 0 and sliding_window is None:
-            o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scaling, enable_gqa=gqa)
-        else:
-            qpos = torch.arange(first, end, device=q.device)[:, None]
-            kpos = torch.arange(end, device=q.device)[None, :]
-            allowed = kpos <= qpos
-            if sliding_window is not None:
-                allowed &= kpos > qpos - sliding_window
-            o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
+        lo = 0 if sliding_window is None else max(0, end - sliding_window - count + 1)
+        o = _attend(query[:, :, start:start + count], keys[None, :, base + lo:base + end],
+                    values[None, :, base + lo:base + end], first, lo, sliding_window, scaling, gqa)
         out[start:start + count] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None
 

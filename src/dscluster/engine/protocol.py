@@ -22,7 +22,8 @@ the number of ranks that failed, so all of them agree on it before the next unit
 
 A generation step is one message (`Op.STEP`): the actions say, per running row, which token to
 feed it (the one rank 0 sampled at the previous step), how many prompt tokens to prefill, to wait
-this step, or that it leaves; the payload, only when requests join, carries their prompts. A step
+this step, or that it leaves; the payload, only when requests join or runs of the key/value pool
+change, carries the joining prompts with their places in the pool and the runs that move. A step
 in which every request just decodes is a header of R + 3 integers and nothing else: the cheapest
 message there is.
 
@@ -76,20 +77,43 @@ WAIT = prefill(0)
 @dataclass(frozen=True)
 class Join:
     """A request joining the batch: all a rank needs to hold its row. Rows join at the end, in order.
-    `params` travel with it so every rank knows the request whole (only rank 0 samples today)."""
+    `params` travel with it so every rank knows the request whole (only rank 0 samples today).
+
+    Its place in the key/value pool (engine/kv_blocks.py): the run of `blocks` blocks from block
+    `start`; its first `cached` prompt tokens are already in the pool (a prefix cache hit), either
+    in the run's own blocks or copied into them first: `copies` are (source block, destination
+    block, count)."""
 
     request_id: int
     prompt_ids: tuple[int, ...]
     first_chunk: int                    # prompt tokens computed in the step it joins
     params: SamplingParams = SamplingParams()
+    start: int = 0
+    blocks: int = 0
+    cached: int = 0
+    copies: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass
 class StepPlan:
-    """One generation step: an action per current row (applied first, leaves included), then joins."""
+    """One generation step: an action per current row (applied first, leaves included), then the
+    runs that change (request id, start block, block count: a run that grows, shrinks or moves;
+    a moved run's contents are copied, in this order), then joins."""
 
     actions: list[int] = field(default_factory=list)
     joins: list[Join] = field(default_factory=list)
+    placements: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def payload(self) -> object:
+        """What the step's message carries besides the actions (None when nothing joins or moves)."""
+        if not self.joins and not self.placements:
+            return None
+        return (self.placements, self.joins)
+
+    @classmethod
+    def received(cls, actions: list[int], payload: object) -> StepPlan:
+        placements, joins = payload if payload is not None else ([], [])
+        return cls(actions=actions, joins=list(joins), placements=list(placements))
 
 
 @dataclass

@@ -56,7 +56,9 @@ from dscluster.engine.parallel import (
     release_shared_memory,
     use_accelerator,
 )
-from dscluster.engine.protocol import ControlChannel, Message, Op, StepPlan
+from dscluster.engine.kv_blocks import BLOCK_SIZE, BlockPool
+from dscluster.engine.kv_budget import activation_estimate, kv_cache_budget
+from dscluster.engine.protocol import WAIT, ControlChannel, Message, Op, StepPlan
 from dscluster.engine.scheduler import Scheduler
 from dscluster.engine.threads import torch_threads
 from dscluster.errors import EXIT_PEER_FAILED, PeerFailure, UsageError
@@ -81,6 +83,9 @@ class RuntimeOptions:
     max_num_seqs: int = GenerationLimits.max_num_seqs
     max_num_batched_tokens: int = GenerationLimits.max_num_batched_tokens
     max_model_len: int | None = None     # None: the model's context
+    kv_cache_memory: int | None = None   # bytes of key/value pool per rank (None: from the memory it runs in)
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
 
     @classmethod
     def from_args(cls, args) -> RuntimeOptions:
@@ -143,13 +148,53 @@ class Runtime:
             self.eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
         self.batch: RunningBatch | None = None
         self.limits = GenerationLimits(options.max_num_seqs, options.max_num_batched_tokens, None)
+        self.block_bytes = 0            # one block of the key/value pool, over every layer, on this rank
         if loaded.kind == "causal-lm":
             self.limits = resolve_limits(options, loaded.max_context)
-            self.batch = RunningBatch(model.module, self.device, self.limits.max_num_seqs,
-                                      self.limits.max_model_len)
+            self.batch = RunningBatch(model.module, self.device, self.limits.max_model_len)
             if self.batch.unsupported:
                 log.warning("generation is off for this model: %s", self.batch.unsupported)
+            else:
+                self._allocate_pool()
         self.step_failed = False        # this rank's last generation step raised (said in the next header)
+
+    def _allocate_pool(self) -> None:
+        """Size this rank's key/value pool from the memory it runs in (engine/kv_budget.py) after one
+        step of the largest size has run (its activations and what a token costs here are then
+        known), agree with every rank on the smallest block count, and allocate it. Exits 2 on
+        every rank when the pool cannot hold one request of --max-model-len."""
+        options, limits = self.options, self.limits
+        tokens = min(limits.max_num_batched_tokens, limits.max_model_len)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+        per_token = self.batch.probe(tokens)
+        if self.device.type == "cuda":
+            activation = torch.cuda.max_memory_allocated(self.device) - before
+            torch.cuda.empty_cache()
+        else:
+            activation = activation_estimate(getattr(self.loaded.module, "config", None), tokens, self.loaded.dtype)
+        budget, source = kv_cache_budget(self.device, kv_cache_memory=options.kv_cache_memory,
+                                         gpu_memory_utilization=options.gpu_memory_utilization,
+                                         activation=activation)
+        self.block_bytes = per_token * BLOCK_SIZE
+        blocks = budget // self.block_bytes
+        if self.groups is not None and self.world_size > 1:
+            agreed = torch.tensor([blocks], dtype=torch.int64, device=self.device)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            blocks = int(agreed.item())
+        needed = -(-limits.max_model_len // BLOCK_SIZE)
+        if blocks < needed:
+            raise UsageError(
+                f"the key/value cache holds {blocks * BLOCK_SIZE} tokens ({blocks} blocks of {BLOCK_SIZE}) on the "
+                f"smallest rank, fewer than one request of --max-model-len {limits.max_model_len} needs: lower "
+                "--max-model-len, give each rank more memory (--kv-cache-memory, --gpu-memory-utilization, the "
+                "memory limit) or split the model over more ranks")
+        self.batch.allocate_pool(blocks, BLOCK_SIZE)
+        log.info("rank %d: KV cache: %d tokens (%d blocks of %d, %.2f GiB; %s, %d bytes per token); maximum "
+                 "concurrency for %d tokens per request: %.2fx", self.rank, blocks * BLOCK_SIZE, blocks, BLOCK_SIZE,
+                 blocks * self.block_bytes / 2**30, source, per_token, limits.max_model_len,
+                 blocks * BLOCK_SIZE / limits.max_model_len)
 
     def info(self) -> ModelInfo:
         lm = self.loaded
@@ -238,8 +283,10 @@ class Engine:
         self._closed = False
         self._alive = runtime.world_size
         self.scheduler: Scheduler | None = None
-        if runtime.batch is not None:
-            self.scheduler = Scheduler(runtime.batch, runtime.limits, runtime.eos_ids)
+        if runtime.batch is not None and runtime.batch.pool is not None:
+            pool = BlockPool(runtime.batch.pool.num_blocks, runtime.batch.pool.block_size,
+                             prefix_caching=runtime.options.enable_prefix_caching)
+            self.scheduler = Scheduler(runtime.batch, runtime.limits, runtime.eos_ids, pool, runtime.block_bytes)
         if runtime.channel is not None:
             threading.Thread(target=self._heartbeats, name="dscluster-heartbeat", daemon=True).start()
 
@@ -278,11 +325,11 @@ class Engine:
                 log.exception("planning a generation step failed")
                 scheduler.fail_running(exc)
                 self.runtime.step_failed = True
-                plan = StepPlan(actions=[0] * len(self.runtime.batch.rows))
+                plan = StepPlan(actions=[WAIT] * len(self.runtime.batch.rows))
             reset = self._send_step(plan)
-            if reset:
-                scheduler.reset(f"a generation step failed on {reset} rank(s)", keep=plan.joins)
-                plan = StepPlan(actions=[], joins=plan.joins)
+            if reset:   # every rank drops the batch and this plan; its newcomers wait for the next
+                scheduler.reset(f"a generation step failed on {reset} rank(s)", requeue=plan.joins)
+                plan = StepPlan()
             try:
                 out = self.runtime.run_step(plan)
             except Exception as exc:  # noqa: BLE001 - every rank drops the batch at the next message
@@ -370,7 +417,7 @@ class Engine:
             if failed:
                 self.runtime.reset_generation()
             return int(failed)
-        return self._send(Op.STEP, plan.joins or None, plan.actions)
+        return self._send(Op.STEP, plan.payload(), plan.actions)
 
     @contextlib.contextmanager
     def _unit(self, op: Op, payload):
@@ -503,7 +550,7 @@ def run_worker(runtime: Runtime) -> int:
         if message.op is Op.HEARTBEAT:
             continue
         if message.op is Op.STEP:
-            plan = StepPlan(actions=[] if reset else message.actions, joins=message.payload or [])
+            plan = StepPlan() if reset else StepPlan.received(message.actions, message.payload)
             try:
                 runtime.run_step(plan)
             except Exception:  # noqa: BLE001 - reported to every rank in the next header
@@ -613,7 +660,8 @@ def open_engine(model: str, *, engine: str | None = None, dtype: str = "auto", c
     """A single-rank engine in this process (no process group): the unsharded reference, and the
     engine for a model that fits one device. `device`: where it runs (default: as `dscluster
     serve` with one rank, the first GPU if there is one, else the CPU). `limits`: max_num_seqs,
-    max_num_batched_tokens, max_model_len."""
+    max_num_batched_tokens, max_model_len, and the key/value pool's kv_cache_memory,
+    gpu_memory_utilization, enable_prefix_caching (RuntimeOptions)."""
     options = RuntimeOptions(model=model, engine=engine, dtype=dtype, checkpoint=checkpoint,
                              served_model_name=served_model_name, **limits)
     device = single_rank_device() if device is None else torch.device(device)

@@ -16,6 +16,22 @@ Before a step is sent, `schedule` decides, within the user's limits (`--max-num-
   times an idle one). Running rows never wait two steps in a row, so a stream of newcomers cannot
   stall them: at worst every other step is theirs.
 
+Memory (engine/kv_blocks.py holds the accounting of the key/value pool's blocks):
+
+- a waiting request joins only when a run of blocks for its whole prompt (and one token) is free;
+  while the pool has room its run also covers the tokens it may generate. Its longest cached
+  prefix (full blocks, keyed by a hash chain) is taken from the prefix cache and not computed
+  again, unless it asked for prompt logprobs (those need every position's logits). A request
+  whose next uncached block is being computed right now by a running request waits for it
+  rather than computing it too (requests arriving together with one system prompt compute it once);
+- a decoding request whose run is full grows it (in place, or moved and copied); when the pool has
+  no room, spare blocks are taken back from every run, then the runs are packed, and only then the
+  most recently joined request is preempted: its blocks are freed and it goes back to the front
+  of the queue, to be recomputed (its prompt and the tokens it already produced, as one prompt)
+  when it joins again. Its sampler keeps its state, so its stream goes on with exactly the tokens
+  it would have had;
+- after every step, the blocks that became full are registered in the prefix cache.
+
 After the step's forward pass, `after_step` scores the prompt chunks of requests that asked for
 prompt logprobs, samples every row that is due a token, checks stop tokens and lengths, and hands
 each token to the request's sink. A request with max_tokens 0 (its prompt's logprobs only) ends
@@ -30,7 +46,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dscluster.engine.api import (
     FinishReason,
@@ -42,6 +58,7 @@ from dscluster.engine.api import (
     TokenLogprobs,
 )
 from dscluster.engine.batch import RunningBatch, StepOutput
+from dscluster.engine.kv_blocks import ROOT_KEY, BlockPool, block_key
 from dscluster.engine.protocol import LEAVE, WAIT, Join, StepPlan, prefill
 from dscluster.engine.sampling import RequestSampler, sample, token_logprobs
 
@@ -62,23 +79,50 @@ class Request:
     prompt_logprobs: list[TokenLogprobs | None] | None = None          # per prompt token, when asked
     prompt_done: bool = False           # its prompt is computed (its prompt logprobs delivered)
     joined_at: float | None = None
+    keys: list[int] = field(default_factory=list)   # prefix-cache keys of its full blocks so far
+    registered: int = 0                 # its run's first blocks already in the prefix cache
+    pending: list[int] = field(default_factory=list)  # keys of prompt blocks it is computing now
+    preemptions: int = 0
 
     @property
     def output(self) -> list[int]:
         return self.sampler.output_ids
 
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Its tokens at positions [start, end): the prompt, then what it generated."""
+        prompt = self.request.prompt_ids
+        part = list(prompt[start:end])
+        if end > len(prompt):
+            part += self.output[max(0, start - len(prompt)):end - len(prompt)]
+        return part
+
+    def block_keys(self, count: int, size: int) -> list[int]:
+        """The keys of its first `count` full blocks (a hash chain over its tokens)."""
+        while len(self.keys) < count:
+            i = len(self.keys)
+            self.keys.append(block_key(self.keys[-1] if i else ROOT_KEY, self.tokens(i * size, (i + 1) * size)))
+        return self.keys[:count]
+
 
 class Scheduler:
-    def __init__(self, batch: RunningBatch, limits: GenerationLimits, eos_ids: tuple[int, ...] = ()):
+    def __init__(self, batch: RunningBatch, limits: GenerationLimits, eos_ids: tuple[int, ...],
+                 pool: BlockPool, block_bytes: int = 0):
         self.batch = batch
         self.limits = limits
         self.max_model_len = limits.max_model_len
         self.eos_ids = eos_ids
+        self.pool = pool
+        self.block_size = self.pool.block_size
+        self.block_bytes = block_bytes
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}    # by request id: every request that holds a row
+        self.pending: dict[int, int] = {}        # prompt block key -> request computing it now
         self._ids = itertools.count()
         self.last_step = (0, 0)                  # rows and tokens of the last step
         self._rows_waited = False                # the last step was prompts only (running rows waited)
+        self.preemptions = 0
+        self.prefix_queries = 0
+        self.prefix_hits = 0
 
     # -- requests ---------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: GenerationSink) -> None:
@@ -102,12 +146,14 @@ class Scheduler:
 
     def stats(self) -> GenerationStats:
         rows, tokens = self.last_step
-        cache = self.batch.cache
-        per_position = cache.nbytes() // max(1, cache.rows * cache.length)
-        used = self.batch.used_positions()
+        pool, size = self.pool, self.block_size
+        used = sum(-(-row.computed // size) for row in list(self.batch.rows))
         return GenerationStats(waiting=len(self.waiting), running=len(self.running), step_rows=rows,
-                               step_tokens=tokens, kv_bytes=cache.nbytes(), kv_used_bytes=per_position * used,
-                               kv_usage=used / (self.limits.max_num_seqs * self.max_model_len))
+                               step_tokens=tokens, kv_bytes=pool.num_blocks * self.block_bytes,
+                               kv_used_bytes=used * self.block_bytes, kv_usage=used / pool.num_blocks,
+                               block_size=size, num_blocks=pool.num_blocks, prefix_caching=pool.prefix_caching,
+                               preemptions=self.preemptions, prefix_queries=self.prefix_queries,
+                               prefix_hits=self.prefix_hits)
 
     # -- before the step ----------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -119,34 +165,48 @@ class Scheduler:
                 self._finish(req, "cancelled")
             if req.done:
                 actions.append(LEAVE)
-                del self.running[req.id]
+                self._release(req)
             elif row.prefilling:
                 actions.append(None)                 # a prompt chunk, decided below
             else:
                 actions.append(req.next_token)
                 budget -= 1
+        placements: list[tuple[int, int, int]] = []
         rows = sum(1 for a in actions if a != LEAVE)
         if rows and not self._rows_waited:
-            plan = self._prompts_first(actions, rows)
+            plan = self._prompts_first(actions, rows, placements)
             if plan is not None:
                 return plan
         self._rows_waited = False
-        joining: list[Request] = []
+        for i, row in enumerate(self.batch.rows):
+            if actions[i] is not None and actions[i] >= 0:
+                self._room_for(row, row.computed + 1, actions, placements)
+        budget = self.limits.max_num_batched_tokens - sum(1 for a in actions if a is not None and a >= 0)
+        rows = sum(1 for a in actions if a != LEAVE)
+        joining: list[tuple[Request, Join]] = []
+        kept: deque[Request] = deque()
         while self.waiting and budget > 0 and rows < self.limits.max_num_seqs:
             req = self.waiting.popleft()
             if _cancelled(req):
                 self._finish(req, "cancelled")
                 continue
-            joining.append(req)
-            req.joined_at = time.monotonic()
-            self.running[req.id] = req
+            verdict = self._admit(req, None, actions, placements)
+            if verdict == "later":
+                kept.append(req)
+                continue
+            if verdict is None:
+                self.waiting.appendleft(req)
+                break
+            joining.append((req, verdict))
             rows += 1
+        self.waiting.extendleft(reversed(kept))
         # Prompt tokens go to the prompts with the fewest tokens left first (oldest first among
         # equals): a short request that arrives behind a long prompt gets its first token at the
         # next step, and the long prompt takes the rest of every step until it is done.
         wanted = [(len(row.prompt) - row.computed, self.running[row.request_id].arrived, i)
                   for i, (row, action) in enumerate(zip(self.batch.rows, actions)) if action is None]
-        wanted += [(len(req.request.prompt_ids), req.arrived, -1 - j) for j, req in enumerate(joining)]
+        wanted += [(len(join.prompt_ids) - join.cached, req.arrived, -1 - j)
+                   for j, (req, join) in enumerate(joining)]
         chunks: dict[int, int] = {}
         for left, _, key in sorted(wanted):
             chunks[key] = n = min(budget, left)
@@ -154,45 +214,180 @@ class Scheduler:
         for i, action in enumerate(actions):
             if action is None:
                 actions[i] = prefill(chunks[i])
-        joins = [Join(req.id, req.request.prompt_ids, chunks[-1 - j], req.request.params)
-                 for j, req in enumerate(joining)]
+        joins = [replace(join, first_chunk=chunks[-1 - j]) for j, (_, join) in enumerate(joining)]
         self.last_step = (rows, self.limits.max_num_batched_tokens - budget)
-        return StepPlan(actions=actions, joins=joins)
+        return StepPlan(actions=actions, joins=joins, placements=placements)
 
-    def _prompts_first(self, actions: list[int | None], rows: int) -> StepPlan | None:
+    def _prompts_first(self, actions: list[int | None], rows: int,
+                       placements: list[tuple[int, int, int]]) -> StepPlan | None:
         """A step of newcomers' whole prompts alone (those that fit in one step, oldest first),
         every running row waiting; None when no waiting request's prompt fits."""
         limit = self.limits.max_num_batched_tokens
         budget = limit
-        joining: list[Request] = []
+        joins: list[Join] = []
         kept: deque[Request] = deque()
         while self.waiting:
             req = self.waiting.popleft()
             if _cancelled(req):
                 self._finish(req, "cancelled")
                 continue
-            size = len(req.request.prompt_ids)
-            if size <= budget and rows < self.limits.max_num_seqs:
-                joining.append(req)
-                budget -= size
+            join = self._admit(req, budget, actions, placements) if rows < self.limits.max_num_seqs else None
+            if isinstance(join, Join):
+                joins.append(join)
+                budget -= join.first_chunk
                 rows += 1
             else:
                 kept.append(req)
         self.waiting = kept
-        if not joining:
+        if not joins:
             return None
-        now = time.monotonic()
-        for req in joining:
-            req.joined_at = now
-            self.running[req.id] = req
         self._rows_waited = True
         self.last_step = (rows, limit - budget)
-        return StepPlan(actions=[LEAVE if a == LEAVE else WAIT for a in actions],
-                        joins=[Join(req.id, req.request.prompt_ids, len(req.request.prompt_ids), req.request.params)
-                               for req in joining])
+        return StepPlan(actions=[LEAVE if a == LEAVE else WAIT for a in actions], joins=joins,
+                        placements=placements)
+
+    # -- the pool -------------------------------------------------------------------------------
+    def _admit(self, req: Request, whole_within: int | None, actions: list[int | None],
+               placements: list[tuple[int, int, int]]) -> Join | str | None:
+        """A place in the pool for a waiting request: its Join (first chunk: its whole uncached
+        prompt), "later" when a running request is computing its prompt's next block right now,
+        or None when the pool has no room (or, with `whole_within`, its prompt does not fit that
+        many tokens)."""
+        size, params = self.block_size, req.request.params
+        prompt = tuple(req.request.prompt_ids) + tuple(req.output)   # a preempted request: its tokens so far
+        wants_logprobs = params.prompt_logprobs is not None and not req.prompt_done
+        keys = req.block_keys((len(prompt) - 1) // size, size)         # the last token is always computed
+        hits = [] if wants_logprobs else self.pool.lookup(keys, prompt)
+        if self.pool.prefix_caching and not wants_logprobs and len(hits) < len(keys) \
+                and self.pending.get(keys[len(hits)], req.id) != req.id:
+            return "later"
+        cached = len(hits) * size
+        if whole_within is not None and len(prompt) - cached > whole_within:
+            return None
+        minimum = -(-(len(prompt) + 1) // size)
+        life = -(-min(len(req.request.prompt_ids) + params.max_tokens, self.max_model_len) // size)
+        placement = self.pool.place(req.id, max(life, minimum), minimum, hits)
+        # Room made for a newcomer leaves a block of growth for every running request.
+        if placement is None and self._free_up(minimum, placements, reserve=len(self.running)):
+            placement = self.pool.place(req.id, max(life, minimum), minimum,
+                                        self.pool.lookup(keys, prompt) if hits else [])
+        if placement is None:
+            return None
+        if self.pool.prefix_caching and not wants_logprobs:
+            self.prefix_queries += len(prompt)
+            self.prefix_hits += placement.cached_blocks * size
+        cached = placement.cached_blocks * size
+        req.registered = placement.cached_blocks
+        req.pending = [k for k in keys[placement.cached_blocks:] if k not in self.pending]
+        for key in req.pending:
+            self.pending[key] = req.id
+        req.joined_at = time.monotonic()
+        self.running[req.id] = req
+        join_params = params if wants_logprobs or params.prompt_logprobs is None else \
+            replace(params, prompt_logprobs=None)
+        return Join(req.id, prompt, len(prompt) - cached, join_params, start=placement.start,
+                    blocks=placement.length, cached=cached, copies=tuple(placement.copies))
+
+    def _room_for(self, row, positions: int, actions: list[int | None],
+                  placements: list[tuple[int, int, int]]) -> bool:
+        """Make the row's run hold `positions` positions: grow it; else take back spare blocks, pack
+        the runs (this one last, so it can grow in place) and grow it; else preempt the most
+        recently joined request and try again. False if the row itself was preempted."""
+        blocks = -(-positions // self.block_size)
+        freed = False
+        while True:
+            req = self.running.get(row.request_id)
+            if req is None:
+                return False                           # preempted to make room
+            run = self.pool.runs[req.id]
+            if run.length >= blocks:
+                return True
+            moved = self.pool.grow(req.id, blocks)
+            if moved is not None:
+                placements.append((req.id, *moved))
+                return True
+            if not freed and self._free_up(blocks - run.length, placements, last=req.id):
+                freed = True
+                continue
+            self._preempt(self._latest_running(), actions, placements)
+            freed = False
+
+    def _free_up(self, blocks: int, placements: list[tuple[int, int, int]], last: int | None = None,
+                 reserve: int = 0) -> bool:
+        """Room for `blocks` more blocks without preempting anyone: every run gives back its spare
+        blocks, then the runs are packed towards the start of the pool (`last`'s run placed last,
+        so it can grow in place), leaving every free block in one stretch. False, with nothing
+        changed, when even that would not leave `blocks` + `reserve` free blocks."""
+        needed = {req_id: self._needed_now(row, self.running[req_id]) for row in self.batch.rows
+                  if (req_id := row.request_id) in self.running}
+        spare = sum(self.pool.runs[i].length - n for i, n in needed.items())
+        if self.pool.free_blocks() + spare < blocks + reserve:
+            return False
+        for request_id, n in needed.items():
+            run = self.pool.runs[request_id]
+            if run.length > n:
+                self.pool.trim(request_id, n)
+                placements.append((request_id, run.start, run.length))
+        for request_id, start in self.pool.compact(last=last):
+            placements.append((request_id, start, self.pool.runs[request_id].length))
+        return True
+
+    def _needed_now(self, row, req: Request) -> int:
+        """Blocks a running row needs for this step: its whole prompt (and its first token) while
+        prefilling, else its tokens so far and the one computed now."""
+        size = self.block_size
+        if row.prefilling:
+            return -(-(len(row.prompt) + 1) // size)
+        return -(-(row.computed + 1) // size)
+
+    def _latest_running(self) -> Request:
+        return max(self.running.values(), key=lambda r: (r.joined_at or 0.0, r.id))
+
+    def _preempt(self, req: Request, actions: list[int | None], placements: list[tuple[int, int, int]]) -> None:
+        """Send a running request back to the front of the queue: its blocks are freed and it is
+        recomputed when it joins again. A request that has not joined yet this step just goes back."""
+        log.info("request %d preempted: the key/value pool is full", req.id)
+        self.preemptions += 1
+        req.preemptions += 1
+        for i, row in enumerate(self.batch.rows):
+            if row.request_id == req.id:
+                actions[i] = LEAVE
+        placements[:] = [p for p in placements if p[0] != req.id]
+        self._release(req)
+        req.next_token = None
+        if not req.prompt_done and req.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]      # scored again from the start
+        self.waiting.appendleft(req)
+
+    def _release(self, req: Request) -> None:
+        """The request's row leaves: its blocks go back to the pool (full ones stay cached)."""
+        self.running.pop(req.id, None)
+        self.pool.free(req.id)
+        for key in req.pending:
+            if self.pending.get(key) == req.id:
+                del self.pending[key]
+        req.pending = []
+
+    def _register_full_blocks(self) -> None:
+        """After a step: every block that became full is keyed in the prefix cache."""
+        size = self.block_size
+        for row in self.batch.rows:
+            req = self.running.get(row.request_id)
+            full = row.computed // size
+            if req is None or full <= req.registered:
+                continue
+            keys = req.block_keys(full, size)
+            run = self.pool.runs[req.id]
+            for i in range(req.registered, full):
+                self.pool.register(run.start + i, keys[i], keys[i - 1] if i else ROOT_KEY,
+                                   req.tokens(i * size, (i + 1) * size))
+                if self.pending.get(keys[i]) == req.id:
+                    del self.pending[keys[i]]
+            req.registered = full
 
     # -- after the step -----------------------------------------------------------------------
     def after_step(self, out: StepOutput) -> None:
+        self._register_full_blocks()
         for r, first, logits in out.prompt_logits:
             self._score_prompt(self.running[self.batch.rows[r].request_id], first, logits)
         if out.logits is None:
@@ -269,14 +464,20 @@ class Scheduler:
         for req in self.running.values():
             self._fail(req, error)
 
-    def reset(self, reason: str, keep: list[Join] | tuple = ()) -> None:
-        """Every rank dropped the batch: its requests end (those not already ended, with `reason`).
-        Requests joining in this very step (`keep`) start afresh in the empty batch."""
-        joining = {j.request_id for j in keep}
+    def reset(self, reason: str, requeue: list[Join] | tuple = ()) -> None:
+        """Every rank dropped the batch (a step failed somewhere): its requests end with `reason`,
+        and the pool is emptied, its cached blocks untrusted. Requests that were joining in this
+        very step (`requeue`) computed nothing yet: they go back to the front of the queue."""
+        again = [self.running[j.request_id] for j in requeue if j.request_id in self.running]
         for req in list(self.running.values()):
-            if req.id not in joining:
+            if req not in again:
                 self._fail(req, RuntimeError(reason))
-                del self.running[req.id]
+        self.running.clear()
+        self.pending.clear()
+        self.pool.reset()
+        for req in reversed(again):
+            req.pending, req.registered, req.next_token = [], 0, None
+            self.waiting.appendleft(req)
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         if req.done:
