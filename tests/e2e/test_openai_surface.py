@@ -296,11 +296,16 @@ def test_vllm_metric_names_count_what_was_served(server, http):
                  "vllm:request_queue_time_seconds_count"):
         assert grew(name) == 2, name
     assert grew("vllm:inter_token_latency_seconds_count") == 8      # 4 gaps per request
+    assert grew("vllm:num_preemptions_total") == 0                  # two short requests: no pressure
+    for name in ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+                 "vllm:gpu_prefix_cache_queries_total", "vllm:gpu_prefix_cache_hits_total"):
+        assert (name, label) in after, name
     # The gauges: idle again once the finished rows have left (at the step after they end).
     deadline = time.monotonic() + 30
     while vllm_metrics(server)[("vllm:num_requests_running", label)] and time.monotonic() < deadline:
         time.sleep(0.1)
     idle = vllm_metrics(server)
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:gpu_cache_usage_perc"):
         assert idle[(name, label)] == 0.0, name
     assert httpx.get(f"{server.url}/v1/models").status_code == 401, "only /metrics is open"
