@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import shutil
 import subprocess
@@ -139,13 +140,18 @@ def test_same_weights_in_two_formats_count_once(tiny, tmp_path):
 
 
 def test_kv_cache_grows_with_context_and_batch():
+    """--context-len and --batch-size, the older names of --max-model-len and --max-num-seqs, still work."""
     def kv(*extra):
         return plan("--params", "70e9", "--json", *extra)[1]["candidates"][0]["kv_cache_gib"]
-    base = kv("--context-len", "4096")
+    base = kv("--context-len", "4096", "--batch-size", "1")
     # 2 x 80 layers x 8 KV heads x 128 x 4096 x 2 bytes = 1.25 GiB
     assert base == pytest.approx(1.25, abs=0.01)
-    assert kv("--context-len", "32768") == pytest.approx(8 * base, rel=0.01)
+    assert kv("--context-len", "32768", "--batch-size", "1") == pytest.approx(8 * base, rel=0.01)
     assert kv("--context-len", "4096", "--batch-size", "4") == pytest.approx(4 * base, rel=0.01)
+    _, old, _ = plan("--params", "70e9", "--context-len", "2000", "--batch-size", "3", "--json")
+    _, new, _ = plan("--params", "70e9", "--max-model-len", "2000", "--max-num-seqs", "3", "--json")
+    assert old == new and (new["max_model_len"], new["max_num_seqs"]) == (2000, 3)
+    assert (new["context_len"], new["batch_size"]) == (2000, 3)
 
 
 def test_nothing_fits_names_the_node_count_that_would():
@@ -170,6 +176,10 @@ def test_config_with_a_bad_value(tmp_path):
         {"num_hidden_layers": 2, "hidden_size": "big", "num_attention_heads": 2}))
     code, _, err = plan("--model", str(tmp_path))
     assert code == 2 and "hidden_size" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"num_hidden_layers": 2, "hidden_size": 4, "num_attention_heads": 8}))  # no width left per head
+    code, _, err = plan("--model", str(tmp_path))
+    assert code == 2 and "hidden_size 4 is smaller than its num_attention_heads 8" in err
 
 
 def test_host_memory_per_node_with_shard_only_loading():
@@ -179,11 +189,12 @@ def test_host_memory_per_node_with_shard_only_loading():
     assert p["shard_only_loading"] and p["host_per_rank_gib"] == 2.0 and p["host_mem_gib"] is None
     assert [c["host_per_node_gib"] for c in p["candidates"]] == [2.0 * c["gpus_per_node"] for c in p["candidates"]]
     code, p, _ = plan("--params", "70e9", "--host-mem-gib", "8", "--json")
-    assert code == 0 and p["tensor_parallel"] == 2
+    assert code == 0 and p["tensor_parallel"] == 4
     assert [c["fits"] for c in p["candidates"] if c["tensor_parallel"] >= 8] == [False] * 4
+    assert "16 GiB of host memory per node at load, more than --host-mem-gib 8" in p["candidates"][3]["why_not"]
     code, text, _ = plan("--params", "70e9", "--host-mem-gib", "8")
     assert "host memory at load: 2 GiB per rank (each rank reads only its own shards" in text
-    assert "4 GiB per node (--host-mem-gib 8)" in text
+    assert "8 GiB per node (--host-mem-gib 8)" in text
 
 
 def test_a_checkpoint_without_safetensors_costs_the_whole_model_per_rank(tiny, tmp_path):
@@ -204,3 +215,146 @@ def test_a_checkpoint_without_safetensors_costs_the_whole_model_per_rank(tiny, t
 def test_host_memory_must_be_positive():
     code, _, err = plan("--params", "7e9", "--host-mem-gib", "0")
     assert code == 2 and "--host-mem-gib" in err and len(err.strip().splitlines()) == 1
+
+
+# A Llama-3-8B-like config.json without weight files: the parameters come from the shape
+# (32 x (4 x 4096^2 + 3 x 4096 x 14336) + 2 x 128256 x 4096), every other number below by hand.
+LLAMA_8B = {"model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+            "max_position_embeddings": 131072, "torch_dtype": "bfloat16"}
+GIB = 2**30
+
+
+def llama_8b(tmp_path, **overrides) -> str:
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA_8B, **overrides}))
+    return str(tmp_path)
+
+
+def pool_tokens_by_hand(tp: int, gpu_gib: float, utilization: float = 0.9, seqs: int = 32,
+                        batched: int = 256) -> int:
+    """What is left of gpu_gib x utilization after the weights and a step's activations (with the
+    10 % margin and 1 GiB of runtime), in whole blocks of 16 tokens of this config's keys and
+    values on one rank (8 KV heads, at most 8 ranks share them)."""
+    params = 32 * (4 * 4096**2 + 3 * 4096 * 14336) + 2 * 128256 * 4096
+    weights = params * 2 / tp
+    activations = batched * (2 * 4096 + 14336 / tp) * 2 + seqs * 128256 * 4
+    left = gpu_gib * utilization * GIB - (weights + activations) * 1.1 - GIB
+    per_token = 2 * 32 * (8 // min(tp, 8)) * 128 * 2
+    return max(0, int(left // (16 * per_token))) * 16
+
+
+def test_kv_bytes_per_token_and_the_pool_of_each_layout(tmp_path):
+    code, p, _ = plan("--model", llama_8b(tmp_path), "--max-model-len", "8192", "--gpu-mem-gib", "20", "--json")
+    assert code == 0 and (p["max_model_len"], p["max_num_seqs"], p["gpu_memory_utilization"]) == (8192, 32, 0.9)
+    assert p["usable_gib"] == 18 and p["block_size"] == 16
+    by_tp = {c["tensor_parallel"]: c for c in p["candidates"]}
+    # 2 (K, V) x 32 layers x 8 KV heads x 128 x 2 bytes; tp splits the 8 heads, then every rank keeps one
+    assert {tp: c["kv_bytes_per_token"] for tp, c in by_tp.items()} == {
+        1: 131072, 2: 65536, 4: 32768, 8: 16384, 16: 16384, 32: 16384}
+    for tp, c in by_tp.items():
+        tokens = pool_tokens_by_hand(tp, 20)
+        assert c["kv_pool_tokens"] == tokens, tp
+        assert c["kv_pool_gib"] == pytest.approx(tokens * c["kv_bytes_per_token"] / GIB, abs=0.005)
+        # 8192 tokens are 512 blocks; the floor keeps a pool one block short from reading as enough
+        assert c["max_concurrency"] == math.floor(tokens / 8192 * 100) / 100
+        # the cache of 32 requests of 8192 tokens is part of what each rank needs
+        assert c["kv_cache_gib"] == pytest.approx(32 * 8192 * c["kv_bytes_per_token"] / GIB, abs=0.005)
+        assert c["fits"] == (tokens >= 32 * 8192) and (c["why_not"] is None) == c["fits"]
+    # tp=1: 16.5 GiB of weights x 1.1 + 1 GiB leave nothing of 18 GiB; tp=2: 15.8 requests of 8192 < 32
+    assert not by_tp[1]["fits"] and "no room for a KV cache" in by_tp[1]["why_not"]
+    assert by_tp[1]["kv_pool_tokens"] == 0 and by_tp[1]["max_concurrency"] == 0
+    assert not by_tp[2]["fits"] and 15 < by_tp[2]["max_concurrency"] < 16
+    assert f"holds {by_tp[2]['max_concurrency']:.2f} requests of 8,192 tokens, fewer than --max-num-seqs 32" \
+        in by_tp[2]["why_not"]
+    assert p["tensor_parallel"] == 4 and by_tp[4]["fits"]
+
+
+def test_requests_hold_whole_blocks(tmp_path):
+    """1000 tokens are 63 blocks of 16 (1008 tokens) in the cache, and a request's share of the pool."""
+    _, p, _ = plan("--model", llama_8b(tmp_path), "--max-model-len", "1000", "--max-num-seqs", "4", "--json")
+    tp1 = p["candidates"][0]
+    assert tp1["kv_cache_gib"] == pytest.approx(4 * 1008 * 131072 / GIB, abs=0.005)  # 0.49 GiB, not 0.488
+    tokens = pool_tokens_by_hand(1, 80, seqs=4)
+    assert tp1["kv_pool_tokens"] == tokens and tp1["max_concurrency"] == math.floor(tokens / 1008 * 100) / 100
+
+
+def test_a_layout_whose_pool_cannot_hold_one_request_does_not_fit(tmp_path):
+    """At tp=2 on 20 GiB the pool has about 7.9 GiB: 130K tokens of 64 KiB, one request of the
+    model's 131072 tokens takes 8 GiB. Even with --max-num-seqs 1 that layout does not fit."""
+    model = llama_8b(tmp_path)
+    code, p, _ = plan("--model", model, "--gpu-mem-gib", "20", "--max-num-seqs", "1", "--json")
+    assert code == 0 and p["max_model_len"] == 131072  # the model's context, by default
+    tp2 = p["candidates"][1]
+    assert tp2["tensor_parallel"] == 2 and tp2["kv_pool_tokens"] == pool_tokens_by_hand(2, 20, seqs=1) < 131072
+    assert not tp2["fits"] and tp2["max_concurrency"] < 1
+    assert tp2["why_not"] == (f"the KV pool of {tp2['kv_pool_tokens']:,} tokens cannot hold one request of "
+                              "131,072 tokens")
+    assert p["tensor_parallel"] == 4  # 12.5 GiB of 32 KiB tokens: 3 requests
+    code, text, _ = plan("--model", model, "--gpu-mem-gib", "20", "--max-num-seqs", "1")
+    assert f"no: the KV pool of {tp2['kv_pool_tokens']:,} tokens cannot hold one request of 131,072 tokens" in text
+    # with no more GPUs than 2, nothing fits, and the answer says why
+    code, p, _ = plan("--model", model, "--gpu-mem-gib", "20", "--max-num-seqs", "1", "--gpus-per-node", "2",
+                      "--max-nodes", "1", "--json")
+    assert code == 1 and not p["fits"]
+    assert "cannot hold one request of 131,072 tokens" in p["missing"] and "pass --max-nodes 2" in p["missing"]
+
+
+def test_the_human_answer_carries_the_pool_and_the_concurrency(tmp_path):
+    code, text, _ = plan("--model", llama_8b(tmp_path), "--max-model-len", "8192", "--gpu-mem-gib", "20")
+    tokens = pool_tokens_by_hand(4, 20)
+    assert code == 0 and "18 GiB usable (--gpu-memory-utilization 0.9)" in text
+    assert "32 request(s) of 8,192 tokens at once" in text
+    assert (f"KV cache per rank at tensor parallel 4: 32 KiB per token; pool {round(tokens * 32768 / GIB, 2):g} GiB, "
+            f"{tokens:,} tokens; maximum concurrency for 8,192 tokens per request: "
+            f"{math.floor(tokens / 8192 * 100) / 100:.2f}x") in text
+    row = next(line for line in text.splitlines() if line.split()[:2] == ["2", "1"])
+    assert "64 KiB" in row and f"{pool_tokens_by_hand(2, 20):,}" in row and "no: the KV pool holds" in row
+
+
+def test_gpu_memory_utilization_sizes_the_pool(tmp_path):
+    model = llama_8b(tmp_path)
+    _, p, _ = plan("--model", model, "--max-model-len", "8192", "--gpu-memory-utilization", "0.5", "--json")
+    assert p["usable_gib"] == 40
+    assert [c["kv_pool_tokens"] for c in p["candidates"]] == [
+        pool_tokens_by_hand(c["tensor_parallel"], 80, utilization=0.5) for c in p["candidates"]]
+    _, full, _ = plan("--model", model, "--max-model-len", "8192", "--gpu-memory-utilization", "1", "--json")
+    # 40 GiB more per rank, in whole blocks of 128 KiB tokens at tp=1
+    extra = full["candidates"][0]["kv_pool_tokens"] - p["candidates"][0]["kv_pool_tokens"]
+    assert abs(extra - 40 * GIB // 131072) <= 16
+
+
+def test_activations_follow_the_tokens_per_step(tmp_path):
+    """A step computes at most --max-num-batched-tokens tokens (default: the larger of 256 and
+    --max-num-seqs), and one row of float32 logits per running request."""
+    model = llama_8b(tmp_path)
+    def activations(*extra):
+        return plan("--model", model, "--max-model-len", "4096", "--json", *extra)[1]["candidates"][0]
+    default = activations()
+    assert default["activation_gib"] == pytest.approx((256 * (2 * 4096 + 14336) * 2 + 32 * 128256 * 4) / GIB,
+                                                      abs=0.005)
+    big = activations("--max-num-batched-tokens", "8192")
+    assert big["activation_gib"] == pytest.approx((8192 * (2 * 4096 + 14336) * 2 + 32 * 128256 * 4) / GIB,
+                                                  abs=0.005)
+    assert big["kv_pool_tokens"] < default["kv_pool_tokens"]
+    assert activations("--max-num-seqs", "512")["activation_gib"] == pytest.approx(
+        (512 * (2 * 4096 + 14336) * 2 + 512 * 128256 * 4) / GIB, abs=0.005)
+
+
+def test_gpt2_context_key(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}))
+    _, p, _ = plan("--model", str(tmp_path), "--json")
+    # 2 x 12 layers x 12 heads x 64 x 2 bytes per token; 1024 tokens per request, the model's context
+    assert p["max_model_len"] == 1024 and p["candidates"][0]["kv_bytes_per_token"] == 36864
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization"),
+    (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
+    (["--max-model-len", "200000"], "exceeds the model's context of 131072 tokens"),
+    (["--max-num-seqs", "0"], "--max-num-seqs"),
+    (["--max-num-seqs", "64", "--max-num-batched-tokens", "32"], "--max-num-batched-tokens 32 must be at least"),
+])
+def test_bad_serving_flags_exit_2_naming_them(tmp_path, args, message):
+    code, _, err = plan("--model", llama_8b(tmp_path), *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

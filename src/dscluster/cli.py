@@ -224,8 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host memory per node; layouts whose ranks hold more at load do not fit (default: not checked)")
     p.add_argument("--gpus-per-node", type=_positive_int, default=8)
     p.add_argument("--max-nodes", type=_positive_int, default=16)
-    p.add_argument("--context-len", type=_positive_int, default=None)
-    p.add_argument("--batch-size", type=_positive_int, default=1)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of each GPU the rank may use, as for serve; the KV pool gets what is left after "
+                        "the weights and activations (0.9)")
+    p.add_argument("--max-model-len", "--context-len", dest="max_model_len", type=_positive_int, default=None,
+                   help="tokens per request, prompt plus output, as for serve (default: the model's context)")
+    p.add_argument("--max-num-seqs", "--batch-size", dest="max_num_seqs", type=_positive_int, default=32,
+                   help="requests of --max-model-len tokens the KV cache must hold at once, as for serve (32)")
+    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
+                   help="tokens computed per step, which bound the activations, as for serve "
+                        "(default: the larger of 256 and --max-num-seqs)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_plan)
 

@@ -1,11 +1,21 @@
-"""`dscluster plan`: the smallest tensor-parallel layout that holds a model, and where to run it.
+"""`dscluster plan`: the smallest tensor-parallel layout that holds a model and its KV cache, and where to run it.
 
-Per GPU, for a tensor-parallel degree tp (a divisor of the attention heads):
+Per GPU, for a tensor-parallel degree tp (a divisor of the attention heads), serving
+--max-num-seqs S requests of --max-model-len L tokens with --max-num-batched-tokens T per step:
 
     weights    = parameters x bytes per parameter / tp
-    kv cache   = 2 x layers x kv_heads x head_dim x context x batch x bytes / min(tp, kv_heads)
-    activation = batch x context x (2 x hidden + intermediate / tp) x bytes + batch x vocab x 4
-    need       = (weights + kv cache + activation) x (1 + margin) + overhead per GPU
+    activation = T x (2 x hidden + intermediate / tp) x bytes + S x vocab x 4
+    kv / token = 2 x layers x ceil(kv_heads / tp) x head_dim x bytes
+    kv cache   = S x ceil(L / 16) x 16 x kv / token
+    need       = (weights + activation) x (1 + margin) + overhead per GPU + kv cache
+    usable     = GPU memory x --gpu-memory-utilization
+
+The KV cache is the engine's: a pool of blocks of 16 tokens per rank, holding that rank's share
+of the key/value heads (whole heads: the busiest rank of an uneven split holds ceil(kv / tp);
+past tp = kv heads every rank still holds one), sized to what is left of `usable` after the
+weights and the activation peak. A request holds whole blocks. A layout fits when its pool holds
+S requests of L tokens; `plan` also reports the pool itself (tokens, GiB) and how many requests
+of L tokens it holds at once (vLLM's "maximum concurrency"), and says why a layout does not fit.
 
 Per node, in host memory, each of its ranks (one per GPU) holds at load:
 
@@ -35,7 +45,9 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MARGIN = 0.10                 # estimation error, allocator fragmentation
 OVERHEAD_GIB = 1.0            # CUDA context, NCCL buffers, the runtime itself
 HOST_OVERHEAD_GIB = 2.0       # host memory of a GPU rank before weights (0.4 GiB on CPU ranks; CUDA adds more)
-DEFAULT_CONTEXT = 4096
+DEFAULT_CONTEXT = 4096        # tokens per request when the model does not say its context (and for --params)
+BLOCK_SIZE = 16               # tokens per block of the engine's KV pool (engine/kv_blocks.py), as vLLM's default
+MIN_BATCHED_TOKENS = 256      # serve's --max-num-batched-tokens default: the larger of this and --max-num-seqs
 CHECKPOINTS = "/mnt/checkpoints"
 
 # Llama-family shapes for --params without a config: (parameters, layers, hidden, heads, kv heads,
@@ -60,15 +72,39 @@ class Shape:
     kv_heads: int
     intermediate: int
     vocab: int
-    context: int
+    context: int                           # the model's context: the default --max-model-len
     weight_bytes: float | None = None      # measured from the weight files, in the requested dtype
     source: str = ""
     dim_per_head: int | None = None        # config's head_dim, when it is not hidden / heads (Gemma, Qwen3)
     shard_only: bool = True                # safetensors weights: each rank reads only its shards
+    context_stated: bool = False           # config.json says the context (a longer --max-model-len is an error)
 
     @property
     def head_dim(self) -> int:
         return self.dim_per_head or self.hidden // self.heads
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What every layout must hold, in serve's terms: the dtype, --max-num-seqs requests of
+    --max-model-len tokens, --max-num-batched-tokens per step; and the machines it runs on."""
+
+    dtype: str
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    gpu_mem_gib: float
+    gpu_memory_utilization: float
+    gpus_per_node: int
+    host_mem_gib: float | None = None
+
+    @property
+    def usable_gib(self) -> float:
+        return self.gpu_mem_gib * self.gpu_memory_utilization
+
+    @property
+    def blocks_per_request(self) -> int:
+        return math.ceil(self.max_model_len / BLOCK_SIZE)
 
 
 @dataclass(frozen=True)
@@ -77,11 +113,16 @@ class Layout:
     nodes: int
     gpus_per_node: int
     weights_gib: float
-    kv_cache_gib: float
+    kv_cache_gib: float              # the cache of --max-num-seqs requests of --max-model-len tokens, per rank
     activation_gib: float
-    per_gpu_gib: float
+    per_gpu_gib: float               # what a rank needs: weights, activations, margin, overhead and that cache
     fits: bool
     host_per_node_gib: float = 0.0   # host memory its ranks on one node hold at load
+    kv_bytes_per_token: int = 0      # one token's keys and values on the busiest rank
+    kv_pool_gib: float = 0.0         # the pool a rank gets from what is left of the usable memory
+    kv_pool_tokens: int = 0          # ... in tokens (whole blocks)
+    max_concurrency: float = 0.0     # requests of --max-model-len tokens the pool holds at once
+    why_not: str | None = None       # why it does not fit (None when it does)
 
 
 def parse_params(text: str) -> float:
@@ -94,10 +135,10 @@ def parse_params(text: str) -> float:
     return value
 
 
-def shape_from_params(params: float, context: int | None) -> Shape:
+def shape_from_params(params: float) -> Shape:
     row = min(KNOWN_SHAPES, key=lambda r: abs(math.log(r[0] / params)))
     _, layers, hidden, heads, kv, inter, vocab = row
-    return Shape(params, layers, hidden, heads, kv, inter, vocab, context or DEFAULT_CONTEXT,
+    return Shape(params, layers, hidden, heads, kv, inter, vocab, DEFAULT_CONTEXT,
                  source=f"--params {params:.3g}, shaped like Llama {row[0] / 1e9:g}B")
 
 
@@ -131,7 +172,7 @@ def pod_model_path(path: str) -> str:
     return f"{CHECKPOINTS}/{Path(path).resolve().name}"
 
 
-def shape_from_model(path: str, dtype: str, context: int | None) -> Shape:
+def shape_from_model(path: str, dtype: str) -> Shape:
     directory = Path(path)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -145,6 +186,9 @@ def shape_from_model(path: str, dtype: str, context: int | None) -> Shape:
     if missing:
         raise UsageError(f"--model {path!r}: config.json lacks {', '.join(missing)}")
     layers, hidden, heads = (_first(config, names) for names in (LAYERS, HIDDEN, HEADS))
+    if hidden < heads and config.get("head_dim") is None:
+        raise UsageError(f"--model {path!r}: config.json's hidden_size {hidden} is smaller than its "
+                         f"num_attention_heads {heads} and it has no head_dim")
     kv = config.get("num_key_value_heads") or heads
     inter = _first(config, ("intermediate_size", "n_inner", "ffn_dim")) or 4 * hidden
     vocab = config.get("vocab_size") or 32000
@@ -154,12 +198,11 @@ def shape_from_model(path: str, dtype: str, context: int | None) -> Shape:
     # Parameters: from the weight files when there are any, else from the shape.
     params = (weight_bytes / BYTES[dtype]) if weight_bytes else (
         layers * (4 * hidden * hidden + 3 * hidden * inter) + 2 * vocab * hidden)
-    max_context = config.get("max_position_embeddings")
-    return Shape(params, layers, hidden, heads, kv, inter, vocab,
-                 context or min(max_context or DEFAULT_CONTEXT, DEFAULT_CONTEXT),
+    context = _first(config, ("max_position_embeddings", "n_positions"))
+    return Shape(params, layers, hidden, heads, kv, inter, vocab, context or DEFAULT_CONTEXT,
                  weight_bytes=weight_bytes, source=f"{path} ({len(files)} weight file(s))",
                  dim_per_head=_first(config, ("head_dim",)),
-                 shard_only=not files or files[0].suffix == ".safetensors")
+                 shard_only=not files or files[0].suffix == ".safetensors", context_stated=context is not None)
 
 
 def host_per_rank_gib(shape: Shape, dtype: str) -> float:
@@ -168,18 +211,50 @@ def host_per_rank_gib(shape: Shape, dtype: str) -> float:
     return HOST_OVERHEAD_GIB + (0 if shape.shard_only else (shape.weight_bytes or shape.params * BYTES[dtype]) / GIB)
 
 
-def estimate(shape: Shape, dtype: str, tp: int, batch: int, gpus_per_node: int, gpu_mem_gib: float,
-             host_mem_gib: float | None = None) -> Layout:
-    b = BYTES[dtype]
+def kv_bytes_per_token(shape: Shape, dtype: str, tp: int) -> int:
+    """One token's keys and values on the busiest rank, over all layers. Tensor parallelism gives
+    each rank whole key/value heads: an uneven split gives some ranks one more (ceil), and past
+    tp = kv heads each rank still holds one. The pool's block count is the same on every rank (the
+    block decisions are shared), so the busiest rank is the one that sizes it."""
+    return 2 * shape.layers * math.ceil(shape.kv_heads / tp) * shape.head_dim * BYTES[dtype]
+
+
+def estimate(shape: Shape, serving: Serving, tp: int) -> Layout:
+    b = BYTES[serving.dtype]
     weights = (shape.weight_bytes or shape.params * b) / tp
-    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.context * batch * b / min(tp, shape.kv_heads)
-    act = batch * shape.context * (2 * shape.hidden + shape.intermediate / tp) * b + batch * shape.vocab * 4
-    need = (weights + kv + act) * (1 + MARGIN) / GIB + OVERHEAD_GIB
-    nodes = math.ceil(tp / gpus_per_node)
-    host = min(tp, gpus_per_node) * host_per_rank_gib(shape, dtype)
-    fits = need <= gpu_mem_gib and (host_mem_gib is None or host <= host_mem_gib)
-    return Layout(tp, nodes, min(tp, gpus_per_node), round(weights / GIB, 2), round(kv / GIB, 2),
-                  round(act / GIB, 2), round(need, 2), fits, round(host, 2))
+    # Chunked prefill: a step computes at most --max-num-batched-tokens tokens, whatever the
+    # prompts' lengths, and the logits of one position per running request.
+    act = (serving.max_num_batched_tokens * (2 * shape.hidden + shape.intermediate / tp) * b
+           + serving.max_num_seqs * shape.vocab * 4)
+    fixed = (weights + act) * (1 + MARGIN) + OVERHEAD_GIB * GIB
+    per_token = kv_bytes_per_token(shape, serving.dtype, tp)
+    block_bytes = BLOCK_SIZE * per_token
+    pool_blocks = max(0, math.floor((serving.usable_gib * GIB - fixed) / block_bytes))
+    wanted_blocks = serving.max_num_seqs * serving.blocks_per_request
+    cache = wanted_blocks * block_bytes
+    need = (fixed + cache) / GIB
+    # floored, so that a pool one block short of --max-num-seqs requests never reads as enough
+    concurrency = math.floor(pool_blocks / serving.blocks_per_request * 100) / 100
+    nodes = math.ceil(tp / serving.gpus_per_node)
+    host = min(tp, serving.gpus_per_node) * host_per_rank_gib(shape, serving.dtype)
+    reasons = []
+    if fixed > serving.usable_gib * GIB:
+        reasons.append(f"weights and activations alone need {fixed / GIB:.2f} GiB of {serving.usable_gib:g} GiB "
+                       "usable: no room for a KV cache")
+    elif pool_blocks < serving.blocks_per_request:
+        reasons.append(f"the KV pool of {pool_blocks * BLOCK_SIZE:,} tokens cannot hold one request of "
+                       f"{serving.max_model_len:,} tokens")
+    elif pool_blocks < wanted_blocks:
+        reasons.append(f"the KV pool holds {concurrency:.2f} requests of {serving.max_model_len:,} tokens, "
+                       f"fewer than --max-num-seqs {serving.max_num_seqs}")
+    if serving.host_mem_gib is not None and host > serving.host_mem_gib:
+        reasons.append(f"its ranks hold {host:g} GiB of host memory per node at load, more than --host-mem-gib "
+                       f"{serving.host_mem_gib:g}")
+    return Layout(tp, nodes, min(tp, serving.gpus_per_node), round(weights / GIB, 2), round(cache / GIB, 2),
+                  round(act / GIB, 2), round(need, 2), not reasons, round(host, 2),
+                  kv_bytes_per_token=per_token, kv_pool_gib=round(pool_blocks * block_bytes / GIB, 2),
+                  kv_pool_tokens=pool_blocks * BLOCK_SIZE, max_concurrency=concurrency,
+                  why_not="; ".join(reasons) or None)
 
 
 def candidates(shape: Shape, gpus_per_node: int, max_nodes: int) -> list[int]:
@@ -189,48 +264,69 @@ def candidates(shape: Shape, gpus_per_node: int, max_nodes: int) -> list[int]:
             if shape.heads % tp == 0 and (tp <= gpus_per_node or tp % gpus_per_node == 0)]
 
 
-def _missing(shape: Shape, args: argparse.Namespace, largest: Layout) -> str:
+def _missing(shape: Shape, serving: Serving, largest: Layout) -> str:
     """What is short when nothing fits: host memory, or the shortfall per GPU and the node count that would do."""
-    host = getattr(args, "host_mem_gib", None)
-    if host is not None and largest.per_gpu_gib <= args.gpu_mem_gib and largest.host_per_node_gib > host:
+    host = serving.host_mem_gib
+    gpu_holds = largest.kv_pool_tokens >= serving.max_num_seqs * serving.blocks_per_request * BLOCK_SIZE
+    if host is not None and gpu_holds and largest.host_per_node_gib > host:
         whole = "" if shape.shard_only else (" (no safetensors files: every rank reads the whole checkpoint; "
                                              "save it as safetensors and each rank reads only its shards)")
         return (f"the {largest.gpus_per_node} ranks of a node hold {largest.host_per_node_gib:g} GiB of host memory "
                 f"at load, more than --host-mem-gib {host:g}{whole}")
-    short = (f"at tensor parallel {largest.tensor_parallel} over {largest.nodes} node(s) of {args.gpus_per_node} "
-             f"each GPU needs {largest.per_gpu_gib:g} GiB, {largest.per_gpu_gib - args.gpu_mem_gib:.2f} GiB more "
-             f"than --gpu-mem-gib {args.gpu_mem_gib:g}")
-    unbounded = candidates(shape, args.gpus_per_node, max_nodes=shape.heads)
-    more = next((layout for layout in (estimate(shape, args.dtype, tp, args.batch_size, args.gpus_per_node,
-                                                 args.gpu_mem_gib, getattr(args, "host_mem_gib", None))
-                                        for tp in unbounded
-                                        if tp > largest.tensor_parallel) if layout.fits), None)
+    short = (f"at tensor parallel {largest.tensor_parallel} over {largest.nodes} node(s) of {serving.gpus_per_node} "
+             f"each GPU needs {largest.per_gpu_gib:g} GiB, {largest.per_gpu_gib - serving.usable_gib:.2f} GiB more "
+             f"than the {serving.usable_gib:g} GiB usable (--gpu-mem-gib {serving.gpu_mem_gib:g} x "
+             f"--gpu-memory-utilization {serving.gpu_memory_utilization:g}; {largest.why_not.split('; ')[0]})")
+    unbounded = candidates(shape, serving.gpus_per_node, max_nodes=shape.heads)
+    more = next((layout for layout in (estimate(shape, serving, tp) for tp in unbounded
+                                       if tp > largest.tensor_parallel) if layout.fits), None)
     if more is not None:
         return f"{short}; it fits at tensor parallel {more.tensor_parallel} over {more.nodes} nodes: pass --max-nodes {more.nodes}"
-    return (f"{short}; no more nodes help (tensor parallelism stops at the {shape.heads} attention heads): "
-            "use GPUs with more memory, a smaller --dtype, or a shorter --context-len / --batch-size")
+    return (f"{short}; no more nodes help (tensor parallelism stops at the {shape.heads} attention heads, and the KV "
+            f"cache stops shrinking at the {shape.kv_heads} key/value heads): use GPUs with more memory, a smaller "
+            "--dtype, a shorter --max-model-len or a smaller --max-num-seqs")
 
 
-def make_plan(args: argparse.Namespace) -> dict:
+def serving_from_args(args: argparse.Namespace, shape: Shape) -> Serving:
+    """serve's defaults for what the flags leave out, and the same one-line errors for bad values."""
     if args.gpu_mem_gib <= 0:
         raise UsageError(f"--gpu-mem-gib {args.gpu_mem_gib:g} must be positive")
-    shape = (shape_from_model(args.model, args.dtype, args.context_len) if args.model
-             else shape_from_params(parse_params(args.params), args.context_len))
+    utilization = args.gpu_memory_utilization
+    if not 0 < utilization <= 1:
+        raise UsageError(f"--gpu-memory-utilization {utilization:g} must be a fraction of the GPU's memory, "
+                         "more than 0 and at most 1")
     host = getattr(args, "host_mem_gib", None)
     if host is not None and host <= 0:
         raise UsageError(f"--host-mem-gib {host:g} must be positive")
-    layouts = [estimate(shape, args.dtype, tp, args.batch_size, args.gpus_per_node, args.gpu_mem_gib, host)
-               for tp in candidates(shape, args.gpus_per_node, args.max_nodes)]
+    length = args.max_model_len or shape.context
+    if shape.context_stated and length > shape.context:
+        raise UsageError(f"--max-model-len {length} exceeds the model's context of {shape.context} tokens")
+    batched = args.max_num_batched_tokens or max(MIN_BATCHED_TOKENS, args.max_num_seqs)
+    if batched < args.max_num_seqs:
+        raise UsageError(f"--max-num-batched-tokens {batched} must be at least --max-num-seqs {args.max_num_seqs} "
+                         "(every running request computes a token per step)")
+    return Serving(args.dtype, length, args.max_num_seqs, batched, args.gpu_mem_gib, utilization,
+                   args.gpus_per_node, host)
+
+
+def make_plan(args: argparse.Namespace) -> dict:
+    shape = shape_from_model(args.model, args.dtype) if args.model else shape_from_params(parse_params(args.params))
+    serving = serving_from_args(args, shape)
+    layouts = [estimate(shape, serving, tp) for tp in candidates(shape, serving.gpus_per_node, args.max_nodes)]
     best = next((layout for layout in layouts if layout.fits), None)
-    plan = {"model": shape.source, "dtype": args.dtype, "params": shape.params, "context_len": shape.context,
-            "batch_size": args.batch_size, "gpu_mem_gib": args.gpu_mem_gib,
+    plan = {"model": shape.source, "dtype": args.dtype, "params": shape.params,
+            "max_model_len": serving.max_model_len, "max_num_seqs": serving.max_num_seqs,
+            "max_num_batched_tokens": serving.max_num_batched_tokens,
+            "context_len": serving.max_model_len, "batch_size": serving.max_num_seqs,  # their older names
+            "gpu_mem_gib": args.gpu_mem_gib, "gpu_memory_utilization": serving.gpu_memory_utilization,
+            "usable_gib": round(serving.usable_gib, 2), "block_size": BLOCK_SIZE,
             "candidates": [asdict(layout) for layout in layouts], "fits": best is not None,
-            "host_mem_gib": host, "host_per_rank_gib": round(host_per_rank_gib(shape, args.dtype), 2),
+            "host_mem_gib": serving.host_mem_gib, "host_per_rank_gib": round(host_per_rank_gib(shape, args.dtype), 2),
             "shard_only_loading": shape.shard_only}
     if best is None:
         largest = layouts[-1]  # tp=1 is always a candidate
         plan.update(tensor_parallel=None, nodes=None, gpus_per_node=None, recommendation=None,
-                    per_gpu_gib=largest.per_gpu_gib, missing=_missing(shape, args, largest))
+                    per_gpu_gib=largest.per_gpu_gib, missing=_missing(shape, serving, largest))
         return plan
     single = best.nodes == 1
     model_arg = pod_model_path(args.model) if args.model else f"{CHECKPOINTS}/model"
@@ -250,19 +346,37 @@ def _count(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _bytes(n: int) -> str:
+    return f"{n / 1024:g} KiB" if n >= 1024 else f"{n} B"
+
+
 def describe(plan: dict) -> str:
+    length = f"{plan['max_model_len']:,}"
     lines = [f"model: {plan['model']}, {_count(plan['params'])} parameters, {plan['dtype']}, "
-             f"context {plan['context_len']}, batch {plan['batch_size']}, {plan['gpu_mem_gib']:g} GiB per GPU",
+             f"{plan['gpu_mem_gib']:g} GiB per GPU, {plan['usable_gib']:g} GiB usable "
+             f"(--gpu-memory-utilization {plan['gpu_memory_utilization']:g})",
+             f"serving: {plan['max_num_seqs']} request(s) of {length} tokens at once (--max-num-seqs, "
+             f"--max-model-len), {plan['max_num_batched_tokens']} tokens per step; KV cache in blocks of "
+             f"{plan['block_size']} tokens",
              "",
-             f"{'tp':>4} {'nodes':>5} {'weights':>9} {'kv cache':>9} {'activ.':>8} {'per GPU':>9}  fits"]
+             f"{'tp':>4} {'nodes':>5} {'weights':>8} {'activ.':>7} {'kv/token':>9} {'kv cache':>8} {'per GPU':>8} "
+             f"{'kv pool':>8} {'pool tokens':>12} {'max conc.':>10}  fits"]
     for c in plan["candidates"]:
-        lines.append(f"{c['tensor_parallel']:>4} {c['nodes']:>5} {c['weights_gib']:>8.2f}G {c['kv_cache_gib']:>8.2f}G "
-                     f"{c['activation_gib']:>7.2f}G {c['per_gpu_gib']:>8.2f}G  {'yes' if c['fits'] else 'no'}")
+        lines.append(f"{c['tensor_parallel']:>4} {c['nodes']:>5} {c['weights_gib']:>7.2f}G "
+                     f"{c['activation_gib']:>6.2f}G {_bytes(c['kv_bytes_per_token']):>9} {c['kv_cache_gib']:>7.2f}G {c['per_gpu_gib']:>7.2f}G "
+                     f"{c['kv_pool_gib']:>7.2f}G {c['kv_pool_tokens']:>12,} {c['max_concurrency']:>9.2f}x  "
+                     f"{'yes' if c['fits'] else 'no: ' + c['why_not']}")
     lines.append("")
     lines.append(_host_line(plan))
     if not plan["fits"]:
         lines.append(f"does not fit: {plan['missing']}")
-    elif plan["recommendation"] == "single-node":
+        return "\n".join(lines)
+    chosen = next(c for c in plan["candidates"] if c["tensor_parallel"] == plan["tensor_parallel"])
+    lines.append(f"KV cache per rank at tensor parallel {plan['tensor_parallel']}: "
+                 f"{_bytes(chosen['kv_bytes_per_token'])} per token; pool {chosen['kv_pool_gib']:g} GiB, "
+                 f"{chosen['kv_pool_tokens']:,} tokens; maximum concurrency for {length} tokens per request: "
+                 f"{chosen['max_concurrency']:.2f}x")
+    if plan["recommendation"] == "single-node":
         lines.append(f"fits on one node: tensor parallel {plan['tensor_parallel']} on {plan['gpus_per_node']} GPU(s), "
                      f"{plan['per_gpu_gib']:g} GiB per GPU. Deploy on a single node; multi-node buys nothing here.")
         lines.append(f"  {plan['render_command']}")
