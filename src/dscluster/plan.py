@@ -38,6 +38,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dscluster.engine.kv_blocks import BLOCK_SIZE  # tokens per block of the engine's KV pool
 from dscluster.errors import EXIT_RUNTIME, UsageError
 
 GIB = 1024**3
@@ -46,7 +47,6 @@ MARGIN = 0.10                 # estimation error, allocator fragmentation
 OVERHEAD_GIB = 1.0            # CUDA context, NCCL buffers, the runtime itself
 HOST_OVERHEAD_GIB = 2.0       # host memory of a GPU rank before weights (0.4 GiB on CPU ranks; CUDA adds more)
 DEFAULT_CONTEXT = 4096        # tokens per request when the model does not say its context (and for --params)
-BLOCK_SIZE = 16               # tokens per block of the engine's KV pool (engine/kv_blocks.py), as vLLM's default
 MIN_BATCHED_TOKENS = 256      # serve's --max-num-batched-tokens default: the larger of this and --max-num-seqs
 CHECKPOINTS = "/mnt/checkpoints"
 
