@@ -111,6 +111,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                         "at most 4 GiB when no limit is set)")
     p.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9,
                    help="fraction of each GPU for the weights, activations and key/value cache (default 0.9)")
+    p.add_argument("--num-kv-blocks", type=_positive_int, default=None, metavar="N",
+                   help="exactly N blocks of 16 tokens of key/value cache per rank, whatever the memory "
+                        "(vLLM's --num-gpu-blocks-override: for tests and benchmarks)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the cached keys and values of prompt prefixes already computed (default: on)")
     p.add_argument("--heartbeat-interval", type=_positive_float, default=1.0,

@@ -44,7 +44,15 @@ def run_work(engine, work: dict) -> dict:
                            for r in results]
     if "schedule" in work:
         out["schedule"] = run_schedule(engine, work["schedule"])
+    out["cache"] = cache_stats(engine)
     return out
+
+
+def cache_stats(engine) -> dict:
+    """What the key/value pool did: the same decisions on one rank or many give the same counts."""
+    stats = engine.generation_stats()
+    return {"blocks": stats.num_blocks, "preemptions": stats.preemptions, "prefix_queries": stats.prefix_queries,
+            "prefix_hits": stats.prefix_hits}
 
 
 def sampling_params(params: dict) -> SamplingParams:

@@ -16,7 +16,7 @@ import torch
 
 from dscluster.engine.api import GenerationRequest, SamplingParams
 from dscluster.engine.runtime import open_engine
-from engine_probe import logprob_values, run_schedule, sampling_params  # tests/e2e/engine_probe.py
+from engine_probe import cache_stats, logprob_values, run_schedule, sampling_params  # tests/e2e/engine_probe.py
 
 PROBE = Path(__file__).with_name("engine_probe.py")
 
@@ -26,12 +26,15 @@ PROMPTS = [
     [1, 500, 501, 502, 503, 504],
 ]
 # Requests joining a running batch at different steps; with 3 rows and 16 tokens per step at most,
-# long prompts are computed in chunks and later requests wait for a row.
-LIMITS = {"max_num_seqs": 3, "max_num_batched_tokens": 16}
+# long prompts are computed in chunks and later requests wait for a row. A key/value pool of 7 blocks
+# (112 tokens) cannot hold three rows of up to 55 tokens: runs grow, move and are preempted, and
+# requests sharing a prefix find it cached, on every rank alike.
+LIMITS = {"max_num_seqs": 3, "max_num_batched_tokens": 16, "max_model_len": 64, "num_kv_blocks": 7}
 SCHEDULE = [
     {"arrive": arrive, "prompt_ids": prompt, "params": {"max_tokens": n, "temperature": 0, "ignore_eos": True}}
     for arrive, prompt, n in [(0, PROMPTS[0], 12), (0, PROMPTS[1], 5), (1, [1, *range(300, 340)], 9),
-                              (2, PROMPTS[2], 14), (5, [9], 6), (7, [1, *range(700, 730)], 8)]
+                              (2, PROMPTS[2], 14), (5, [9], 6), (7, [1, *range(700, 730)], 8),
+                              (9, [1, *range(300, 340), 11], 4), (9, [1, *range(300, 340), 12, 13], 4)]
 ]
 # Every per-request parameter travels in the join: penalties, biases, min_tokens, and logprobs
 # (prompt logprobs change which logits every rank keeps, across prompt chunks of 16 tokens).
@@ -68,7 +71,7 @@ def run_ranks(tmp_path: Path, options: dict, work: dict, nproc: int = 2, timeout
 
 def reference(model: str, work: dict, engine: str | None = None, **limits) -> dict:
     ref = open_engine(model, engine=engine, **limits)
-    out = {}
+    out: dict = {}
     if "predict" in work:
         outs = ref.predict([torch.tensor(x, dtype=ref.info.input_dtype) for x in work["predict"]])
         out["predict"] = [o.tolist() for o in outs]
@@ -77,10 +80,13 @@ def reference(model: str, work: dict, engine: str | None = None, **limits) -> di
         results = ref.generate(reqs)
         out["generate"] = [r.token_ids for r in results]
         out["logprobs"] = [(logprob_values(r.logprobs), logprob_values(r.prompt_logprobs)) for r in results]
-        # Each prompt alone: padding in a mixed-length batch must not change the tokens.
-        out["generate_alone"] = [ref.generate([r])[0].token_ids for r in reqs]
+        # Each prompt alone (on an engine of its own, so `ref` does exactly the ranks' work):
+        # padding in a mixed-length batch must not change the tokens.
+        alone = open_engine(model, engine=engine, **limits)
+        out["generate_alone"] = [alone.generate([r])[0].token_ids for r in reqs]
     if "schedule" in work:
         out["schedule"] = run_schedule(ref, work["schedule"])
+    out["cache"] = cache_stats(ref)
     return out
 
 
@@ -140,6 +146,9 @@ def test_sharded_llama_equals_unsharded(tmp_path, tiny, tiny_reference, schedule
     # Joining mid-batch, prompts in chunks: every request as transformers generates it alone.
     assert [r.get("token_ids") for r in got["schedule"]] == schedule_expected
     assert tiny_reference["schedule"] == got["schedule"]
+    # ... with the same pool decisions as the unsharded engine: preemptions and prefix hits happened.
+    assert got["cache"] == tiny_reference["cache"]
+    assert got["cache"]["preemptions"] > 0 and got["cache"]["prefix_hits"] > 0, got["cache"]
 
 
 def test_failed_step_drops_the_batch_on_every_rank_and_the_group_goes_on(tmp_path, tiny, schedule_expected):

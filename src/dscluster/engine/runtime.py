@@ -86,6 +86,7 @@ class RuntimeOptions:
     kv_cache_memory: int | None = None   # bytes of key/value pool per rank (None: from the memory it runs in)
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    num_kv_blocks: int | None = None     # the pool's block count, whatever the memory (tests, benchmarks)
 
     @classmethod
     def from_args(cls, args) -> RuntimeOptions:
@@ -179,6 +180,8 @@ class Runtime:
                                          activation=activation)
         self.block_bytes = per_token * BLOCK_SIZE
         blocks = budget // self.block_bytes
+        if options.num_kv_blocks is not None:
+            blocks, source = options.num_kv_blocks, "--num-kv-blocks"
         if self.groups is not None and self.world_size > 1:
             agreed = torch.tensor([blocks], dtype=torch.int64, device=self.device)
             torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
