@@ -179,3 +179,48 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self.log.close()
+
+
+def scrape_metrics(url: str, names: list[str]) -> dict[str, float | None]:
+    """The server's own account of a run from its Prometheus page (`GET /metrics`): each name's
+    samples summed over their labels, None for a name the server does not export (or no page)."""
+    import httpx
+
+    out: dict[str, float | None] = dict.fromkeys(names)
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return out
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        sample, _, value = line.rpartition(" ")
+        name = sample.split("{", 1)[0]
+        if name in out:
+            try:
+                out[name] = (out[name] or 0.0) + float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def corpus_words() -> list[str]:
+    """The words of the package's own corpus (what `dscluster tiny-model` trains its tokenizer on),
+    so prompts are made here from a seeded generator and nothing is downloaded."""
+    from importlib import resources
+
+    return resources.files("dscluster.data").joinpath("corpus.txt").read_text(encoding="utf-8").split()
+
+
+def words_for_tokens(tokenizer, rng, words: list[str], tokens: int) -> tuple[str, int]:
+    """Words drawn by `rng` until the model's own tokenizer counts at least `tokens` tokens (a few
+    more at most): (the text, its token count without special tokens). Counted, not estimated,
+    because words per token depend on the tokenizer."""
+    pieces: list[str] = []
+    count = 0
+    while count < tokens:
+        # Every word is at least one token, so half the missing count never overshoots by much;
+        # a few rounds converge instead of re-tokenizing after every word.
+        pieces += [rng.choice(words) for _ in range(max(1, (tokens - count) // 2))]
+        count = len(tokenizer(" ".join(pieces), add_special_tokens=False)["input_ids"])
+    return " ".join(pieces), count

@@ -89,6 +89,7 @@ def request_body(style: str, model: str, request: dict) -> dict:
 async def _one(client, url: str, body: dict, t0: float) -> dict:
     sent = time.monotonic()
     texts: list[float] = []
+    pieces: list[str] = []
     tokens, error = None, None
     try:
         async with client.stream("POST", url, json=body) as reply:
@@ -102,15 +103,18 @@ async def _one(client, url: str, body: dict, t0: float) -> dict:
                     if "error" in event:
                         error = str(event["error"])[:200]
                         break
-                    if any(choice.get("text") for choice in event.get("choices", [])):
+                    text = "".join(choice.get("text") or "" for choice in event.get("choices", []))
+                    if text:
                         texts.append(time.monotonic())
+                        pieces.append(text)
                     if event.get("usage"):
                         tokens = event["usage"]["completion_tokens"]
     except Exception as exc:  # noqa: BLE001 - recorded with the request
         error = f"{type(exc).__name__}: {exc}"
     end = time.monotonic()
     return {"sent": sent - t0, "end": end - t0, "ttft": texts[0] - sent if texts else None,
-            "itl": [b - a for a, b in zip(texts, texts[1:])], "tokens": tokens, "error": error}
+            "itl": [b - a for a, b in zip(texts, texts[1:])], "tokens": tokens, "error": error,
+            "text": "".join(pieces)}
 
 
 async def _load(url: str, style: str, model: str, requests: list[dict], concurrency: int, idle: bool) -> dict:
@@ -167,8 +171,12 @@ def baseline_source(into: Path) -> Path:
     return into / "src"
 
 
-def start(kind: str, ranks: int, threads: int, model: Path, baseline_src: Path | None) -> tuple[Server, str]:
-    """(server, load style). `threads`: torch threads per process (each rank, for tp=2)."""
+def start(kind: str, ranks: int, threads: int, model: Path, baseline_src: Path | None, *,
+          max_num_seqs: int = CONCURRENCY, batched_tokens: int = BATCHED_TOKENS,
+          flags: tuple[str, ...] = ()) -> tuple[Server, str]:
+    """(server, load style). `threads`: torch threads per process (each rank, for tp=2);
+    `batched_tokens`: both continuous-batching servers' token budget per step; `flags`: more
+    `dscluster serve` options (other workloads' settings)."""
     from dscluster.cluster.launch import free_port
 
     port = free_port()
@@ -179,14 +187,14 @@ def start(kind: str, ranks: int, threads: int, model: Path, baseline_src: Path |
         if kind == "transformers-cb":
             # Its default cache sizing takes most of the machine's memory on a CPU: enough blocks for
             # 16 requests of up to 512 tokens, and the same token budget per step as dscluster.
-            cmd += ["--continuous-batching", "--cb-num-blocks", "64", "--cb-max-batch-tokens", str(BATCHED_TOKENS)]
+            cmd += ["--continuous-batching", "--cb-num-blocks", "64", "--cb-max-batch-tokens", str(batched_tokens)]
         return Server(cmd, port, "/health", env), "transformers"
     cmd = [sys.executable, "-m", "dscluster", "serve", str(model), "--nproc", str(ranks), "--port", str(port),
            "--log-level", "WARNING", "--request-timeout", "0"]
     if kind == "baseline":
         env["PYTHONPATH"] = str(baseline_src)
     else:
-        cmd += ["--max-num-seqs", str(CONCURRENCY), "--max-num-batched-tokens", str(BATCHED_TOKENS)]
+        cmd += ["--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(batched_tokens), *flags]
     return Server(cmd, port, "/health/ready", env), "dscluster"
 
 

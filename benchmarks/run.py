@@ -25,6 +25,8 @@ BENCHMARKS = {
     "serving": "benchmarks.serving",
     "decode_paths": "benchmarks.decode_paths",
     "generation": "benchmarks.generation",
+    "prefix_cache": "benchmarks.prefix_cache",
+    "kv_memory": "benchmarks.kv_memory",
 }
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
