@@ -171,16 +171,23 @@ def baseline_source(into: Path) -> Path:
     return into / "src"
 
 
-def start(kind: str, ranks: int, threads: int, model: Path, baseline_src: Path | None, *,
+def start(kind: str, ranks: int, threads: int | None, model: Path, baseline_src: Path | None, *,
           max_num_seqs: int = CONCURRENCY, batched_tokens: int = BATCHED_TOKENS,
-          flags: tuple[str, ...] = ()) -> tuple[Server, str]:
-    """(server, load style). `threads`: torch threads per process (each rank, for tp=2);
-    `batched_tokens`: both continuous-batching servers' token budget per step; `flags`: more
-    `dscluster serve` options (other workloads' settings)."""
+          flags: tuple[str, ...] = (), source: Path | None = None) -> tuple[Server, str]:
+    """(server, load style). `threads`: torch threads per process (each rank, for tp=2; None: the
+    server's own default); `batched_tokens`: both continuous-batching servers' token budget per
+    step; `flags`: more `dscluster serve` options (other workloads' settings); `source`: another
+    dscluster source tree to run (an earlier commit's)."""
     from dscluster.cluster.launch import free_port
 
     port = free_port()
-    env = {"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    env = {"HF_HUB_OFFLINE": "1"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    elif "OMP_NUM_THREADS" in os.environ:
+        raise RuntimeError("unset OMP_NUM_THREADS to measure each server's default threads")
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
     if kind.startswith("transformers"):
         cmd = [str(Path(sys.executable).with_name("transformers")), "serve", str(model), "--port", str(port),
                "--host", "127.0.0.1", "--device", "cpu", "--log-level", "warning"]

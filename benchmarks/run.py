@@ -27,6 +27,7 @@ BENCHMARKS = {
     "generation": "benchmarks.generation",
     "prefix_cache": "benchmarks.prefix_cache",
     "kv_memory": "benchmarks.kv_memory",
+    "kv_generation": "benchmarks.kv_generation",
 }
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -158,6 +158,9 @@ class Runtime:
             else:
                 self._allocate_pool()
         self.step_failed = False        # this rank's last generation step raised (said in the next header)
+        # Torch threads for predict units and for generation steps (engine/threads.py): rank 0
+        # leaves a core to its front end for the first, and gives generation every core.
+        self.threads: tuple[int, int] | None = None
 
     def _allocate_pool(self) -> None:
         """Size this rank's key/value pool from the memory it runs in (engine/kv_budget.py) after one
@@ -210,8 +213,13 @@ class Runtime:
                          extra={"description": self.model.description})
 
     # -- the units of work, identical on every rank ----------------------------------------
+    def _use_threads(self, generating: bool) -> None:
+        if self.threads is not None and torch.get_num_threads() != self.threads[generating]:
+            torch.set_num_threads(self.threads[generating])
+
     @torch.no_grad()
     def run_predict(self, batch: torch.Tensor) -> torch.Tensor:
+        self._use_threads(False)
         x = batch.to(self.device)
         if self.loaded.kind == "causal-lm":
             out = self.model.module(input_ids=x).logits
@@ -234,6 +242,7 @@ class Runtime:
         rows = self.batch.rows_after(plan) if len(plan.actions) == len(self.batch.rows) else len(plan.joins)
         if self.channel is not None:
             self.channel.rows = rows
+        self._use_threads(True)
         try:
             return self.batch.step(plan)
         except Exception:
@@ -594,8 +603,9 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
     and a peer lost while this rank is still checking is acted on only after its own verdict: a
     rank whose model is bad says so, rather than that rank 0 (which hosts the store) left first."""
     threads = set_threads(rdzv.local_world_size, runs_front_end=rdzv.rank == 0)
-    log.info("rank %d: %d torch thread(s), OMP_WAIT_POLICY=%s", rdzv.rank, threads,
-             os.environ.get("OMP_WAIT_POLICY", "(libgomp's default)"))
+    generation_threads = torch_threads(rdzv.local_world_size, runs_front_end=False)
+    log.info("rank %d: %d torch thread(s) (%d while generating), OMP_WAIT_POLICY=%s", rdzv.rank, threads,
+             generation_threads, os.environ.get("OMP_WAIT_POLICY", "(libgomp's default)"))
     groups = monitor = None
     engine_ref: dict[str, Engine] = {}
     checking: dict = {"active": True, "failure": None}
@@ -635,6 +645,7 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
         release_shared_memory(rdzv.rank)
         channel = open_channel(groups, options)
     runtime = Runtime(options, loaded, model, groups, monitor, device=device, channel=channel)
+    runtime.threads = (threads, generation_threads)
     runtime.engine_ref = engine_ref
     log.info("rank %d ready: %s", rdzv.rank, model.description)
     return runtime

@@ -9,7 +9,12 @@ wait policy) and take the core from whatever else wants it. So, unless the user 
 
 - idle OpenMP threads sleep (`OMP_WAIT_POLICY=PASSIVE`): libgomp reads it once, when torch loads,
   so it is set before torch is imported;
-- the rank that runs the front end leaves one core of its share to it.
+- the rank that runs the front end leaves one core of its share to it for predict units (short
+  forward passes that come as fast as the front end can parse them), and uses its whole share
+  for generation steps (long matrix multiplies, while the front end mostly waits for tokens).
+  Measured on the generation benchmark: one torch thread on 2 cores made 0.81x
+  `transformers serve --continuous-batching`'s tokens/s, two threads 0.92x
+  (benchmarks/README.md has the figures after the key/value pool).
 
 An explicit `OMP_NUM_THREADS` or `OMP_WAIT_POLICY` (a launcher's, the user's) always wins.
 """
