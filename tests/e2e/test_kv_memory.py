@@ -3,7 +3,7 @@ key/value pool from the limit, and a load that needs more cache than the limit l
 full, every request, by making requests wait, grow, and be preempted and recomputed, never by an
 OOM kill. Before the pool, the cache grew with the load until the kernel killed the server.
 
-Also: start-up exits 2 on every rank when the pool cannot hold one request of --max-model-len."""
+Also: start-up exits 2 when the pool cannot hold one request of --max-model-len."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def wide(tmp_path_factory) -> str:
 
 def start(model: str, port: int, cgroup: MemoryCgroup, *args: str) -> tuple[subprocess.Popen, object]:
     log = tempfile.TemporaryFile("w+")
-    cmd = [sys.executable, "-m", "dscluster", "serve", model, "--port", str(port), "--max-model-len", "800", *args]
+    cmd = [sys.executable, "-m", "dscluster", "serve", model, "--port", str(port), "--max-model-len", "800",
+           "--request-timeout", "900", *args]
     proc = subprocess.Popen(cgroup.command(cmd), env=clean_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
                             stderr=log, text=True, start_new_session=True)
     return proc, log
@@ -76,7 +77,7 @@ def test_a_load_larger_than_the_memory_left_is_answered_in_full(wide):
             assert poll_ready(url, lambda: proc.poll() is None, 240), stop(proc, log)[1][-3000:]
 
             def ask(i: int) -> dict:
-                prompt = [1] + [(i * 37 + j * 11) % 3000 + 3 for j in range(PROMPT - 1)]
+                prompt = [1] + [(i * 37 + j * 11) % 1000 + 3 for j in range(PROMPT - 1)]
                 body = {"prompt": prompt, "max_tokens": NEW, "temperature": 0, "ignore_eos": True}
                 return httpx.post(f"{url}/v1/completions", json=body, timeout=600).json()
 
@@ -89,7 +90,7 @@ def test_a_load_larger_than_the_memory_left_is_answered_in_full(wide):
         peak = cgroup.peak_bytes()
     assert code == 0, err[-3000:]
     for answer in answers:
-        assert answer["usage"]["completion_tokens"] == NEW, answer
+        assert "usage" in answer and answer["usage"]["completion_tokens"] == NEW, answer
         assert answer["choices"][0]["finish_reason"] == "length"
     pool_tokens = int(re.search(r"KV cache: (\d+) tokens", err).group(1))
     assert pool_tokens < REQUESTS * (PROMPT + NEW), "the pool holds the whole load: the test proves nothing"
@@ -99,11 +100,13 @@ def test_a_load_larger_than_the_memory_left_is_answered_in_full(wide):
     assert peak <= limit
 
 
-def test_a_pool_too_small_for_one_request_exits_2_on_every_rank(tiny):
+def test_a_pool_too_small_for_one_request_exits_2(tiny):
+    """Every rank finds the same block count (the group agrees on the smallest); the first rank to
+    say so ends the group with exit 2 (the launcher stops the others)."""
     proc = subprocess.run([sys.executable, "-m", "dscluster", "serve", tiny, "--nproc", "2", "--port",
                            str(free_port()), "--max-model-len", "128", "--num-kv-blocks", "7"],
                           capture_output=True, text=True, timeout=240, env=clean_env())
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("dscluster: error:")]
+    errors = [line for line in proc.stderr.splitlines() if "dscluster: error:" in line]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert errors and all("holds 112 tokens (7 blocks of 16)" in e and "--max-model-len 128" in e for e in errors), \
         proc.stderr[-3000:]

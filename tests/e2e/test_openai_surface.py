@@ -309,3 +309,28 @@ def test_vllm_metric_names_count_what_was_served(server, http):
                  "vllm:gpu_cache_usage_perc"):
         assert idle[(name, label)] == 0.0, name
     assert httpx.get(f"{server.url}/v1/models").status_code == 401, "only /metrics is open"
+
+
+def test_cache_metrics_move_as_the_pool_fills_and_hits(server, http):
+    """The key/value pool's gauges and counters under vLLM's names, on a real 2-rank server: usage
+    rises while a long request runs, and the same long prompt sent again is a prefix-cache hit of
+    every full block but its last token's (the answer is the same)."""
+    label = (("model_name", "tiny"),)
+    prompt = [1, *range(2000, 2100)]                       # 101 tokens: 6 full blocks of 16
+    first = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3, "temperature": 0}).json()
+    before = vllm_metrics(server)
+    usage = []
+    body = {"prompt": prompt, "max_tokens": 60, "temperature": 0, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: {") and len(usage) < 3:
+                usage.append(vllm_metrics(server)[("vllm:kv_cache_usage_perc", label)])
+    after = vllm_metrics(server)
+    assert max(usage) > 0, usage
+    hits = after[("vllm:prefix_cache_hits_total", label)] - before[("vllm:prefix_cache_hits_total", label)]
+    queries = after[("vllm:prefix_cache_queries_total", label)] - before[("vllm:prefix_cache_queries_total", label)]
+    assert queries == len(prompt) and hits == 6 * 16, (queries, hits)
+    again = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3, "temperature": 0}).json()
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
+    info = [k for k in after if k[0] == "vllm:cache_config_info"]
+    assert info and dict(info[0][1])["block_size"] == "16" and dict(info[0][1])["enable_prefix_caching"] == "True"

@@ -450,7 +450,8 @@ def test_ranks_run_with_the_serving_thread_policy(server):
     ranks = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if "serve" in p.cmdline()]
     assert len(ranks) == 2
     assert all(p.environ().get("OMP_WAIT_POLICY") == policy for p in ranks)
-    assert f"rank 0: {threads} torch thread(s), OMP_WAIT_POLICY={policy}" in server.output()
+    assert f"rank 0: {threads} torch thread(s) ({threads} while generating), OMP_WAIT_POLICY={policy}" \
+        in server.output()
 
 
 def test_sigterm_drains_in_flight_requests_and_all_ranks_exit_0(server):

@@ -182,7 +182,9 @@ class Runtime:
                                          gpu_memory_utilization=options.gpu_memory_utilization,
                                          activation=activation)
         self.block_bytes = per_token * BLOCK_SIZE
-        blocks = budget // self.block_bytes
+        # A rank may hold no key/value heads at all (AutoTP over more ranks than heads): its pool
+        # costs nothing and the other ranks' decide.
+        blocks = budget // self.block_bytes if self.block_bytes else 2**40
         if options.num_kv_blocks is not None:
             blocks, source = options.num_kv_blocks, "--num-kv-blocks"
         if self.groups is not None and self.world_size > 1:
