@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make serve` (the main job) and `make test`.
-# Each does whatever set-up it still needs: OpenMPI from Debian, a venv in .venv, the package.
+# Each does whatever set-up it still needs: OpenMPI and Slurm's client from Debian, a venv in .venv,
+# the package, and DeepSpeed's compiled shared-memory op.
 VENV     ?= .venv
 PYTHON   ?= python3
 PORT     ?= 8000
@@ -11,15 +12,19 @@ BIN      := $(VENV)/bin
 .PHONY: install serve test bench gpu-check gpu-wheels clean
 
 $(BIN)/.installed: pyproject.toml
-	@command -v mpirun >/dev/null && command -v mpicc >/dev/null && command -v ip >/dev/null || { \
-	  echo "installing OpenMPI and iproute2 from Debian packages"; \
+	@# slurm-client: the tests compare node-list parsing with Slurm's own `scontrol show hostnames`.
+	@command -v mpirun >/dev/null && command -v mpicc >/dev/null && command -v ip >/dev/null \
+	  && command -v scontrol >/dev/null || { \
+	  echo "installing OpenMPI, iproute2 and Slurm's client from Debian packages"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    openmpi-bin libopenmpi-dev iproute2 >/dev/null; }
+	    openmpi-bin libopenmpi-dev iproute2 slurm-client >/dev/null; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test,bench]'
+	# DeepSpeed's shared-memory all-reduce op: compiled now (about 40 s), not at the first `make serve`.
+	$(BIN)/python -m dscluster.engine.parallel
 	touch $@
 
 install: $(BIN)/.installed

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from dscluster.engine.checkpoint import INDEX, SafetensorsCheckpoint, TensorRead
-from dscluster.engine.host_memory import HostMemory, check_host_memory, host_memory
+from dscluster.engine.host_memory import UNLIMITED, HostMemory, check_host_memory, host_memory
 from dscluster.errors import UsageError
 
 
@@ -177,6 +177,100 @@ def test_host_memory_reads_the_cgroup_limit_less_what_cannot_be_reclaimed(tmp_pa
     assert "memory.limit_in_bytes" in memory.source
     monkeypatch.setenv("LOCAL_SIZE", "2")  # two ranks in one pod share it
     assert host_memory(tmp_path / "cg", tmp_path / "proc").room == (2 * gib - gib // 2) // 2
+
+
+# cgroup v2 as a Kubernetes node with the systemd cgroup driver lays it out: a container's scope in
+# its pod's slice in its QoS class's slice. The files and formats are the kernel's (cgroup-v2.rst):
+# `memory.max` is a byte count or "max" (no limit), `memory.current` is absent at the root, and
+# `memory.stat` lists `anon`, `file`, ..., `active_file`, `inactive_file`. (This machine can mount a
+# cgroup2 hierarchy, but its memory controller is bound to the v1 hierarchy, so a real v2
+# `memory.max` cannot be made here: the tree is written by the test.)
+V2_CONTAINER = ("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f1e.slice/"
+                "cri-containerd-7c2a.scope")
+
+
+def fake_cgroup_v2(root: Path, proc: Path, cgroup_path: str, groups: dict[str, tuple[str, int, int]],
+                   mem_available_kib: int | None = 20_000_000) -> None:
+    """`groups`: path under the root ("" for the root itself) -> (memory.max, memory.current,
+    reclaimable file bytes, split between active_file and inactive_file)."""
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "cgroup").write_text(f"0::/{cgroup_path}\n")
+    if mem_available_kib is not None:
+        (proc / "meminfo").write_text(f"MemTotal:       24000000 kB\nMemFree:        1000000 kB\n"
+                                      f"MemAvailable:   {mem_available_kib} kB\n")
+    root.mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids rdma misc\n")
+    (root / "memory.stat").write_text("anon 0\nfile 0\n")
+    for path, (maximum, current, file) in groups.items():
+        group = root / path
+        group.mkdir(parents=True, exist_ok=True)
+        (group / "memory.max").write_text(f"{maximum}\n")
+        (group / "memory.current").write_text(f"{current}\n")
+        (group / "memory.stat").write_text(
+            f"anon {current - file}\nfile {file}\nkernel 4194304\nshmem 0\ninactive_anon 0\n"
+            f"active_anon {current - file}\ninactive_file {file // 4}\nactive_file {file - file // 4}\n"
+            "unevictable 0\n")
+
+
+def v2_tree(container_max: str, pod_max: str, current: int, file: int) -> dict[str, tuple[str, int, int]]:
+    pod = V2_CONTAINER.rpartition("/")[0]
+    pause = 2 * 2**20  # the pod's sandbox ("pause") container
+    return {"kubepods.slice": ("max", current + pause, file), "kubepods.slice/kubepods-burstable.slice":
+            ("max", current + pause, file), pod: (pod_max, current + pause, file), V2_CONTAINER:
+            (container_max, current, file)}
+
+
+def test_host_memory_reads_cgroup_v2_memory_max_less_what_cannot_be_reclaimed(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCAL_SIZE", "1")
+    gib = 2**30
+    # The container's limit (2 GiB) is the tightest; its pod and the slices above say "max".
+    fake_cgroup_v2(tmp_path / "cg", tmp_path / "proc", V2_CONTAINER,
+                   v2_tree(container_max=str(2 * gib), pod_max="max", current=gib, file=gib // 2))
+    memory = host_memory(tmp_path / "cg", tmp_path / "proc")
+    assert memory.limit == 2 * gib and memory.room == 2 * gib - gib // 2
+    assert memory.source == "memory cgroup (v2) memory.max"
+    with pytest.raises(UsageError, match=r"needs 2\.00 GiB .* only 1\.50 GiB is left under its limit of 2\.00 GiB "
+                                         r"\(memory cgroup \(v2\) memory\.max\)"):
+        check_host_memory(2 * gib, "the whole model (float32)", memory)
+    monkeypatch.setenv("LOCAL_SIZE", "2")  # two ranks in one container share it
+    assert host_memory(tmp_path / "cg", tmp_path / "proc").room == (2 * gib - gib // 2) // 2
+
+
+def test_cgroup_v2_limit_of_a_parent_bounds_a_container_without_one(tmp_path, monkeypatch):
+    """A pod-level limit (the pod slice's memory.max) holds every container of the pod, whose own
+    memory.max says "max"; what the pod's other container uses counts against it."""
+    monkeypatch.setenv("LOCAL_SIZE", "1")
+    gib = 2**30
+    fake_cgroup_v2(tmp_path / "cg", tmp_path / "proc", V2_CONTAINER,
+                   v2_tree(container_max="max", pod_max=str(3 * gib // 2), current=gib, file=0))
+    memory = host_memory(tmp_path / "cg", tmp_path / "proc")
+    assert memory.limit == 3 * gib // 2 and memory.room == 3 * gib // 2 - gib - 2 * 2**20
+
+
+def test_cgroup_v2_namespace_shows_the_container_as_the_root(tmp_path, monkeypatch):
+    """With a cgroup namespace (containerd's default on v2) the container sees its own cgroup as
+    "/" and the mount's root holds its memory.max."""
+    monkeypatch.setenv("LOCAL_SIZE", "1")
+    gib = 2**30
+    fake_cgroup_v2(tmp_path / "cg", tmp_path / "proc", "", {"": (str(gib), gib // 4, 0)})
+    memory = host_memory(tmp_path / "cg", tmp_path / "proc")
+    assert (memory.limit, memory.room, memory.source) == (gib, gib - gib // 4, "memory cgroup (v2) memory.max")
+
+
+def test_cgroup_v2_max_means_no_limit(tmp_path, monkeypatch):
+    """"max" all the way up: no cgroup limit; the node's MemAvailable bounds the rank, or, without
+    /proc/meminfo, nothing does."""
+    monkeypatch.setenv("LOCAL_SIZE", "1")
+    fake_cgroup_v2(tmp_path / "cg", tmp_path / "proc", V2_CONTAINER,
+                   v2_tree(container_max="max", pod_max="max", current=2**30, file=0))
+    memory = host_memory(tmp_path / "cg", tmp_path / "proc")
+    assert (memory.limit, memory.room) == (20_000_000 * 1024, 20_000_000 * 1024)
+    assert memory.source == "MemAvailable in /proc/meminfo"
+    fake_cgroup_v2(tmp_path / "cg2", tmp_path / "proc2", V2_CONTAINER,
+                   v2_tree(container_max="max", pod_max="max", current=2**30, file=0), mem_available_kib=None)
+    memory = host_memory(tmp_path / "cg2", tmp_path / "proc2")
+    assert (memory.limit, memory.room, memory.source) == (UNLIMITED, UNLIMITED, "no limit found")
+    check_host_memory(10**15, "a petabyte", memory)  # nothing to check against: no error
 
 
 def test_check_host_memory_names_need_room_and_way_out(monkeypatch):

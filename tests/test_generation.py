@@ -149,10 +149,29 @@ def test_a_short_newcomer_is_computed_alone_and_running_rows_never_wait_twice(ti
     assert counts3[0] == counts2[0] + 1 and counts3[2] == 2 and counts3[3] == 1 and tokens3 == 16
 
 
-def test_one_step_per_token_when_all_arrive_together(engine, hf_greedy):
-    requests = [GenerationRequest(tuple(p), greedy(n)) for p, n in zip(PROMPTS[:3], NEW[:3], strict=True)]
-    results = engine.generate(requests)
+def test_one_step_per_token_when_all_arrive_together(engine, hf_greedy, monkeypatch):
+    """Three prompts that fit one step's budget together (8 + 3 + 1 of 16 tokens) are all computed
+    in the first step, which gives each its first token; every later step gives each request still
+    running its next one. So after step k each request has min(k, its length) tokens, and the
+    longest (12 tokens) takes 12 steps."""
+    new = NEW[:3]
+    requests = [GenerationRequest(tuple(p), greedy(n)) for p, n in zip(PROMPTS[:3], new, strict=True)]
+    tokens = [0] * len(requests)
+    after_each_step: list[list[int]] = []
+    step = engine.step
+
+    def counted_step() -> None:
+        step()
+        after_each_step.append(list(tokens))
+
+    def on_token(index: int, token: int) -> bool:
+        tokens[index] += 1
+        return True
+
+    monkeypatch.setattr(engine, "step", counted_step)
+    results = engine.generate(requests, on_token=on_token)
     assert [r.token_ids for r in results] == hf_greedy[:3]
+    assert after_each_step == [[min(k, n) for n in new] for k in range(1, max(new) + 1)]
 
 
 def test_seeded_sampling_does_not_depend_on_neighbours(engine):

@@ -24,6 +24,8 @@ from dscluster.engine.api import GenerationRequest, SamplingParams
 from dscluster.engine.runtime import open_engine
 from dscluster.engine.sampling import RequestSampler
 
+from bfloat16_reference import check_bfloat16_against_float32  # tests/bfloat16_reference.py
+
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 from servers import RemoteServer  # noqa: E402  (tests/e2e/servers.py)
 
@@ -79,17 +81,16 @@ def test_float32_on_one_gpu_gives_the_cpus_greedy_tokens(tiny, cpu_reference):
     assert logits.device.type == "cpu" and torch.allclose(logits, want, atol=1e-4, rtol=1e-4)
 
 
-def test_bfloat16_on_one_gpu(tiny, cpu_reference):
+def test_bfloat16_on_one_gpu(tiny):
+    """Logits within bfloat16's bound of float32's, greedy tokens equal up to near ties
+    (tests/bfloat16_reference.py: the bound, and the wrong kernels it catches)."""
     engine = open_engine(tiny, dtype="bfloat16", device=DEVICE, max_num_seqs=4)
     assert on_device(engine.runtime.model.module)
     assert all(p.dtype == torch.bfloat16 for p in engine.runtime.model.module.parameters())
-    tokens = greedy(engine)
-    assert [len(t) for t in tokens] == [16] * len(PROMPTS)
+    found = check_bfloat16_against_float32(engine, tiny)
+    print(f"bfloat16 on {DEVICE}: largest logit error {found['largest_error']:.2%} of the largest logit, "
+          f"{found['compared_steps']} greedy steps compared")
     assert cache_while_generating(engine) == {(DEVICE.type, torch.bfloat16)}
-    ids = torch.tensor(PROMPTS[0])
-    (logits,) = engine.predict([ids])
-    (want,) = cpu_reference.predict([ids])
-    assert logits.dtype == torch.bfloat16 and (logits.float() - want).abs().max() < 0.1
 
 
 @needs_real_gpu

@@ -92,7 +92,8 @@ def test_the_check_runner_with_the_cpu_standing_in_for_the_gpus(tmp_path):
                  "cpu import spec: /v1/predict", "cpu bfloat16: greedy streams"):
         assert checks[name]["ok"], checks[name]
     assert checks["cpu import spec: /v1/predict"]["max_abs_error"] < 1e-4
-    assert 0 <= result["bfloat16_greedy_agreement"] <= 1
+    # Reported, not judged here: tests/test_bfloat16.py and test_gpu.py hold bfloat16 to float32.
+    assert isinstance(result["bfloat16_greedy_agreement"], float)
     assert {t["server"] for t in result["timings"]} == {
         "cpu float32 (reference)", "cpu float32", "cpu bfloat16", "2 cpu ranks tp float32"}
     assert all(t["tpot_ms"] > 0 and t["ttft_ms"] > 0 for t in result["timings"])

@@ -147,15 +147,20 @@ def test_slurm_nodelist_first_host(nodelist, first):
     assert expand_first_host(nodelist) == first
 
 
+def _slurm_conf(tmp_path) -> str:
+    """A minimal slurm.conf: scontrol reads one before it does anything, even expand a list."""
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=test\nSlurmctldHost=localhost\nNodeName=localhost\nPartitionName=p Nodes=localhost\n")
+    return str(conf)
+
+
 def _scontrol(tmp_path, nodelist: str) -> str | None:
     """Slurm's own expansion (`scontrol show hostnames`), with a minimal slurm.conf; None when
     scontrol is not installed or cannot parse the form (it says 'Invalid hostlist')."""
     if shutil.which("scontrol") is None:
         return None
-    conf = tmp_path / "slurm.conf"
-    conf.write_text("ClusterName=test\nSlurmctldHost=localhost\nNodeName=localhost\nPartitionName=p Nodes=localhost\n")
     out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30,
-                         env={**os.environ, "SLURM_CONF": str(conf)})
+                         env={**os.environ, "SLURM_CONF": _slurm_conf(tmp_path)})
     if out.returncode != 0 or "Invalid" in out.stdout or out.stderr.strip():
         return None
     return out.stdout.split()[0]
@@ -171,6 +176,19 @@ def test_slurm_nodelist_agrees_with_scontrol(tmp_path):
             assert expand_first_host(nodelist) == reference, nodelist
             compared += 1
     assert compared >= 10
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="Slurm's scontrol (Debian slurm-client) not installed")
+def test_a_list_python_hostlist_rejects_is_given_to_scontrol(tmp_path, monkeypatch):
+    """'n[1-]' is no list to python-hostlist but is one to Slurm (n1): on a Slurm node (a
+    slurm.conf) the rendezvous asks `scontrol show hostnames` before it calls the list bad."""
+    monkeypatch.setenv("SLURM_CONF", _slurm_conf(tmp_path))
+    assert expand_first_host("n[1-]") == "n1"
+    with pytest.raises(RendezvousError, match=r"SLURM_STEP_NODELIST='n\[3-1\]' is not a Slurm node list"):
+        expand_first_host("n[3-1]")  # both reject it
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol: the list is reported, named
+    with pytest.raises(RendezvousError, match=r"SLURM_STEP_NODELIST='n\[1-\]' is not a Slurm node list"):
+        expand_first_host("n[1-]")
 
 
 def test_slurm_step_variables_win_over_the_job_variables():

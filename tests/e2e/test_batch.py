@@ -1,5 +1,5 @@
-"""`dscluster batch` end to end: 2 local ranks and `mpirun -np 2`, answers identical to the server's,
-a run killed midway and resumed, bad lines reported in place."""
+"""`dscluster batch` end to end: 2 local ranks and `mpirun -np 2`, answers identical to the server's
+and to the unsharded model's own, a run killed midway and resumed, bad lines reported in place."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from dscluster.cluster.launch import free_port
 from servers import RemoteServer  # tests/e2e/servers.py
@@ -79,6 +80,49 @@ def test_batch_equals_server(tiny, local_results):
             record = local_results[f"req-{i}"]
             assert record["error"] is None and record["response"]["status_code"] == 200
             assert answer(record["response"]["body"]) == answer(reply.json()), url
+
+
+def test_batch_equals_the_unsharded_model(tiny, local_results):
+    """Each answer of the 2-rank batch is the unsharded model's own, not only the server's (a bug
+    the two share would pass that comparison): transformers' greedy `generate` and forward pass for
+    the greedy completions, the chat and the predict line; for the seeded samples, which
+    transformers' sampler does not reproduce, the single-rank engine in this process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dscluster.engine.api import GenerationRequest, SamplingParams
+    from dscluster.engine.runtime import open_engine
+
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    single_rank = open_engine(tiny)
+
+    def greedy_text(ids: list[int], max_tokens: int) -> str:
+        prompt = torch.tensor([ids])
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_tokens,
+                             do_sample=False, pad_token_id=0)
+        return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+    for i, (url, body) in enumerate(BODIES):
+        got = local_results[f"req-{i}"]["response"]["body"]
+        if url == "/v1/predict":
+            with torch.no_grad():
+                want = model(torch.tensor(body["inputs"])).logits
+            diff = (torch.tensor(got["outputs"]) - want).abs().max().item()
+            assert diff < 1e-4, f"req-{i}: logits differ from the unsharded model's by {diff}"
+        elif url == "/v1/chat/completions":
+            ids = tokenizer(tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=False),
+                            add_special_tokens=False)["input_ids"]
+            assert got["choices"][0]["message"]["content"] == greedy_text(ids, body["max_tokens"]), f"req-{i}"
+        elif body["temperature"] == 0:
+            ids = tokenizer(body["prompt"])["input_ids"]
+            assert got["choices"][0]["text"] == greedy_text(ids, body["max_tokens"]), f"req-{i}"
+        else:
+            ids = tokenizer(body["prompt"])["input_ids"]
+            params = SamplingParams(max_tokens=body["max_tokens"], temperature=body["temperature"],
+                                    top_p=body["top_p"], seed=body["seed"])
+            (result,) = single_rank.generate([GenerationRequest(tuple(ids), params)])
+            assert got["choices"][0]["text"] == tokenizer.decode(result.token_ids, skip_special_tokens=True), \
+                f"req-{i}"
 
 
 def test_bad_lines_reported_with_line_numbers(local_results):

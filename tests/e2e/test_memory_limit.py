@@ -106,7 +106,10 @@ def test_a_node_too_small_for_the_model_serves_it_split(bf16_model):
     limit = 400 * 2**20 + int(0.75 * weight_bytes)
     base = clean_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     port = free_port()
-    unlimited = serve_and_ask([Server(model, port, base, None)], port)
+    with MemoryCgroup(2**40, "unlimited") as cgroup:  # no limit that matters: to measure its peak
+        unlimited = serve_and_ask([Server(model, port, base, cgroup)], port)
+        unsharded_peak = cgroup.peak_bytes()
+    assert unsharded_peak > limit, "one unsharded rank fits the limit: the test proves nothing"
 
     with MemoryCgroup(limit, "unsharded") as cgroup:
         code, err = Server(model, free_port(), base, cgroup).wait(240)
@@ -129,7 +132,13 @@ def test_a_node_too_small_for_the_model_serves_it_split(bf16_model):
         assert cg0.oom_kills() == cg1.oom_kills() == 0
         peaks = [cg.peak_bytes() for cg in (cg0, cg1)]
     print(f"memory-limit: limit {limit / 2**20:.0f} MiB, float32 weights {weight_bytes / 2**20:.0f} MiB, "
-          f"tp=2 cgroup peaks {[round(p / 2**20) for p in peaks]} MiB")
+          f"unsharded peak {unsharded_peak / 2**20:.0f} MiB, tp=2 cgroup peaks {[round(p / 2**20) for p in peaks]} MiB")
+    for rank, peak in enumerate(peaks):
+        # Its half of the weights was charged to its cgroup (so the limit applied to it), it never
+        # pressed against the limit, and it held about half of what one unsharded rank held.
+        assert weight_bytes / 2 < peak < limit, f"rank {rank} peaked at {peak / 2**20:.0f} MiB"
+        assert peak <= unsharded_peak - weight_bytes / 4, \
+            f"rank {rank} peaked at {peak / 2**20:.0f} MiB, one unsharded rank at {unsharded_peak / 2**20:.0f} MiB"
     assert split["text"] == unlimited["text"]
     diff = max(abs(a - b) for x, y in zip(split["logits"], unlimited["logits"], strict=True)
                for a, b in zip(_flat(x), _flat(y), strict=True))

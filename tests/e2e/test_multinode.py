@@ -296,7 +296,8 @@ class InFlight:
 def test_two_nodes_two_ranks_each_serve_then_drain_on_sigterm(nodes2, tiny, tmp_path):
     """Kubeflow Trainer style (PET_*): each node's `dscluster serve` spawns its 2 local ranks
     (node1's are ranks 2 and 3), ZeRO-3 across all 4. SIGTERM to every node at once, as when the
-    group is deleted: the request in flight finishes, and every process exits 0."""
+    group is deleted: the request in flight is answered in full (every token it asked for, the
+    unsharded engine's text), and every process exits 0."""
     group = Group(nodes2, tiny, tmp_path)
     for i in range(2):
         group.start(i, trainer_env(i, 2, 2), "--engine", "zero3")
@@ -310,7 +311,8 @@ def test_two_nodes_two_ranks_each_serve_then_drain_on_sigterm(nodes2, tiny, tmp_
     assert first.json()["usage"]["completion_tokens"] >= 1
     assert "LOCAL_SIZE 2 for a world of 4: all-reduce over the process group" in group.log(1)
 
-    inflight = InFlight(group, {"prompt": "a long answer", "max_tokens": 60, "temperature": 0})
+    body = {"prompt": "a long answer", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+    inflight = InFlight(group, body)
     time.sleep(1.0)
     assert inflight.outcome is None, f"the request ended before SIGTERM: {inflight.outcome}"
     start = time.monotonic()
@@ -325,6 +327,25 @@ def test_two_nodes_two_ranks_each_serve_then_drain_on_sigterm(nodes2, tiny, tmp_
     response = inflight.result(10)
     assert isinstance(response, httpx.Response) and response.status_code == 200, response
     assert codes == [0, 0], group.logs()
+    answer = response.json()
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == body["max_tokens"]
+    assert answer["choices"][0]["text"] == unsharded_text(tiny, body)
+
+
+def unsharded_text(model: str, body: dict) -> str:
+    """The completion's text from the unsharded engine in this process."""
+    from dscluster.engine.api import GenerationRequest, SamplingParams
+    from dscluster.engine.runtime import open_engine
+
+    engine = open_engine(model)
+    try:
+        ids = engine.info.tokenizer(body["prompt"])["input_ids"]
+        (result,) = engine.generate([GenerationRequest(tuple(ids), SamplingParams(
+            max_tokens=body["max_tokens"], temperature=0, ignore_eos=body.get("ignore_eos", False)))])
+        return engine.info.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    finally:
+        engine.shutdown()
 
 
 def test_two_nodes_two_ranks_each_tensor_parallel_gqa_equals_unsharded(nodes2, gqa, tmp_path):

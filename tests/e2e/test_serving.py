@@ -454,18 +454,24 @@ def test_ranks_run_with_the_serving_thread_policy(server):
         in server.output()
 
 
-def test_sigterm_drains_in_flight_requests_and_all_ranks_exit_0(server):
+def test_sigterm_drains_in_flight_requests_and_all_ranks_exit_0(server, unsharded):
+    """The request running when SIGTERM arrives is answered in full: all the tokens it asked for
+    (ignore_eos: only max_tokens ends it), the unsharded engine's text, not an answer cut short."""
+    body = {"prompt": "hello", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
     answers: list[httpx.Response] = []
 
     def long_request() -> None:
         with server.client(timeout=120) as c:
-            answers.append(c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 400, "temperature": 0,
-                                                                 "ignore_eos": True}))
+            answers.append(c.post("/v1/completions", json=body))
 
     thread = threading.Thread(target=long_request)
     thread.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 60
+    while metric(server, "dscluster_requests_running") < 1:
+        assert time.monotonic() < deadline and thread.is_alive(), "the request never started running"
+        time.sleep(0.05)
     server.proc.send_signal(signal.SIGTERM)  # once: a second signal means "stop now" to Uvicorn
+    in_flight = thread.is_alive()
     readiness = []
     while thread.is_alive() and len(readiness) < 20:
         readiness.append(ready_status(server.url))
@@ -473,8 +479,14 @@ def test_sigterm_drains_in_flight_requests_and_all_ranks_exit_0(server):
     code = server.proc.wait(90)
     thread.join(30)
     assert code == 0, server.output()[-3000:]
-    assert answers and answers[0].status_code == 200
-    assert answers[0].json()["usage"]["completion_tokens"] > 0
+    assert in_flight, "the request ended before SIGTERM: nothing was drained"
+    assert answers and answers[0].status_code == 200, answers
+    answer = answers[0].json()
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == body["max_tokens"]
+    want, _ = reference_text(unsharded, prompt_ids(unsharded, body["prompt"]), max_tokens=body["max_tokens"],
+                             temperature=0, ignore_eos=True)
+    assert answer["choices"][0]["text"] == want
     # While the request drains, readiness answers (503, not a refused connection).
     assert readiness and all(isinstance(status, int) for status, _ in readiness), readiness
     assert any("draining" in reason for _, reason in readiness), readiness

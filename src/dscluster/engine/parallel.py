@@ -123,8 +123,8 @@ def load_split(prepared: Prepared, device: torch.device,
     use_accelerator(device)
     import deepspeed
 
-    if device.type == "cpu":
-        _shared_memory_only_within_one_node(world_size)
+    if device.type == "cpu" and _shared_memory_only_within_one_node(world_size):
+        build_shared_memory_op()  # timed and logged apart: a compile is no part of reading the model
     if engine == "tp":
         if prepared.meta_module is not None:
             from dscluster.engine.tp_load import load_tensor_parallel
@@ -231,7 +231,7 @@ def _check_device(module: nn.Module, device: torch.device) -> None:
             raise RuntimeError(f"{name} is on {held.device}, not on this rank's {device}")
 
 
-def _shared_memory_only_within_one_node(world_size: int) -> None:
+def _shared_memory_only_within_one_node(world_size: int) -> bool:
     """DeepSpeed's CPU shared-memory all-reduce is for ranks on one machine that agree on it. When
     ranks span nodes (LOCAL_SIZE < world size) DeepSpeed 0.19 still calls its kernel, on buffers it
     never set up, and every rank dies of SIGSEGV at the first all-reduce; when ranks disagree about
@@ -249,7 +249,7 @@ def _shared_memory_only_within_one_node(world_size: int) -> None:
         views = [None] * dist.get_world_size()
         dist.all_gather_object(views, mine)
     if all(host == mine[0] and local == str(world_size) for host, local in views):
-        return
+        return True
     import importlib
 
     comm_torch = importlib.import_module("deepspeed.comm.torch")
@@ -257,6 +257,51 @@ def _shared_memory_only_within_one_node(world_size: int) -> None:
     hosts = len({host for host, _ in views})
     log.info("ranks on %d host(s), LOCAL_SIZE %s for a world of %d: all-reduce over the process group, "
              "no shared memory", hosts, "/".join(sorted({local or "unset" for _, local in views})), world_size)
+    return False
+
+
+def build_shared_memory_op():
+    """DeepSpeed's CPU shared-memory all-reduce op: compiled into the torch extensions cache
+    (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions) unless it is there already, and loaded.
+    Returns the loaded module, or None where DeepSpeed has no such op for this machine.
+
+    `make install` runs this (`python -m dscluster.engine.parallel`), so that the first `serve`
+    loads the op instead of compiling it (about 40 s on 2 cores). A rank calls it before loading
+    the model: a compile then shows in the log as one, not as slow reading of the checkpoint.
+
+    The compile runs under the ninja of dscluster's own environment (the `ninja` package, which
+    DeepSpeed requires), not whichever one PATH finds first: with none on PATH (an environment not
+    activated, no system ninja) DeepSpeed could not build the op and every rank failed at start,
+    and ninja rebuilds everything when another version wrote the cache."""
+    import time
+
+    use_accelerator(torch.device("cpu"))
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops import __compatible_ops__
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not __compatible_ops__.get(builder.NAME, False):
+        return None
+    path = os.environ.get("PATH", "")
+    try:
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
+    except ImportError:  # DeepSpeed then uses the ninja on PATH, if any
+        pass
+    started, started_at = time.monotonic(), time.time()
+    try:
+        op = builder.load()  # DeepSpeed keeps it: its own build_shm_op later returns this module
+    finally:
+        os.environ["PATH"] = path
+    library = Path(op.__file__)
+    if library.stat().st_mtime >= started_at:
+        log.info("DeepSpeed's shared-memory all-reduce op: compiled in %.1f s into %s (once; `make install` "
+                 "compiles it ahead of the first start)", time.monotonic() - started, library.parent)
+    else:
+        log.info("DeepSpeed's shared-memory all-reduce op: loaded from %s in %.1f s", library,
+                 time.monotonic() - started)
+    return op
 
 
 def release_shared_memory(rank: int) -> bool:
@@ -278,3 +323,9 @@ def release_shared_memory(rank: int) -> bool:
         log.warning("could not unlink %s: %s", path, exc)
         return False
     return True
+
+
+if __name__ == "__main__":  # `make install`: compile the op now rather than at the first start
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if build_shared_memory_op() is None:
+        log.info("DeepSpeed has no shared-memory all-reduce op for this machine: nothing to build")

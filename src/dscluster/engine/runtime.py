@@ -549,7 +549,11 @@ def _first_line(exc: BaseException | None) -> str:
 def run_worker(runtime: Runtime) -> int:
     """Receive and run every unit rank 0 sends, until it says stop. Returns 0; exits 3 if the group breaks."""
     channel = runtime.channel
-    signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: waiting for rank 0 to stop the group"))
+    # A stop (SIGTERM, or SIGINT: Ctrl-C reaches every rank through the launcher) is rank 0's to
+    # carry out: it drains, then sends STOP. A worker that left at once would break the group.
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, lambda signum, _: log.info("%s: waiting for rank 0 to stop the group",
+                                                       signal.Signals(signum).name))
     while True:
         runtime.before_message()
         try:
