@@ -18,7 +18,7 @@ from dscluster.engine.kv_blocks import BlockPool, block_key
 from dscluster.engine.runtime import open_engine
 from dscluster.errors import UsageError
 
-from test_generation import Sink, run_schedule
+from test_generation import run_schedule
 
 BLOCK = 16
 BYTES_PER_TOKEN = 2048          # the tiny model: 2 layers x (k + v) x 4 heads x 64 x float32

@@ -167,14 +167,15 @@ def batch_attention(layout: StepLayout | ShapeProbe, module: nn.Module, query: t
     keys, values = layout.pool.layer(layer, key, value)
     keys[:, layout.token_slots] = key[0]
     values[:, layout.token_slots] = value[0]
-    out = query.new_empty(query.shape[2], query.shape[1], value.shape[-1])  # [N, heads, vdim]
+    keys, values = keys[None], values[None]                 # [1, kv heads, slots, dim]
+    outs = []                                               # per request [1, heads, count, vdim], in order
     for start, count, base, first in layout.rows:
         end = first + count
         lo = 0 if sliding_window is None else max(0, end - sliding_window - count + 1)
-        o = _attend(query[:, :, start:start + count], keys[None, :, base + lo:base + end],
-                    values[None, :, base + lo:base + end], first, lo, sliding_window, scaling, gqa)
-        out[start:start + count] = o[0].transpose(0, 1)
-    return out.unsqueeze(0), None
+        outs.append(_attend(query[:, :, start:start + count], keys[:, :, base + lo:base + end],
+                            values[:, :, base + lo:base + end], first, lo, sliding_window, scaling, gqa))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2), None
 
 
 def install(model: nn.Module) -> str | None:

@@ -157,7 +157,6 @@ class Scheduler:
 
     # -- before the step ----------------------------------------------------------------------
     def schedule(self) -> StepPlan:
-        budget = self.limits.max_num_batched_tokens
         actions: list[int | None] = []
         for row in self.batch.rows:
             req = self.running[row.request_id]
@@ -170,7 +169,6 @@ class Scheduler:
                 actions.append(None)                 # a prompt chunk, decided below
             else:
                 actions.append(req.next_token)
-                budget -= 1
         placements: list[tuple[int, int, int]] = []
         rows = sum(1 for a in actions if a != LEAVE)
         if rows and not self._rows_waited:
@@ -181,6 +179,7 @@ class Scheduler:
         for i, row in enumerate(self.batch.rows):
             if actions[i] is not None and actions[i] >= 0:
                 self._room_for(row, row.computed + 1, actions, placements)
+        # One token per decoding row (those preempted just now compute nothing).
         budget = self.limits.max_num_batched_tokens - sum(1 for a in actions if a is not None and a >= 0)
         rows = sum(1 for a in actions if a != LEAVE)
         joining: list[tuple[Request, Join]] = []
@@ -190,7 +189,7 @@ class Scheduler:
             if _cancelled(req):
                 self._finish(req, "cancelled")
                 continue
-            verdict = self._admit(req, None, actions, placements)
+            verdict = self._admit(req, None, placements)
             if verdict == "later":
                 kept.append(req)
                 continue
@@ -231,7 +230,7 @@ class Scheduler:
             if _cancelled(req):
                 self._finish(req, "cancelled")
                 continue
-            join = self._admit(req, budget, actions, placements) if rows < self.limits.max_num_seqs else None
+            join = self._admit(req, budget, placements) if rows < self.limits.max_num_seqs else None
             if isinstance(join, Join):
                 joins.append(join)
                 budget -= join.first_chunk
@@ -247,7 +246,7 @@ class Scheduler:
                         placements=placements)
 
     # -- the pool -------------------------------------------------------------------------------
-    def _admit(self, req: Request, whole_within: int | None, actions: list[int | None],
+    def _admit(self, req: Request, whole_within: int | None,
                placements: list[tuple[int, int, int]]) -> Join | str | None:
         """A place in the pool for a waiting request: its Join (first chunk: its whole uncached
         prompt), "later" when a running request is computing its prompt's next block right now,
