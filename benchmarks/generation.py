@@ -161,10 +161,10 @@ def run_load(url: str, style: str, model: str, requests: list[dict], concurrency
 # -- servers -----------------------------------------------------------------------------------------
 
 
-def baseline_source(into: Path) -> Path:
-    """dscluster's package as of BASELINE, extracted from git history into `into`."""
+def baseline_source(into: Path, commit: str = BASELINE) -> Path:
+    """dscluster's package as of `commit`, extracted from git history into `into`."""
     archive = into / "baseline.tar"
-    subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(archive), BASELINE, "src"],
+    subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(archive), commit, "src"],
                    check=True, capture_output=True)
     with tarfile.open(archive) as tar:
         tar.extractall(into, filter="data")

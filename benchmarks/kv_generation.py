@@ -15,13 +15,11 @@ the dense cache.
 
 from __future__ import annotations
 
-import subprocess
-import tarfile
 import tempfile
 from pathlib import Path
 
 from benchmarks import generation
-from benchmarks.common import ROOT, load_avg, model_dir, pyplot, table
+from benchmarks.common import load_avg, model_dir, pyplot, table
 
 DENSE = "634c9c9"     # the last commit with the dense [rows, heads, capacity, dim] cache
 RUNS = [
@@ -33,15 +31,6 @@ RUNS = [
     ("transformers serve --continuous-batching, 2 threads", "transformers-cb", 2),
 ]
 TARGET_VS_PEER, TARGET_VS_DENSE = 1.0, 0.95
-
-
-def dense_source(into: Path) -> Path:
-    archive = into / "dense.tar"
-    subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(archive), DENSE, "src"],
-                   check=True, capture_output=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(into, filter="data")
-    return into / "src"
 
 
 def measure(name: str, kind: str, threads: int | None, model: Path, dense_src: Path, requests: list[dict],
@@ -68,7 +57,7 @@ def run(out_dir: Path, quick: bool) -> dict:
     runs = RUNS[2:4] if quick else RUNS
     results = []
     with tempfile.TemporaryDirectory(prefix="dscluster-dense-") as tmp:
-        dense_src = dense_source(Path(tmp))
+        dense_src = generation.baseline_source(Path(tmp), DENSE)
         for name, kind, threads in runs:
             print(f"   {name} (load {load_avg()})", flush=True)
             results.append(measure(name, kind, threads, model, dense_src, requests, concurrency))

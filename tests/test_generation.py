@@ -77,20 +77,24 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def hf_greedy(tiny) -> list[list[int]]:
-    """transformers' `generate`, each prompt alone: the reference, not our code."""
+def transformers_greedy(model_dir: str, prompts: list[list[int]], new: list[int]) -> list[list[int]]:
+    """transformers' `generate`, each prompt alone, exactly n new tokens: the reference, not our code."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     out = []
-    for prompt, n in zip(PROMPTS, NEW, strict=True):
+    for prompt, n in zip(prompts, new, strict=True):
         ids = torch.tensor([prompt])
         generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                    do_sample=False, pad_token_id=0)
         out.append(generated[0, len(prompt):].tolist())
-    assert [len(o) for o in out] == NEW
+    assert [len(o) for o in out] == list(new)
     return out
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(tiny) -> list[list[int]]:
+    return transformers_greedy(tiny, PROMPTS, NEW)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from dscluster.engine.kv_blocks import BlockPool, block_key
 from dscluster.engine.runtime import open_engine
 from dscluster.errors import UsageError
 
-from test_generation import run_schedule
+from test_generation import run_schedule, transformers_greedy
 
 BLOCK = 16
 BYTES_PER_TOKEN = 2048          # the tiny model: 2 layers x (k + v) x 4 heads x 64 x float32
@@ -36,17 +36,7 @@ def greedy(n: int) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def hf_greedy(tiny) -> list[list[int]]:
-    """transformers' `generate`, each prompt alone: the reference, not our code."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
-    out = []
-    for prompt, n in zip(PROMPTS, NEW, strict=True):
-        ids = torch.tensor([prompt])
-        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                   do_sample=False, pad_token_id=0)
-        out.append(generated[0, len(prompt):].tolist())
-    return out
+    return transformers_greedy(tiny, PROMPTS, NEW)
 
 
 def small_engine(tiny, blocks: int, **options):
@@ -88,19 +78,13 @@ def test_seeded_sampling_is_the_same_through_preemption(tiny):
 
 def test_prefix_hits_full_blocks_and_a_partial_block_compute_only_the_rest(tiny):
     engine = open_engine(tiny, max_model_len=256)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
     first = SHARED + [5, 6, 7]                       # 44 tokens: blocks 0 and 1 are full
     engine.generate([GenerationRequest(tuple(first), greedy(4))])
     before = engine.generation_stats()
-    for tail in ([9, 9], [], list(range(700, 720))):  # a partial third block, exactly 41 tokens, a longer one
-        prompt = SHARED + tail
+    prompts = [SHARED + tail for tail in ([9, 9], [], list(range(700, 720)))]  # a partial block, 41 tokens, more
+    for prompt, want in zip(prompts, transformers_greedy(tiny, prompts, [6] * 3), strict=True):
         got = engine.generate([GenerationRequest(tuple(prompt), greedy(6))])[0].token_ids
-        ids = torch.tensor([prompt])
-        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
-                              do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
-        assert got == want, tail
+        assert got == want, len(prompt)
     after = engine.generation_stats()
     assert after.prefix_hits - before.prefix_hits == 3 * 2 * BLOCK   # two full blocks each time
 
