@@ -316,15 +316,18 @@ def test_cache_metrics_move_as_the_pool_fills_and_hits(server, http):
     rises while a long request runs, and the same long prompt sent again is a prefix-cache hit of
     every full block but its last token's (the answer is the same)."""
     label = (("model_name", "tiny"),)
-    prompt = [1, *range(2000, 2100)]                       # 101 tokens: 6 full blocks of 16
+    prompt = [1, *range(600, 700)]                         # 101 tokens: 6 full blocks of 16
     first = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3, "temperature": 0}).json()
     before = vllm_metrics(server)
     usage = []
     body = {"prompt": prompt, "max_tokens": 60, "temperature": 0, "ignore_eos": True, "stream": True}
+    lines = []
     with http.stream("POST", "/v1/completions", json=body) as stream:
         for line in stream.iter_lines():
+            lines.append(line)
             if line.startswith("data: {") and len(usage) < 3:
                 usage.append(vllm_metrics(server)[("vllm:kv_cache_usage_perc", label)])
+    assert usage, lines[:5]
     after = vllm_metrics(server)
     assert max(usage) > 0, usage
     hits = after[("vllm:prefix_cache_hits_total", label)] - before[("vllm:prefix_cache_hits_total", label)]
