@@ -268,9 +268,9 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 
 def _run_model(args: argparse.Namespace, role: str) -> int:
-    from dscluster.engine.threads import prefer_passive_openmp_wait
+    from dscluster.engine.threads import bound_openmp_spin
 
-    prefer_passive_openmp_wait()  # before torch loads (the runner imports it); local ranks inherit it
+    bound_openmp_spin()  # before torch loads (the runner imports it); local ranks inherit it
     from dscluster.runner import run
 
     return run(args, role=role)

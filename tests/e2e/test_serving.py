@@ -442,16 +442,21 @@ def test_health_and_metrics(server):
 
 
 def test_ranks_run_with_the_serving_thread_policy(server):
-    """Idle OpenMP threads sleep in every rank (spinning, they take the core rank 0's event loop
-    needs); under the local launcher each rank runs its share of the cores."""
-    policy = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")  # one set by the user wins
+    """Idle OpenMP threads spin only briefly in every rank (spinning long, they take the core rank 0's
+    event loop needs); under the local launcher each rank runs its share of the cores."""
+    from dscluster.engine.threads import SPIN_COUNT
+
+    user = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ   # a choice of the user's wins
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    spin = os.environ.get("GOMP_SPINCOUNT", None if user else SPIN_COUNT)
     given = os.environ.get("OMP_NUM_THREADS", "")
     threads = int(given) if given.isdigit() else max(1, (os.cpu_count() or 1) // 2)
     ranks = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if "serve" in p.cmdline()]
     assert len(ranks) == 2
-    assert all(p.environ().get("OMP_WAIT_POLICY") == policy for p in ranks)
-    assert f"rank 0: {threads} torch thread(s) ({threads} while generating), OMP_WAIT_POLICY={policy}" \
-        in server.output()
+    assert all(p.environ().get("OMP_WAIT_POLICY") == policy and p.environ().get("GOMP_SPINCOUNT") == spin
+               for p in ranks)
+    wait = " ".join(f"{k}={v}" for k, v in (("OMP_WAIT_POLICY", policy), ("GOMP_SPINCOUNT", spin)) if v)
+    assert f"rank 0: {threads} torch thread(s) ({threads} while generating), {wait}" in server.output()
 
 
 def test_sigterm_drains_in_flight_requests_and_all_ranks_exit_0(server, unsharded):

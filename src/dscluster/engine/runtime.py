@@ -60,7 +60,7 @@ from dscluster.engine.kv_blocks import BLOCK_SIZE, BlockPool
 from dscluster.engine.kv_budget import activation_estimate, kv_cache_budget
 from dscluster.engine.protocol import WAIT, ControlChannel, Message, Op, StepPlan
 from dscluster.engine.scheduler import Scheduler
-from dscluster.engine.threads import torch_threads
+from dscluster.engine.threads import openmp_wait, torch_threads
 from dscluster.errors import EXIT_PEER_FAILED, PeerFailure, UsageError
 
 log = logging.getLogger(__name__)
@@ -610,8 +610,8 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
     rank whose model is bad says so, rather than that rank 0 (which hosts the store) left first."""
     threads = set_threads(rdzv.local_world_size, runs_front_end=rdzv.rank == 0)
     generation_threads = torch_threads(rdzv.local_world_size, runs_front_end=False)
-    log.info("rank %d: %d torch thread(s) (%d while generating), OMP_WAIT_POLICY=%s", rdzv.rank, threads,
-             generation_threads, os.environ.get("OMP_WAIT_POLICY", "(libgomp's default)"))
+    log.info("rank %d: %d torch thread(s) (%d while generating), %s", rdzv.rank, threads, generation_threads,
+             openmp_wait())
     groups = monitor = None
     engine_ref: dict[str, Engine] = {}
     checking: dict = {"active": True, "failure": None}
