@@ -610,6 +610,12 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
     rank whose model is bad says so, rather than that rank 0 (which hosts the store) left first."""
     threads = set_threads(rdzv.local_world_size, runs_front_end=rdzv.rank == 0)
     generation_threads = torch_threads(rdzv.local_world_size, runs_front_end=False)
+    if rdzv.rank == 0:
+        # Rank 0 computes on its front end's engine thread from now on (Runtime._use_threads sets
+        # the counts there). OpenMP work done on this thread with more threads would leave a second
+        # thread team behind, and libgomp then throttles every team's spinning: measured, a step
+        # took 120 ms on two threads instead of 66 ms. So this thread loads on one.
+        torch.set_num_threads(1)
     log.info("rank %d: %d torch thread(s) (%d while generating), %s", rdzv.rank, threads, generation_threads,
              openmp_wait())
     groups = monitor = None
