@@ -123,14 +123,13 @@ class Sampler(threading.Thread):
 def limited_run(model: Path, requests: list[dict], limit_bytes: int) -> dict:
     with MemoryCgroup("limited") as cgroup:
         limit = cgroup.set_limit(limit_bytes)
-        kernel_before = len(kernel_log_lines() or [])
         out: dict = {"limit_bytes": limit, "cgroup_version": cgroup.version}
         try:
             server = start_server(cgroup, model)
         except RuntimeError as exc:  # did not start: exit 2 (pool too small for a request) or killed
             out.update(started=False, start_error=_without_paths(str(exc))[-1500:], oom_kills=cgroup.oom_kills(),
                        peak_bytes=cgroup.peak(), completed=0, requests=len(requests))
-            out["kernel_oom_lines"] = _kernel_oom_lines(kernel_before, cgroup, [])
+            out["kernel_oom_lines"] = _kernel_oom_lines(cgroup, [])
             return out
         pids = cgroup.pids()
         log_lines = server.output().splitlines()
@@ -162,7 +161,7 @@ def limited_run(model: Path, requests: list[dict], limit_bytes: int) -> dict:
             completion_s=sorted(round(r["end"], 2) for r in complete),
             samples=[list(s) for s in samples],
             server_log_tail=tail if exit_status not in (None, 0) else [],
-            kernel_oom_lines=_kernel_oom_lines(kernel_before, cgroup, pids),
+            kernel_oom_lines=_kernel_oom_lines(cgroup, pids),
         )
         return out
 
@@ -173,9 +172,9 @@ def _without_paths(text: str) -> str:
     return text.replace(sys.executable, "python").replace(str(ROOT), ".")
 
 
-def _kernel_oom_lines(before: int, cgroup: MemoryCgroup, pids: list[int]) -> list[str] | None:
+def _kernel_oom_lines(cgroup: MemoryCgroup, pids: list[int]) -> list[str] | None:
     lines = kernel_log_lines()
-    return None if lines is None else oom_lines(lines[before:], cgroup, pids)[:10]
+    return None if lines is None else oom_lines(lines, cgroup, pids)[:10]
 
 
 def _stat_subset(cgroup: MemoryCgroup) -> dict:

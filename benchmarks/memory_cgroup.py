@@ -192,7 +192,9 @@ def kernel_log_lines() -> list[str] | None:
 
 def oom_lines(lines: list[str], cgroup: MemoryCgroup, pids: list[int]) -> list[str]:
     """The kernel's OOM reports that name this cgroup or one of `pids`, with the host's own cgroup
-    path above ours written as `...` (it names the host, not the benchmark)."""
+    path above ours written as `...` (it names the host, not the benchmark). Filtered by those
+    marks, not by position: the kernel's ring buffer is of fixed size, so once full its line count
+    no longer grows and a count taken before the run says nothing."""
     marks = [cgroup.path.name] + [f"process {pid} " for pid in pids] + [f"pid={pid}," for pid in pids]
     mount = V1_MOUNT if cgroup.version == 1 else ROOT
     above = "/" + str(cgroup.path.parent.relative_to(mount)).strip("/.")
