@@ -317,7 +317,7 @@ class Scheduler:
         blocks, then the runs are packed towards the start of the pool (`last`'s run placed last,
         so it can grow in place), leaving every free block in one stretch. False, with nothing
         changed, when even that would not leave `blocks` + `reserve` free blocks."""
-        needed = {req_id: self._needed_now(row, self.running[req_id]) for row in self.batch.rows
+        needed = {req_id: self._needed_now(row) for row in self.batch.rows
                   if (req_id := row.request_id) in self.running}
         spare = sum(self.pool.runs[i].length - n for i, n in needed.items())
         if self.pool.free_blocks() + spare < blocks + reserve:
@@ -331,7 +331,7 @@ class Scheduler:
             placements.append((request_id, start, self.pool.runs[request_id].length))
         return True
 
-    def _needed_now(self, row, req: Request) -> int:
+    def _needed_now(self, row) -> int:
         """Blocks a running row needs for this step: its whole prompt (and its first token) while
         prefilling, else its tokens so far and the one computed now."""
         size = self.block_size
