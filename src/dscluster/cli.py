@@ -129,6 +129,15 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 
 
 
+def _add_tool_call_parser(p: argparse.ArgumentParser) -> None:
+    from dscluster.serving.tool_calls import DEFAULT_PARSER, PARSERS
+
+    p.add_argument("--tool-call-parser", choices=PARSERS, default=DEFAULT_PARSER,
+                   help="how chat replies with tool_choice auto are read for tool calls (default hermes: "
+                        "<tool_call>{json}</tool_call>, as Hermes, Qwen and the tiny model write them; none: "
+                        "tool_choice auto is refused)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dscluster", description=__doc__.splitlines()[0])
     from dscluster import __version__
@@ -156,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let GET /metrics through without the API key, so a Prometheus scrape needs no "
                         "secret (it shows counts and latencies, never request content)")
     p.add_argument("--served-model-name", default=None)
+    _add_tool_call_parser(p)
     p.add_argument("--max-body-bytes", type=_positive_int, default=8 * 1024 * 1024)
     p.add_argument("--drain-delay", type=_non_negative_float, default=0.0, metavar="SECONDS",
                    help="after SIGTERM, answer readiness 503 but keep accepting and answering requests for "
@@ -169,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="JSONL requests (OpenAI batch lines or predict bodies)")
     p.add_argument("--output", required=True, help="JSONL results; ids already there are skipped")
     p.add_argument("--served-model-name", default=None)
+    _add_tool_call_parser(p)
     p.set_defaults(handler=_cmd_batch)
 
     # tiny-model ---------------------------------------------------------------------------

@@ -18,8 +18,18 @@ from pathlib import Path
 from dscluster.errors import UsageError
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+# Without tools, exactly the template the tiny model always had. With tools, a system block lists
+# them and asks for Hermes-style calls (<tool_call>{"name": ..., "arguments": ...}</tool_call>), and
+# assistant messages carrying tool_calls render them in that form, as Hermes and Qwen templates do.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if tools %}<|system|>\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "You may call these functions:\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    "To call one, write <tool_call>{\"name\": NAME, \"arguments\": ARGUMENTS}</tool_call></s>\n{% endif %}"
+    "{% for message in messages %}{% if not (tools and loop.first and message['role'] == 'system') %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] if message['content'] is not none else '' }}"
+    "{% for call in message.get('tool_calls') or [] %}<tool_call>{\"name\": {{ call['function']['name'] | tojson }}, "
+    "\"arguments\": {{ call['function']['arguments'] if call['function']['arguments'] is string "
+    "else call['function']['arguments'] | tojson }}}</tool_call>{% endfor %}</s>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 HEAD_DIM = 64

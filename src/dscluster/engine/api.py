@@ -70,8 +70,12 @@ class TokenLogprobs:
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """A prompt and how to continue it. `grammar` (an engine.grammar.GrammarState, rank 0 only: it
+    never travels to the other ranks) restricts every token to what the grammar allows next."""
+
     prompt_ids: tuple[int, ...]
     params: SamplingParams = SamplingParams()
+    grammar: Any = None
 
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -162,6 +166,7 @@ class ModelInfo:
     input_dtype: torch.dtype = torch.float32    # dtype /v1/predict inputs are converted to
     input_shape: tuple[int, ...] | None = None  # per-example shape, when the model declares it
     tokenizer: Any = None                       # a transformers tokenizer for causal LMs
+    eos_ids: tuple[int, ...] = ()               # the tokens that end a generation (unless ignore_eos)
     generation_unsupported: str | None = None   # why this causal LM cannot generate here, if it cannot
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -210,7 +210,7 @@ class Runtime:
                          world_size=self.world_size, dtype=lm.dtype,
                          max_context=self.limits.max_model_len or lm.max_context,
                          vocab_size=lm.vocab_size, input_dtype=lm.input_dtype, input_shape=lm.input_shape,
-                         tokenizer=lm.tokenizer,
+                         tokenizer=lm.tokenizer, eos_ids=self.eos_ids,
                          generation_unsupported=self.batch.unsupported if self.batch else None,
                          extra={"description": self.model.description})
 

@@ -18,6 +18,10 @@ counts on the logits' device), then temperature, min_p, top_k and top_p. Logprob
 distribution (the model's own log-softmax, as vLLM reports by default), for the drawn token and
 the k most likely (`token_logprobs`, also used for prompt logprobs). `n` > 1 is several requests
 (rows) with seeds derived from the request's (`SamplingParams.for_choice`).
+
+A request with a grammar (engine/grammar.py) has the tokens its grammar forbids set to -inf first,
+for all such rows at once, before anything else: as in vLLM, its logprobs are then those of the
+distribution the grammar allows.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from dscluster.engine.api import SamplingParams, TokenLogprobs
+from dscluster.engine.grammar import GrammarState, apply_masks
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +55,9 @@ class RequestSampler:
     and its stop_token_ids), which `min_tokens` keeps from being drawn too early."""
 
     def __init__(self, params: SamplingParams, prompt_ids: tuple[int, ...] = (),
-                 stop_ids: frozenset[int] = frozenset()):
+                 stop_ids: frozenset[int] = frozenset(), grammar: GrammarState | None = None):
         self.params = params
+        self.grammar = grammar
         self.prompt_ids = prompt_ids
         self.stop_ids = sorted(stop_ids)
         self.output_ids: list[int] = []
@@ -120,7 +126,10 @@ class RequestSampler:
         return int(torch.multinomial(probs, 1, generator=self.generator(logits.device)))
 
     def accept(self, token: int) -> None:
-        """The token joins the request's output (a stop token does not)."""
+        """The token joins the request's output (a stop token does not) and moves its grammar on
+        (raising if the grammar refuses it)."""
+        if self.grammar is not None:
+            self.grammar.accept(token)
         self.output_ids.append(token)
         if self._counts is not None and 0 <= token < self._counts.numel():
             self._counts[token] += 1
@@ -162,7 +171,8 @@ def sample(logits: torch.Tensor, samplers: list[RequestSampler]) -> list[Sample]
     try:
         rows = logits.float()
         finite = torch.isfinite(rows).all(dim=-1).tolist()
-        greedy = [i for i, s in enumerate(samplers) if s.plain_greedy and finite[i]]
+        _mask_grammars(rows, samplers, finite, out)
+        greedy = [i for i, s in enumerate(samplers) if s.plain_greedy and finite[i] and out[i].error is None]
         if greedy:  # one argmax for every greedy request
             picks = torch.argmax(rows[greedy], dim=-1).tolist()
             for i, token in zip(greedy, picks, strict=True):
@@ -173,6 +183,8 @@ def sample(logits: torch.Tensor, samplers: list[RequestSampler]) -> list[Sample]
             s.error = exc
         return out
     for i, sampler in enumerate(samplers):
+        if out[i].error is not None:
+            continue
         if not finite[i]:
             out[i].error = FloatingPointError("the model produced non-finite logits (NaN or infinity)")
             continue
@@ -185,3 +197,23 @@ def sample(logits: torch.Tensor, samplers: list[RequestSampler]) -> list[Sample]
             log.warning("sampling failed for one request: %s: %s", type(exc).__name__, exc)
             out[i].error = exc
     return out
+
+
+def _mask_grammars(rows: torch.Tensor, samplers: list[RequestSampler], finite: list[bool], out: list[Sample]) -> None:
+    """The grammars' masks on their rows, in place; a grammar that fails, or leaves no token
+    allowed, ends its own request only."""
+    constrained = [(i, s.grammar) for i, s in enumerate(samplers) if s.grammar is not None and finite[i]]
+    if not constrained:
+        return
+    try:
+        apply_masks(rows, constrained)
+        index = [i for i, _ in constrained]
+        allowed = torch.isfinite(rows[index]).any(dim=-1).tolist()
+    except Exception as exc:  # noqa: BLE001 - the grammars' problem: their requests only
+        log.warning("applying grammar masks failed: %s: %s", type(exc).__name__, exc)
+        for i, _ in constrained:
+            out[i].error = exc
+        return
+    for (i, state), ok in zip(constrained, allowed, strict=True):
+        if not ok:
+            out[i].error = RuntimeError(f"the grammar allows no next token ({state.error or 'no match'})")

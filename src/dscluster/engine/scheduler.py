@@ -133,7 +133,7 @@ class Scheduler:
                 f"--max-model-len {self.max_model_len}"))
             return
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_ids))
-        req = Request(next(self._ids), request, sink, RequestSampler(params, prompt, stops), stops)
+        req = Request(next(self._ids), request, sink, RequestSampler(params, prompt, stops, request.grammar), stops)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         if params.max_tokens == 0 and params.prompt_logprobs is None:
@@ -442,16 +442,18 @@ class Scheduler:
         if token in req.stops:          # a stop token ends the request and is not part of its text
             self._finish(req, "stop")
             return
-        req.sampler.accept(token)
         if logprobs is not None:
             req.logprobs.append(logprobs)
         try:
+            req.sampler.accept(token)
             keep = req.sink.on_token(token, logprobs)
-        except Exception as exc:  # noqa: BLE001 - the sink's problem (detokenising, a stream): this request only
+        except Exception as exc:  # noqa: BLE001 - its grammar's or its sink's problem (detokenising, a stream): this request only
             self._fail(req, exc)
             return
         if keep is False:
             self._finish(req, "cancelled")
+        elif req.sampler.grammar is not None and req.sampler.grammar.complete:
+            self._finish(req, "stop")           # the grammar allows nothing more: the reply is whole
         elif len(req.output) >= req.request.params.max_tokens or \
                 len(req.request.prompt_ids) + len(req.output) >= self.max_model_len:
             self._finish(req, "length")

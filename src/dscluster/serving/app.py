@@ -22,6 +22,7 @@ from dscluster.serving.batcher import Batcher
 from dscluster.serving.metrics import Metrics
 from dscluster.serving.protocol import APIError, ClientGone, error_body
 from dscluster.serving.state import ServerConfig, ServerState, get_state
+from dscluster.serving.structured_output import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,9 @@ OPEN_ROUTES = ("/health/live", "/health/ready", "/health")   # reachable without
 def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     metrics = Metrics(engine.ranks_alive, engine.info.world_size, engine.generation_stats, engine.info.name)
     batcher = Batcher(engine, metrics, config.max_batch_size, config.max_wait_ms / 1000.0, config.max_queue)
-    state = ServerState(config=config, engine=engine, metrics=metrics, batcher=batcher)
+    info = engine.info
+    grammars = Grammars(info.tokenizer, info.vocab_size, info.eos_ids) if info.tokenizer and info.vocab_size else None
+    state = ServerState(config=config, engine=engine, metrics=metrics, batcher=batcher, grammars=grammars)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

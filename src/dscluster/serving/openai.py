@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from dscluster.engine.api import GenerationRequest, GenerationResult, SamplingParams, TokenLogprobs
+from dscluster.engine.grammar import GrammarSpec, GrammarState
 from dscluster.serving.batcher import GENERATE_KEY, WorkItem
 from dscluster.serving.logprobs import CompletionLogprobs, TokenTexts, chat_logprobs
 from dscluster.serving.protocol import (
@@ -33,6 +34,8 @@ from dscluster.serving.protocol import (
 )
 from dscluster.serving.request_id import REQUEST_ID_KEY
 from dscluster.serving.state import ServerState, get_state, wait_results
+from dscluster.serving.structured_output import response_format_spec, structured_outputs_spec
+from dscluster.serving.tool_calls import ToolPlan, ToolReply, history_for_template
 
 router = APIRouter()
 log = logging.getLogger(__name__)
@@ -116,8 +119,10 @@ class Choice:
 
     def __init__(self, state: ServerState, index: int, prompt_ids: list[int], params: SamplingParams,
                  stops: list[str] | None, events: asyncio.Queue | None, echo: str | None = None,
-                 counts_prompt: bool = True, request_id: str | None = None):
+                 counts_prompt: bool = True, request_id: str | None = None, grammar: GrammarState | None = None,
+                 reply: ToolReply | None = None):
         self.index = index
+        self.reply = reply or ToolReply("text")   # chat: the text as a message, or as tool calls
         self.prompt_ids = prompt_ids
         self.params = params
         self.echo = echo                          # the prompt's text, sent before the completion
@@ -129,7 +134,7 @@ class Choice:
         self.tokens = 0                           # generated so far (the engine's thread counts)
         self.events = events
         loop = asyncio.get_running_loop()
-        self.item = WorkItem(GENERATE_KEY, GenerationRequest(tuple(prompt_ids), params), loop,
+        self.item = WorkItem(GENERATE_KEY, GenerationRequest(tuple(prompt_ids), params, grammar), loop,
                              loop.create_future(), on_token=self._on_token,
                              on_prompt_logprobs=self._on_prompt_logprobs, request_id=request_id)
         if events is not None:
@@ -230,6 +235,29 @@ def _params(state: ServerState, req, max_tokens: int, logprobs: int | None = Non
                           logit_bias=tuple(bias), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
+def _one_spec(req, tools: ToolPlan | None = None) -> tuple[str, GrammarSpec] | None:
+    """The grammar a request asks for: by response_format, structured_outputs or a forced tool
+    call; at most one of them."""
+    asked = [(name, spec) for name, spec in (
+        ("response_format", response_format_spec(getattr(req, "response_format", None))),
+        ("structured_outputs", structured_outputs_spec(getattr(req, "structured_outputs", None))),
+        ("tool_choice", tools.grammar() if tools is not None else None)) if spec is not None]
+    if len(asked) > 1:
+        raise bad_request(f"{asked[0][0]} and {asked[1][0]} both constrain the reply; give one",
+                          param=asked[1][0])
+    return asked[0] if asked else None
+
+
+async def _grammar_states(state: ServerState, asked: tuple[str, GrammarSpec] | None,
+                          count: int) -> list[GrammarState | None]:
+    """One grammar state per choice (compiled off the event loop; a 400 if it cannot be)."""
+    if asked is None:
+        return [None] * count
+    if state.grammars is None:
+        raise bad_request("this model has no tokenizer to enforce structured outputs with", code="unsupported_model")
+    return await state.grammars.states(asked[1], count, asked[0])
+
+
 def _prompts(state: ServerState, prompt) -> list[tuple[str, list[int], str | None]]:
     """(where, token ids, text if given as text) per prompt: a string, a list of token ids, or a
     list of either."""
@@ -293,6 +321,7 @@ async def completions(request: Request):
     prompts = _prompts(state, req.prompt)
     _check_choices(state, len(prompts) * req.n)
     budgets = [_check_prompt(state, ids, req.max_tokens, where) for where, ids, _ in prompts]
+    grammars = await _grammar_states(state, _one_spec(req), len(prompts) * req.n)
     tok = state.engine.info.tokenizer
     rid = request_id(request)
     events = asyncio.Queue() if req.stream else None
@@ -301,8 +330,8 @@ async def completions(request: Request):
         params = _params(state, req, budget, logprobs=req.logprobs,
                          prompt_logprobs=req.logprobs if req.echo else None)
         echo = (text if text is not None else tok.decode(ids)) if req.echo else None
-        choices += [Choice(state, p * req.n + i, ids, params.for_choice(i), req.stop, events, echo, i == 0, rid)
-                    for i in range(req.n)]
+        choices += [Choice(state, p * req.n + i, ids, params.for_choice(i), req.stop, events, echo, i == 0, rid,
+                           grammars[p * req.n + i]) for i in range(req.n)]
     reply = _Reply("cmpl", "text_completion", state.engine.info.name, rid)
     log.info("request %s: completion, %d prompt(s) x n=%d, max_tokens %s%s", rid, len(prompts), req.n,
              req.max_tokens, ", streamed" if req.stream else "")
@@ -336,14 +365,16 @@ async def chat_completions(request: Request):
     problem = req.unsupported()
     if problem is not None:
         raise bad_request(f"{problem[0]}: {problem[1]}", param=problem[0], code="unsupported_parameter")
-    ids = chat_prompt_ids(state, req.messages)
+    tools = ToolPlan(req.tools, req.tool_choice, req.parallel_tool_calls, state.config.tool_call_parser)
+    ids = chat_prompt_ids(state, req.messages, tools=tools.template_tools())
     _check_choices(state, req.n)
     budget = _check_prompt(state, ids, req.max_completion_tokens or req.max_tokens, "messages")
+    grammars = await _grammar_states(state, _one_spec(req, tools), req.n)
     events = asyncio.Queue() if req.stream else None
     params = _params(state, req, budget, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     rid = request_id(request)
-    choices = [Choice(state, i, ids, params.for_choice(i), req.stop, events, counts_prompt=i == 0, request_id=rid)
-               for i in range(req.n)]
+    choices = [Choice(state, i, ids, params.for_choice(i), req.stop, events, counts_prompt=i == 0, request_id=rid,
+                      grammar=grammars[i], reply=tools.reply()) for i in range(req.n)]
     reply = _Reply("chatcmpl", "chat.completion", state.engine.info.name, rid)
     log.info("request %s: chat completion of %d prompt tokens, n=%d, max_tokens %d%s", rid, len(ids), req.n,
              budget, ", streamed" if req.stream else "")
@@ -353,25 +384,27 @@ async def chat_completions(request: Request):
         return _sse(_stream(state, request, choices, events, reply, req.stream_options, texts, chat=True))
     results = await wait_results([c.item for c in choices], request, state.config.request_timeout)
     return reply.body(
-        choices=[{"index": c.index, "message": {"role": "assistant", "content": c.final_text()},
+        choices=[{"index": c.index, "message": c.reply.message(c.final_text()),
                   "logprobs": chat_logprobs(texts, r.logprobs or []) if req.logprobs else None,
-                  "finish_reason": c.finish_reason(r)} for c, r in zip(choices, results)],
+                  "finish_reason": c.reply.finish_reason(c.finish_reason(r))} for c, r in zip(choices, results)],
         usage=_usage(choices, results))
 
 
-def chat_prompt_ids(state: ServerState, messages: list, add_generation_prompt: bool = True) -> list[int]:
-    """Chat messages rendered with the tokenizer's chat template, as token ids (400s for what the
-    template or the content parts do not allow)."""
+def chat_prompt_ids(state: ServerState, messages: list, add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
+    """Chat messages (and the tools the model may call) rendered with the tokenizer's chat
+    template, as token ids (400s for what the template or the content parts do not allow)."""
     tok = state.engine.info.tokenizer
     if not getattr(tok, "chat_template", None):
         raise APIError(400, f"model {state.engine.info.name!r} has no chat template; use /v1/completions",
                        code="no_chat_template")
     try:
-        rendered = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in messages]
+        rendered = [history_for_template({**m.model_dump(exclude_none=True), "content": m.text()}) for m in messages]
     except ValueError as exc:
         raise bad_request(f"messages: {exc}", param="messages") from None
     try:
-        text = tok.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt, tokenize=False)
+        text = tok.apply_chat_template(rendered, tools=tools, add_generation_prompt=add_generation_prompt,
+                                       tokenize=False)
     except Exception as exc:  # noqa: BLE001 - templates raise for roles or orders they do not allow
         raise bad_request(f"messages: the chat template rejected them: {exc}", param="messages") from None
     return tok(text, add_special_tokens=False)["input_ids"]
@@ -430,9 +463,10 @@ async def _stream(state: ServerState, request: Request, choices: list[Choice], e
         return formats[choice.index].block([e.token for e in entries], entries)
 
     def piece(index: int, text: str | None = None, finish: str | None = None, role: bool = False,
-              logprobs: dict | None = None, tokens: int = 0) -> dict:
+              logprobs: dict | None = None, tokens: int = 0, delta: dict | None = None) -> dict:
         if chat:
-            delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
+            delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {}) | \
+                (delta or {})
             body = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
             body = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
@@ -470,6 +504,10 @@ async def _stream(state: ServerState, request: Request, choices: list[Choice], e
             if delta == PROMPT:
                 yield echoed(choice)
                 continue
+            if delta is not None and chat:      # the reply's deltas: content, or tool calls
+                for d in choice.reply.feed(delta):
+                    yield piece(index, delta=d, logprobs=logprobs_of(choice, known), tokens=known)
+                continue
             if delta is not None:
                 yield piece(index, delta, logprobs=logprobs_of(choice, known), tokens=known)
                 continue
@@ -484,9 +522,17 @@ async def _stream(state: ServerState, request: Request, choices: list[Choice], e
             results.append((choice, result))
             tail = choice.tracker.finish()
             done = len(result.token_ids)
+            if chat:
+                deltas = choice.reply.feed(tail) + choice.reply.finish()
+                if not deltas and choice.sent_logprobs < len(choice.logprobs):
+                    deltas = [{"content": ""}]
+                for d in deltas:
+                    yield piece(index, delta=d, logprobs=logprobs_of(choice, None), tokens=done)
+                yield piece(index, finish=choice.reply.finish_reason(choice.finish_reason(result)), tokens=done)
+                continue
             if tail or choice.sent_logprobs < len(choice.logprobs):
                 yield piece(index, tail, logprobs=logprobs_of(choice, None), tokens=done)
-            yield piece(index, None if chat else "", finish=choice.finish_reason(result), tokens=done)
+            yield piece(index, "", finish=choice.finish_reason(result), tokens=done)
         else:
             if include_usage:
                 yield reply.chunk(choices=[], usage=_usage([c for c, _ in results], [r for _, r in results]))

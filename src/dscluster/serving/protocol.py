@@ -178,6 +178,67 @@ class _SamplingFields(_Strict):
         return [(int(k), float(b)) for k, b in (self.logit_bias or {}).items()]
 
 
+
+# ------------------------------------------------------------------------------------------
+# Structured outputs and tools (serving/structured_output.py and tool_calls.py give them meaning)
+
+MAX_GRAMMAR_CHOICES = 1024          # structured_outputs.choice entries
+
+
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)   # "schema" is its JSON name
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None      # enforcement is always strict: the grammar allows nothing else
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHOICES)
+    grammar: str | None = None
+    json_object: bool | None = None
+    # vLLM's: no whitespace between JSON tokens. This server's default already is none (a model
+    # cannot pad a reply with whitespace until it runs out of tokens); false allows any.
+    disable_any_whitespace: bool | None = None
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class _FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: _FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)        # 0 only with echo: the prompt (and its logprobs)
@@ -185,6 +246,8 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int = Field(1, ge=1, le=1)
     suffix: None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
 
 class ChatMessage(BaseModel):
@@ -209,21 +272,14 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    # Accepted so that they get a clear answer (400, not supported yet) instead of "unknown field";
-    # their neutral values pass.
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        """(field, why) for a feature asked for that this server does not do yet."""
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format", "structured output (response_format) is not supported yet"
-        if self.tools:
-            return "tools", "tool calling (tools) is not supported yet"
-        if self.tool_choice not in (None, "none", "auto"):
-            return "tool_choice", "tool calling (tool_choice) is not supported yet"
+        """(field, why) for a combination this server does not take."""
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs: true"
         return None

@@ -35,6 +35,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         api_key=getattr(args, "api_key", None) or None,
         metrics_without_api_key=bool(getattr(args, "metrics_without_api_key", False)),
         max_body_bytes=getattr(args, "max_body_bytes", defaults.max_body_bytes),
+        tool_call_parser=getattr(args, "tool_call_parser", defaults.tool_call_parser),
     )
 
 

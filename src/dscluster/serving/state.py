@@ -14,6 +14,7 @@ from dscluster.engine.api import EngineClient
 from dscluster.serving.batcher import Batcher, WorkItem
 from dscluster.serving.metrics import Metrics
 from dscluster.serving.protocol import APIError, ClientGone
+from dscluster.serving.structured_output import Grammars
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ServerConfig:
     api_key: str | None = None
     metrics_without_api_key: bool = False    # /metrics readable without the API key (Prometheus scrapes)
     max_body_bytes: int = 8 * 1024 * 1024
+    tool_call_parser: str = "hermes"          # how tool_choice auto replies are read (serving/tool_calls.py)
 
 
 @dataclass
@@ -33,6 +35,7 @@ class ServerState:
     engine: EngineClient
     metrics: Metrics
     batcher: Batcher
+    grammars: Grammars | None = None          # structured outputs, for models with a tokenizer
     started: int = field(default_factory=lambda: int(time.time()))
     serving: bool = False                     # between startup and the start of shutdown
 
