@@ -233,17 +233,6 @@ def test_chat_logprobs_n_and_content_parts(client, log_softmax, http, unsharded)
         assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
 
 
-@pytest.mark.parametrize("extra, field", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-])
-def test_chat_features_not_supported_yet_are_a_clear_400(http, extra, field):
-    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **extra})
-    assert r.status_code == 400
-    error = r.json()["error"]
-    assert error["param"] == field and "not supported" in error["message"]
-
-
 # -- vLLM's extra routes, header and metrics ---------------------------------------------------------
 
 

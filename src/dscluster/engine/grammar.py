@@ -100,6 +100,7 @@ class GrammarCompiler:
         eos = list(eos_ids) or tokenizer.eos_token_id
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
         self.vocab_size = vocab_size
+        self.eos_ids = tuple(eos_ids)
         self._cache: OrderedDict[GrammarSpec, Any] = OrderedDict()
         self._lock = threading.Lock()
 

@@ -202,7 +202,13 @@ def sample(logits: torch.Tensor, samplers: list[RequestSampler]) -> list[Sample]
 def _mask_grammars(rows: torch.Tensor, samplers: list[RequestSampler], finite: list[bool], out: list[Sample]) -> None:
     """The grammars' masks on their rows, in place; a grammar that fails, or leaves no token
     allowed, ends its own request only."""
-    constrained = [(i, s.grammar) for i, s in enumerate(samplers) if s.grammar is not None and finite[i]]
+    constrained = []
+    for i, s in enumerate(samplers):
+        if s.grammar is not None and finite[i]:
+            if s.grammar.error is None:
+                constrained.append((i, s.grammar))
+            else:
+                out[i].error = RuntimeError(f"the grammar failed: {s.grammar.error}")
     if not constrained:
         return
     try:
