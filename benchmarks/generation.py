@@ -83,7 +83,7 @@ def request_body(style: str, model: str, request: dict) -> dict:
         return {"model": model, "prompt": request["prompt"], "max_tokens": request["max_tokens"], "stream": True,
                 "generation_config": json.dumps(config)}
     return {"prompt": request["prompt"], "max_tokens": request["max_tokens"], "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream_options": {"include_usage": True}, **request.get("extra", {})}
 
 
 async def _one(client, url: str, body: dict, t0: float) -> dict:

@@ -28,6 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy
 import torch
 
 GrammarKind = Literal["json_schema", "regex", "choice", "grammar"]
@@ -118,13 +119,20 @@ class GrammarCompiler:
         except ValueError as exc:
             raise GrammarError(str(exc).strip().splitlines()[0]) from None
 
-    def compile(self, spec: GrammarSpec) -> GrammarState:
-        """A fresh state at the start of `spec`'s grammar; GrammarError if it cannot compile."""
+    def cached(self, spec: GrammarSpec) -> GrammarState | None:
+        """A fresh state of `spec` if it was compiled before (microseconds), else None."""
         with self._lock:
             template = self._cache.get(spec)
-            if template is not None:
-                self._cache.move_to_end(spec)
-                return GrammarState(template.deep_copy())
+            if template is None:
+                return None
+            self._cache.move_to_end(spec)
+            return GrammarState(template.deep_copy())
+
+    def compile(self, spec: GrammarSpec) -> GrammarState:
+        """A fresh state at the start of `spec`'s grammar; GrammarError if it cannot compile."""
+        state = self.cached(spec)
+        if state is not None:
+            return state
         grammar = self._grammar(spec)
         problem = self._llg.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if problem:
@@ -146,19 +154,29 @@ def _first_line(message: str) -> str:
 _SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
-def apply_masks(logits: torch.Tensor, rows: list[tuple[int, GrammarState]]) -> None:
+def apply_masks(logits: torch.Tensor, rows: list[tuple[int, GrammarState]]) -> list[bool]:
     """Forbid, in place, every token each row's grammar does not allow next. `logits`: [rows, vocab]
-    float; `rows`: (row index, its grammar). One bitmask for all of them, unpacked with tensor ops
-    (no Python loop over the vocabulary)."""
+    float; `rows`: (row index, its grammar). Returns, per entry of `rows`, whether its grammar
+    allows any token at all. llguidance writes one bitmask for all of them; it is
+    unpacked without a Python loop over the vocabulary: by numpy on the CPU (single-threaded: a
+    torch op this size would wake the OpenMP team, which costs milliseconds on a busy machine), by
+    shifts on the GPU after copying the 32x smaller bitmask there."""
     if not rows:
-        return
+        return []
     vocab = logits.shape[-1]
     words = (vocab + 31) // 32
     bitmask = torch.empty((len(rows), words), dtype=torch.int32)
     stride = words * 4
     for k, (_, state) in enumerate(rows):
         state.matcher.unsafe_compute_mask_ptr(bitmask.data_ptr() + k * stride, stride)
-    bits = bitmask.to(logits.device).unsqueeze(-1) >> _SHIFTS.to(logits.device)
-    allowed = (bits & 1).bool().reshape(len(rows), words * 32)[:, :vocab]
-    index = torch.tensor([r for r, _ in rows], dtype=torch.long, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    if logits.device.type == "cpu":
+        bits = numpy.unpackbits(bitmask.numpy().view(numpy.uint8), axis=1, bitorder="little")[:, :vocab]
+        forbidden = torch.from_numpy(bits == 0)
+        some = bits.any(axis=1).tolist()
+    else:
+        shifted = bitmask.to(logits.device, non_blocking=True).unsqueeze(-1) >> _SHIFTS.to(logits.device)
+        forbidden = ((shifted & 1) == 0).reshape(len(rows), words * 32)[:, :vocab]
+        some = (~forbidden).any(dim=1).tolist()
+    for k, (row, _) in enumerate(rows):
+        logits[row].masked_fill_(forbidden[k], float("-inf"))
+    return some

@@ -212,9 +212,7 @@ def _mask_grammars(rows: torch.Tensor, samplers: list[RequestSampler], finite: l
     if not constrained:
         return
     try:
-        apply_masks(rows, constrained)
-        index = [i for i, _ in constrained]
-        allowed = torch.isfinite(rows[index]).any(dim=-1).tolist()
+        allowed = apply_masks(rows, constrained)
     except Exception as exc:  # noqa: BLE001 - the grammars' problem: their requests only
         log.warning("applying grammar masks failed: %s: %s", type(exc).__name__, exc)
         for i, _ in constrained:

@@ -84,7 +84,11 @@ class Grammars:
         return [self._compiler.compile(spec) for _ in range(count)]
 
     async def states(self, spec: GrammarSpec, count: int, where: str) -> list[GrammarState]:
-        """`count` fresh states of `spec` (one per choice), or a 400 when it cannot compile."""
+        """`count` fresh states of `spec` (one per choice), or a 400 when it cannot compile. A
+        grammar compiled before is copied here; a new one is compiled on a worker thread."""
+        first = self._compiler.cached(spec) if self._compiler is not None else None
+        if first is not None:
+            return [first] + [self._compiler.cached(spec) or self._compiler.compile(spec) for _ in range(count - 1)]
         try:
             return await asyncio.to_thread(self._compile, spec, count)
         except GrammarError as exc:
