@@ -29,6 +29,19 @@ BODIES = (
 )
 
 
+# Structured outputs and tool calls take the same fields in batch mode (random weights: only
+# enforcement makes these valid).
+ANSWER = {"type": "object", "additionalProperties": False, "required": ["ok", "n"],
+          "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+STRUCTURED = {
+    "structured-json": {"messages": [{"role": "user", "content": "answer"}], "max_tokens": 40, "seed": 1,
+                        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}}},
+    "structured-tool": {"messages": [{"role": "user", "content": "call it"}], "max_tokens": 60, "seed": 2,
+                        "tools": [{"type": "function", "function": {"name": "f", "parameters": ANSWER}}],
+                        "tool_choice": "required"},
+}
+
+
 def batch_lines(bodies=BODIES) -> list[str]:
     return [json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": url, "body": body})
             for i, (url, body) in enumerate(bodies)]
@@ -65,6 +78,8 @@ def local_results(tiny, tmp_path_factory) -> dict[str, dict]:
     lines.insert(5, json.dumps({"custom_id": "req-0", "url": "/v1/completions", "body": {"prompt": "x"}}))
     lines.append(json.dumps({"custom_id": "bad-body", "url": "/v1/completions", "body": {"prompt": ""}}))
     lines.append(json.dumps({"id": "plain-predict", "inputs": [7, 8, 9]}))
+    lines += [json.dumps({"custom_id": name, "url": "/v1/chat/completions", "body": body})
+              for name, body in STRUCTURED.items()]
     src.write_text("\n".join(lines) + "\n")
     proc = run_batch([], tiny, src, tmp / "out.jsonl", "--nproc", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -185,3 +200,16 @@ def test_bad_files_exit_2_before_loading(tiny, tmp_path):
     proc = run_batch([], tiny, src, tmp_path / "no-dir" / "out.jsonl", "--nproc", "2", timeout=60)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     assert "Loading" not in proc.stderr  # no rank started
+
+
+def test_batch_takes_structured_outputs_and_tools(local_results):
+    import jsonschema
+
+    body = local_results["structured-json"]["response"]["body"]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(body["choices"][0]["message"]["content"]), ANSWER)
+    choice = local_results["structured-tool"]["response"]["body"]["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    for call in choice["message"]["tool_calls"]:
+        assert call["function"]["name"] == "f"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), ANSWER)

@@ -176,6 +176,19 @@ def test_completions_structured_outputs_choice_regex_grammar_json(client):
         jsonschema.validate(json.loads(reply.choices[0].text), PERSON)
 
 
+def test_logprobs_under_a_grammar_are_those_it_allows(client):
+    reply = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=10, seed=3, logprobs=True,
+                                           top_logprobs=5, extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    choice = reply.choices[0]
+    assert choice.message.content in ("yes", "no") and choice.finish_reason == "stop"
+    for entry in choice.logprobs.content:
+        assert entry.logprob <= 0.0 and entry.top_logprobs and all(t.logprob > -1e30 for t in entry.top_logprobs)
+    # the first token: only what starts "yes" or "no" has any probability, and it sums to one
+    first = choice.logprobs.content[0].top_logprobs
+    assert all("yes".startswith(t.token) or "no".startswith(t.token) for t in first)
+    assert abs(sum(2.718281828 ** t.logprob for t in first) - 1.0) < 1e-3
+
+
 def test_a_row_without_a_grammar_is_unchanged_by_one_beside_it(client):
     plain = dict(model="tiny", prompt="Once upon a time", max_tokens=40, seed=11, temperature=0.9)
     alone = client.completions.create(**plain).choices[0].text

@@ -147,7 +147,9 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[Toke
     chosen = chosen[:, 0].tolist()
     if k:
         values, indices = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
-        tops = [tuple(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+        # Tokens a grammar forbids (-inf) are not among the likely ones (and -inf is not JSON).
+        tops = [tuple((t, v) for t, v in zip(i, vs) if v != float("-inf"))
+                for i, vs in zip(indices.tolist(), values.tolist(), strict=True)]
     else:
         tops = [()] * len(tokens)
     return [TokenLogprobs(t, lp, r, top)

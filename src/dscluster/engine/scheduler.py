@@ -34,7 +34,8 @@ Memory (engine/kv_blocks.py holds the accounting of the key/value pool's blocks)
 
 After the step's forward pass, `after_step` scores the prompt chunks of requests that asked for
 prompt logprobs, samples every row that is due a token, checks stop tokens and lengths, and hands
-each token to the request's sink. A request with max_tokens 0 (its prompt's logprobs only) ends
+each token to the request's sink (a request with a grammar, engine/grammar.py, is sampled under its
+mask, and ends with `stop` once its grammar allows nothing more). A request with max_tokens 0 (its prompt's logprobs only) ends
 when its prompt is computed, without a token drawn. All of this is rank-0-only work
 between two broadcasts: whatever fails in it for one request (its sampling, its sink) ends that
 request with the error, and the step goes on for the others.

@@ -80,7 +80,10 @@ class Grammars:
 
     def _compile(self, spec: GrammarSpec, count: int) -> list[GrammarState]:
         if self._compiler is None:
-            self._compiler = GrammarCompiler(*self._args)
+            try:
+                self._compiler = GrammarCompiler(*self._args)
+            except Exception as exc:  # noqa: BLE001 - e.g. a slow (Python) tokenizer llguidance cannot read
+                raise GrammarError(f"this model's tokenizer cannot be used for structured outputs ({exc})") from None
         return [self._compiler.compile(spec) for _ in range(count)]
 
     async def states(self, spec: GrammarSpec, count: int, where: str) -> list[GrammarState]:
