@@ -6,9 +6,10 @@
   other ranks serve nothing. With `--api-key-secret` it sends the key as a bearer token (the
   rendered server also lets /metrics through without it, for annotation-based scrapes and the
   inference gateway's endpoint picker).
-- scrape-config: a Prometheus configuration for a Prometheus without the operator: static
-  `--target`s, or the `<name>-http` Services found through the Kubernetes API by their
-  `prometheus.io/*` annotations.
+- scrape-config: a Prometheus configuration that scrapes static `--target`s (rank 0's HTTP address),
+  for a Prometheus outside Kubernetes or without the operator. (In a cluster, Prometheus' usual
+  `kubernetes-service-endpoints` job finds the `<name>-http` Service by its `prometheus.io/*`
+  annotations.)
 - dashboard: the Grafana dashboard shipped as package data (data/grafana-dashboard.json). Its
   queries use vLLM's metric names wherever the server exports them (running and waiting requests,
   time to first token and per output token, tokens, KV-cache usage, preemptions, prefix cache), so
@@ -87,22 +88,10 @@ def scrape_config(opts: argparse.Namespace) -> dict[str, Any]:
     bad = [t for t in opts.target if not TARGET.match(t)]
     if bad:
         raise UsageError(f"--target {bad[0]!r} is not HOST:PORT")
-    if opts.target:
-        job["static_configs"] = [{"targets": list(opts.target)}]
-    else:
-        # The <name>-http Services: they select rank 0's pods only, and carry prometheus.io/*.
-        job["kubernetes_sd_configs"] = [{"role": "endpoints", "namespaces": {"names": [opts.namespace]}}]
-        job["relabel_configs"] = [
-            {"source_labels": ["__meta_kubernetes_service_label_app_kubernetes_io_managed_by"],
-             "regex": "dscluster", "action": "keep"},
-            {"source_labels": ["__meta_kubernetes_service_annotation_prometheus_io_scrape"],
-             "regex": "true", "action": "keep"},
-            {"source_labels": ["__address__", "__meta_kubernetes_service_annotation_prometheus_io_port"],
-             "regex": r"([^:]+)(?::\d+)?;(\d+)", "replacement": "$1:$2", "target_label": "__address__",
-             "action": "replace"},
-            {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-            {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-        ]
+    if not opts.target:
+        raise UsageError("scrape-config needs --target HOST:PORT (rank 0's HTTP address); in Kubernetes use "
+                         "--monitor (a PodMonitor) or the prometheus.io/* annotations the <name>-http Service carries")
+    job["static_configs"] = [{"targets": list(opts.target)}]
     if opts.api_key_file:
         job["authorization"] = {"type": "Bearer", "credentials_file": opts.api_key_file}
     config: dict[str, Any] = {"global": {"scrape_interval": opts.scrape_interval,

@@ -189,8 +189,7 @@ def _add_monitoring_options(p: argparse.ArgumentParser) -> None:
                    help="the endpoint picker's Service the InferencePool names (default <name>-epp)")
     g.add_argument("--epp-port", type=int, default=9002, help="the endpoint picker's gRPC port (9002)")
     g.add_argument("--target", action="append", default=[], metavar="HOST:PORT",
-                   help="scrape-config: a static target (repeatable); without one, pods found through the "
-                        "Kubernetes API by their prometheus.io annotations")
+                   help="scrape-config: rank 0's HTTP address to scrape (repeatable, at least one)")
     g.add_argument("--api-key-file", default=None, metavar="PATH",
                    help="scrape-config: send the API key in this file as a bearer token")
     g.add_argument("--rule-file", action="append", default=[], metavar="PATH",
