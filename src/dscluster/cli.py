@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
                    help="tokens computed per step, which bound the activations, as for serve "
                         "(default: the larger of 256 and --max-num-seqs)")
+    p.add_argument("--image", default=f"dscluster:{__version__}",
+                   help="the image the printed render command names (push the Dockerfile's image to your registry)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_plan)
 
