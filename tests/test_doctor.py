@@ -227,19 +227,26 @@ def lws_env(index: int, size: int = 2) -> dict[str, str]:
 
 def test_lws_worker_without_nproc_counts_the_ranks_of_the_server_in_the_pod():
     """An LWS worker pod of a 2-pod group whose server runs 8 ranks per pod: rank 8 of 16, not 1 of 2.
-    The pod's `dscluster serve --nproc 8` is a real process here (its command line is what doctor reads)."""
-    server = subprocess.Popen(["bash", "-c", "exec -a 'dscluster serve /mnt/checkpoints/model --nproc 8' sleep 60"])
+    The pod's `dscluster serve --nproc 8` is a real process here, with the pod's LWS variables (its
+    command line and environment are what doctor reads; servers of other groups on this host are not
+    this pod's)."""
+    env = lws_env(1)
+    server = subprocess.Popen(["bash", "-c", "exec -a 'dscluster serve /mnt/checkpoints/model --nproc 8' sleep 60"],
+                              env={**clean_env(), **env})
+    other = subprocess.Popen(["bash", "-c", "exec -a 'dscluster serve /m --nproc 3' sleep 60"],
+                             env={**clean_env(), **lws_env(0)})  # the leader's: another member of the group
     try:
         time.sleep(0.3)
-        code, checks = doctor(**lws_env(1))
+        code, checks = doctor(**env)
         message = checks["rendezvous"]["message"]
         assert message.startswith("rank 8 of 16 (local 0 of 8)"), message
         assert "--nproc 8, from the dscluster serve running in this pod" in message
         _, checks = doctor("--nproc", "4", **lws_env(1))  # an explicit --nproc wins
         assert checks["rendezvous"]["message"].startswith("rank 4 of 8")
     finally:
-        server.kill()
-        server.wait()
+        for proc in (server, other):
+            proc.kill()
+            proc.wait()
 
 
 def test_lws_without_a_server_or_gpus_says_what_it_assumed():

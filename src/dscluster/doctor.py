@@ -41,7 +41,7 @@ def check_rendezvous(args, environ=None) -> tuple[Check, Rendezvous | None]:
     if nproc is None and row is not None and row.per_node:
         # A per-node launcher's variables count nodes, not ranks: an LWS group of 2 pods of 8 GPUs
         # is 16 ranks. doctor is not the launcher, so it asks what this pod runs.
-        nproc, note = pod_ranks()
+        nproc, note = pod_ranks({m: environ[m] for m in row.markers if m in environ})
     try:
         rdzv = discover(environ, nproc_per_node=nproc)
     except RendezvousError as exc:
@@ -51,12 +51,19 @@ def check_rendezvous(args, environ=None) -> tuple[Check, Rendezvous | None]:
                  f"master {rdzv.master_addr}:{rdzv.master_port}, launcher {rdzv.launcher}{note}"), rdzv
 
 
-def _serve_nproc(proc: Path = Path("/proc")) -> int | None:
-    """The --nproc of a `dscluster serve` (or `launch`) running on this host, if there is one."""
+def _serve_nproc(same_env: dict[str, str], proc: Path = Path("/proc")) -> int | None:
+    """The --nproc of a `dscluster serve` (or `launch`) running here for the same group member: a
+    process whose launcher variables (`same_env`: LWS_WORKER_INDEX, ...) are this one's."""
     for cmdline in proc.glob("[0-9]*/cmdline"):
         try:
             words = re.split(r"[\0\s]+", cmdline.read_bytes().decode(errors="replace"))
+            if not any(w.endswith("dscluster") for w in words):
+                continue
+            environ = dict(item.partition("=")[::2] for item in
+                           (cmdline.parent / "environ").read_bytes().decode(errors="replace").split("\0") if item)
         except OSError:
+            continue
+        if any(environ.get(k) != v for k, v in same_env.items()):
             continue
         for i, word in enumerate(words[:-1]):
             if word.endswith("dscluster") and words[i + 1] in ("serve", "launch") and "--nproc" in words:
@@ -66,10 +73,10 @@ def _serve_nproc(proc: Path = Path("/proc")) -> int | None:
     return None
 
 
-def pod_ranks() -> tuple[int, str]:
+def pod_ranks(same_env: dict[str, str]) -> tuple[int, str]:
     """Ranks this pod runs under a per-node launcher when --nproc is not given: the --nproc of the
     server running here, else one per visible GPU (what `k8s render` runs), else one."""
-    running = _serve_nproc()
+    running = _serve_nproc(same_env)
     if running is not None:
         return running, f" (--nproc {running}, from the dscluster serve running in this pod)"
     gpus = gpu_count()
