@@ -293,8 +293,13 @@ def test_ssh_pods_give_loading_its_own_budget(tmp_path):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    # a process whose command line is `dscluster serve ...`, as a rank's is
-    fake = subprocess.Popen(["bash", "-c", "exec -a 'dscluster serve /m' sleep 120"])
+    # a process whose command line is `dscluster serve ...`, as a rank's is; in a pod the script
+    # sees the pod's processes only, here it would see every server on this host: the pattern gets
+    # a word of this test's own
+    tag = f"t{os.getpid()}"
+    assert script.count("dscluster[ ]serve") == 1
+    script = script.replace("dscluster[ ]serve", f"dscluster[ ]serve {tag}")
+    fake = subprocess.Popen(["bash", "-c", f"exec -a 'dscluster serve {tag} /m' sleep 120"])
     hostname = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
     script = script.replace('"dscluster-worker-0"', f'"{hostname}"')
     env = {**os.environ}
