@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make serve` (the main job) and `make test`.
-# Each does whatever set-up it still needs: OpenMPI and Slurm's client from Debian, a venv in .venv,
+# Each does whatever set-up it still needs: OpenMPI, Slurm's client and Prometheus from Debian, a venv in .venv,
 # the package, and DeepSpeed's compiled shared-memory op.
 VENV     ?= .venv
 PYTHON   ?= python3
@@ -13,11 +13,13 @@ BIN      := $(VENV)/bin
 
 $(BIN)/.installed: pyproject.toml
 	@# slurm-client: the tests compare node-list parsing with Slurm's own `scontrol show hostnames`.
+	@# prometheus: the tests scrape a real server with Prometheus and check configs and rules with promtool
+	@# (the tests start their own prometheus; the package's service is not used).
 	@command -v mpirun >/dev/null && command -v mpicc >/dev/null && command -v ip >/dev/null \
-	  && command -v scontrol >/dev/null || { \
-	  echo "installing OpenMPI, iproute2 and Slurm's client from Debian packages"; \
+	  && command -v scontrol >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  echo "installing OpenMPI, iproute2, Slurm's client and Prometheus from Debian packages"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    openmpi-bin libopenmpi-dev iproute2 slurm-client >/dev/null; }
+	    openmpi-bin libopenmpi-dev iproute2 slurm-client prometheus >/dev/null; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.

@@ -218,3 +218,49 @@ def test_bad_timeout_is_a_usage_error():
     proc = subprocess.run([sys.executable, "-m", "dscluster", "doctor", "--timeout", "0"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "--timeout" in proc.stderr
+
+
+def lws_env(index: int, size: int = 2) -> dict[str, str]:
+    return {"LWS_LEADER_ADDRESS": "127.0.0.1", "LWS_GROUP_SIZE": str(size), "LWS_WORKER_INDEX": str(index),
+            "MASTER_PORT": str(free_port())}
+
+
+def test_lws_worker_without_nproc_counts_the_ranks_of_the_server_in_the_pod():
+    """An LWS worker pod of a 2-pod group whose server runs 8 ranks per pod: rank 8 of 16, not 1 of 2.
+    The pod's `dscluster serve --nproc 8` is a real process here, with the pod's LWS variables (its
+    command line and environment are what doctor reads; servers of other groups on this host are not
+    this pod's)."""
+    env = lws_env(1)
+    server = subprocess.Popen(["bash", "-c", "exec -a 'dscluster serve /mnt/checkpoints/model --nproc 8' sleep 60"],
+                              env={**clean_env(), **env})
+    other = subprocess.Popen(["bash", "-c", "exec -a 'dscluster serve /m --nproc 3' sleep 60"],
+                             env={**clean_env(), **lws_env(0)})  # the leader's: another member of the group
+    try:
+        time.sleep(0.3)
+        code, checks = doctor(**env)
+        message = checks["rendezvous"]["message"]
+        assert message.startswith("rank 8 of 16 (local 0 of 8)"), message
+        assert "--nproc 8, from the dscluster serve running in this pod" in message
+        _, checks = doctor("--nproc", "4", **lws_env(1))  # an explicit --nproc wins
+        assert checks["rendezvous"]["message"].startswith("rank 4 of 8")
+    finally:
+        for proc in (server, other):
+            proc.kill()
+            proc.wait()
+
+
+def test_lws_without_a_server_or_gpus_says_what_it_assumed():
+    _, checks = doctor(**lws_env(1))
+    assert "one rank per pod; pass --nproc" in checks["rendezvous"]["message"]
+
+
+def test_attention_heads_must_divide_by_the_group(tiny):
+    """The tiny model has 2 attention heads: a group of 2 pods x 3 ranks cannot split them; 2 x 1 can."""
+    code, checks = doctor("--model", tiny, "--nproc", "3", **lws_env(1))
+    assert code == 1 and checks["heads"]["status"] == "FAIL"
+    assert "2 attention heads do not divide by the group's 6 ranks" in checks["heads"]["message"]
+    assert "--engine zero3" in checks["heads"]["fix"]
+    code, checks = doctor("--model", tiny, "--nproc", "1", **lws_env(1))
+    assert checks["heads"]["status"] == "PASS" and "1 per rank over 2 ranks" in checks["heads"]["message"]
+    _, checks = doctor("--model", tiny)  # one process: nothing to split
+    assert "heads" not in checks

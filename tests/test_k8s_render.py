@@ -69,7 +69,8 @@ def check_rank_container(c: dict, gpus: int, *, master: bool = True) -> None:
 
 def check_pod_volumes(spec: dict, pvc: str) -> None:
     vols = {v["name"]: v for v in spec["volumes"]}
-    assert vols["dshm"]["emptyDir"] == {"medium": "Memory"}
+    shm = vols["dshm"]["emptyDir"]
+    assert shm["medium"] == "Memory" and shm["sizeLimit"].endswith("Gi") and int(shm["sizeLimit"][:-2]) >= 1
     assert vols["checkpoints"]["persistentVolumeClaim"]["claimName"] == pvc
 
 
@@ -99,7 +100,7 @@ def serve_tail(cmd: list[str]) -> list[str]:
     assert cmd[i + 1] == "serve"
     tail = cmd[i:]
     # every kind drains the same way: the delay and the timeout the grace period is computed from
-    assert tail[tail.index("--drain-delay") + 1] == "10" and tail[tail.index("--request-timeout") + 1] == "60"
+    assert tail[tail.index("--drain-delay") + 1] == "10" and tail[tail.index("--request-timeout") + 1] == "600"
     return tail
 
 
@@ -109,7 +110,15 @@ def mpirun_argv(cmd: list[str]) -> list[str]:
     return cmd[cmd.index("mpirun"):]
 
 
-GRACE = 10 + 60 + 20  # --drain-delay, --request-timeout, margin
+GRACE = 10 + 600 + 20  # --drain-delay, --request-timeout (600 s: a long non-streamed generation), margin
+
+
+def check_loading_budget(container: dict) -> None:
+    """The placeholder answers /health/live 200 while the model loads: only /health/ready ends the
+    startup probe, which allows --load-timeout (30 minutes by default) for loading."""
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/health/ready"
+    assert startup["failureThreshold"] * startup["periodSeconds"] == 1800
 
 
 def check_grace(pod_spec: dict) -> None:
@@ -130,7 +139,7 @@ def check_mpijob(docs, nodes, gpus, existing_pvc, secret) -> None:
     slots = gpus or 1
     assert spec["slotsPerWorker"] == slots and spec["mpiImplementation"] == "OpenMPI"
     assert spec["runPolicy"]["cleanPodPolicy"] == "Running"
-    assert spec["runPolicy"]["schedulingPolicy"]["minAvailable"] == nodes + 1
+    assert "schedulingPolicy" not in spec["runPolicy"]  # gang scheduling is off unless --gang
     assert spec["runPolicy"]["backoffLimit"] == 6
     rs = spec["mpiReplicaSpecs"]
     assert set(rs) == {"Launcher", "Worker"}
@@ -226,7 +235,7 @@ def check_lws(docs, nodes, gpus, existing_pvc, secret) -> None:
     leader = lwt["leaderTemplate"]["spec"]["containers"][0]
     assert leader["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert leader["livenessProbe"]["httpGet"]["path"] == "/health/live"
-    assert leader["startupProbe"]["failureThreshold"] * leader["startupProbe"]["periodSeconds"] >= 600
+    check_loading_budget(leader)
     assert ("DSCLUSTER_API_KEY" in env_of(leader)) == bool(secret)
     leaders = {"leaderworkerset.sigs.k8s.io/name": "dscluster", "leaderworkerset.sigs.k8s.io/worker-index": "0"}
     check_common(docs, existing_pvc, master_selector=leaders, http_selector=leaders)
@@ -253,6 +262,7 @@ def check_deployment(docs, nodes, gpus, existing_pvc, secret) -> None:
     assert tail[tail.index("--engine") + 1] == ("tp" if gpus > 1 else "replicated")
     assert c["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    check_loading_budget(c)
     assert [p["containerPort"] for p in c["ports"]] == [8000]
     assert ("DSCLUSTER_API_KEY" in env) == bool(secret)
     selector = spec["selector"]["matchLabels"]

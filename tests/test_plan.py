@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import yaml
+from pathlib import Path
 
 
 def plan(*args: str) -> tuple[int, dict | str, str]:
@@ -217,8 +218,10 @@ def test_host_memory_must_be_positive():
     assert code == 2 and "--host-mem-gib" in err and len(err.strip().splitlines()) == 1
 
 
-# A Llama-3-8B-like config.json without weight files: the parameters come from the shape
-# (32 x (4 x 4096^2 + 3 x 4096 x 14336) + 2 x 128256 x 4096), every other number below by hand.
+# A Llama-3-8B-like config.json without weight files: the parameters come from the shape (per layer
+# the query and output projections 2 x 4096^2, the key and value projections of the 8 key/value heads
+# 2 x 4096 x 1024, the gated MLP 3 x 4096 x 14336, two norms; the final norm; untied embeddings and
+# head 2 x 128256 x 4096: 8.03e9), every other number below by hand.
 LLAMA_8B = {"model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
             "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
             "max_position_embeddings": 131072, "torch_dtype": "bfloat16"}
@@ -235,7 +238,7 @@ def pool_tokens_by_hand(tp: int, gpu_gib: float, utilization: float = 0.9, seqs:
     """What is left of gpu_gib x utilization after the weights and a step's activations (with the
     10 % margin and 1 GiB of runtime), in whole blocks of 16 tokens of this config's keys and
     values on one rank (8 KV heads, at most 8 ranks share them)."""
-    params = 32 * (4 * 4096**2 + 3 * 4096 * 14336) + 2 * 128256 * 4096
+    params = 32 * (2 * 4096**2 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096) + 4096 + 2 * 128256 * 4096
     weights = params * 2 / tp
     activations = batched * (2 * 4096 + 14336 / tp) * 2 + seqs * 128256 * 4
     left = gpu_gib * utilization * GIB - (weights + activations) * 1.1 - GIB
@@ -244,15 +247,15 @@ def pool_tokens_by_hand(tp: int, gpu_gib: float, utilization: float = 0.9, seqs:
 
 
 def test_kv_bytes_per_token_and_the_pool_of_each_layout(tmp_path):
-    code, p, _ = plan("--model", llama_8b(tmp_path), "--max-model-len", "8192", "--gpu-mem-gib", "20", "--json")
+    code, p, _ = plan("--model", llama_8b(tmp_path), "--max-model-len", "8192", "--gpu-mem-gib", "19", "--json")
     assert code == 0 and (p["max_model_len"], p["max_num_seqs"], p["gpu_memory_utilization"]) == (8192, 32, 0.9)
-    assert p["usable_gib"] == 18 and p["block_size"] == 16
+    assert p["usable_gib"] == 17.1 and p["block_size"] == 16
     by_tp = {c["tensor_parallel"]: c for c in p["candidates"]}
     # 2 (K, V) x 32 layers x 8 KV heads x 128 x 2 bytes; tp splits the 8 heads, then every rank keeps one
     assert {tp: c["kv_bytes_per_token"] for tp, c in by_tp.items()} == {
         1: 131072, 2: 65536, 4: 32768, 8: 16384, 16: 16384, 32: 16384}
     for tp, c in by_tp.items():
-        tokens = pool_tokens_by_hand(tp, 20)
+        tokens = pool_tokens_by_hand(tp, 19)
         assert c["kv_pool_tokens"] == tokens, tp
         assert c["kv_pool_gib"] == pytest.approx(tokens * c["kv_bytes_per_token"] / GIB, abs=0.005)
         # 8192 tokens are 512 blocks; the floor keeps a pool one block short from reading as enough
@@ -260,7 +263,7 @@ def test_kv_bytes_per_token_and_the_pool_of_each_layout(tmp_path):
         # the cache of 32 requests of 8192 tokens is part of what each rank needs
         assert c["kv_cache_gib"] == pytest.approx(32 * 8192 * c["kv_bytes_per_token"] / GIB, abs=0.005)
         assert c["fits"] == (tokens >= 32 * 8192) and (c["why_not"] is None) == c["fits"]
-    # tp=1: 16.5 GiB of weights x 1.1 + 1 GiB leave nothing of 18 GiB; tp=2: 15.8 requests of 8192 < 32
+    # tp=1: 15.0 GiB of weights x 1.1 + 1 GiB leave nothing of 17.1 GiB; tp=2: 15.7 requests of 8192 < 32
     assert not by_tp[1]["fits"] and "no room for a KV cache" in by_tp[1]["why_not"]
     assert by_tp[1]["kv_pool_tokens"] == 0 and by_tp[1]["max_concurrency"] == 0
     assert not by_tp[2]["fits"] and 15 < by_tp[2]["max_concurrency"] < 16
@@ -279,21 +282,21 @@ def test_requests_hold_whole_blocks(tmp_path):
 
 
 def test_a_layout_whose_pool_cannot_hold_one_request_does_not_fit(tmp_path):
-    """At tp=2 on 20 GiB the pool has about 7.9 GiB: 130K tokens of 64 KiB, one request of the
+    """At tp=2 on 19 GiB the pool has about 7.85 GiB: 128K tokens of 64 KiB, one request of the
     model's 131072 tokens takes 8 GiB. Even with --max-num-seqs 1 that layout does not fit."""
     model = llama_8b(tmp_path)
-    code, p, _ = plan("--model", model, "--gpu-mem-gib", "20", "--max-num-seqs", "1", "--json")
+    code, p, _ = plan("--model", model, "--gpu-mem-gib", "19", "--max-num-seqs", "1", "--json")
     assert code == 0 and p["max_model_len"] == 131072  # the model's context, by default
     tp2 = p["candidates"][1]
-    assert tp2["tensor_parallel"] == 2 and tp2["kv_pool_tokens"] == pool_tokens_by_hand(2, 20, seqs=1) < 131072
+    assert tp2["tensor_parallel"] == 2 and tp2["kv_pool_tokens"] == pool_tokens_by_hand(2, 19, seqs=1) < 131072
     assert not tp2["fits"] and tp2["max_concurrency"] < 1
     assert tp2["why_not"] == (f"the KV pool of {tp2['kv_pool_tokens']:,} tokens cannot hold one request of "
                               "131,072 tokens")
-    assert p["tensor_parallel"] == 4  # 12.5 GiB of 32 KiB tokens: 3 requests
-    code, text, _ = plan("--model", model, "--gpu-mem-gib", "20", "--max-num-seqs", "1")
+    assert p["tensor_parallel"] == 4  # 12 GiB of 32 KiB tokens: almost 3 requests
+    code, text, _ = plan("--model", model, "--gpu-mem-gib", "19", "--max-num-seqs", "1")
     assert f"no: the KV pool of {tp2['kv_pool_tokens']:,} tokens cannot hold one request of 131,072 tokens" in text
     # with no more GPUs than 2, nothing fits, and the answer says why
-    code, p, _ = plan("--model", model, "--gpu-mem-gib", "20", "--max-num-seqs", "1", "--gpus-per-node", "2",
+    code, p, _ = plan("--model", model, "--gpu-mem-gib", "19", "--max-num-seqs", "1", "--gpus-per-node", "2",
                       "--max-nodes", "1", "--json")
     assert code == 1 and not p["fits"]
     assert "cannot hold one request of 131,072 tokens" in p["missing"] and "pass --max-nodes 2" in p["missing"]
@@ -358,3 +361,95 @@ def test_gpt2_context_key(tmp_path):
 def test_bad_serving_flags_exit_2_naming_them(tmp_path, args, message):
     code, _, err = plan("--model", llama_8b(tmp_path), *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+# Published config.json values of models whose parameter counts are known (from their safetensors
+# headers, as the Hub reports them): grouped-query attention (fewer key/value heads), untied and
+# tied embeddings, a 152k vocabulary with query/key/value biases.
+KNOWN_CONFIGS = {
+    "Meta-Llama-3-8B": (8.03e9, {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "vocab_size": 128256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16"}),
+    "Meta-Llama-3-70B": (70.55e9, {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+        "intermediate_size": 28672, "num_attention_heads": 64, "num_hidden_layers": 80, "num_key_value_heads": 8,
+        "vocab_size": 128256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16"}),
+    "Mistral-7B-v0.1": (7.24e9, {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "vocab_size": 32000, "max_position_embeddings": 32768, "sliding_window": 4096,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16"}),
+    "Qwen2-7B": (7.62e9, {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
+        "intermediate_size": 18944, "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+        "vocab_size": 152064, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16"}),
+    "Llama-3.2-1B": (1.24e9, {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "head_dim": 64,
+        "intermediate_size": 8192, "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+        "vocab_size": 128256, "max_position_embeddings": 131072, "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16"}),
+    "Llama-2-7b (no GQA)": (6.74e9, {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+        "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+        "torch_dtype": "float16"}),
+}
+
+
+def config_dir(tmp_path, name: str) -> str:
+    d = tmp_path / name.split()[0]
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(KNOWN_CONFIGS[name][1]))
+    return str(d)
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_CONFIGS))
+def test_parameters_counted_from_a_config_within_2_percent(name, tmp_path):
+    code, p, err = plan("--model", config_dir(tmp_path, name), "--json")
+    known = KNOWN_CONFIGS[name][0]
+    assert abs(p["params"] / known - 1) < 0.02, (name, p["params"], known)
+
+
+def test_llama_3_70b_layout_follows_the_real_size(tmp_path):
+    """79.9B counted (GQA ignored: 74.4 GiB of weights per GPU at tp=2, 92.9 GiB needed) asked for
+    tp=4 where the real 70.6B fits at tp=2: on 94 GiB GPUs (H100 NVL), 16 requests of 4,096 tokens,
+    tp=2 holds the weights (65.7 GiB), the activations and the cache in 83.3 of 84.6 usable GiB."""
+    code, p, _ = plan("--model", config_dir(tmp_path, "Meta-Llama-3-70B"), "--max-model-len", "4096",
+                      "--max-num-seqs", "16", "--gpu-mem-gib", "94", "--json")
+    assert code == 0 and p["tensor_parallel"] == 2, p["candidates"][:2]
+    assert 65 < p["candidates"][1]["weights_gib"] < 66.5
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1].parent / "shared" / "schemas").is_dir(),
+                    reason="CRD schemas not found")
+def test_the_printed_command_renders_valid_manifests_whose_pvc_holds_the_weights(tmp_path):
+    from dscluster.k8s.common import _gib
+    from dscluster.k8s.validate import run_validate
+
+    schemas = Path(__file__).resolve().parents[1].parent / "shared" / "schemas"
+    for name, args in (("Meta-Llama-3-70B", ()), ("Meta-Llama-3-8B", ("--gpus-per-node", "8"))):
+        code, p, _ = plan("--model", config_dir(tmp_path, name), "--image", "registry.example/dscluster:0.1.0",
+                          *args, "--json")
+        assert code == 0
+        command = p["render_command"]
+        assert "--image registry.example/dscluster:0.1.0" in command
+        proc = run_render(command)
+        assert proc.returncode == 0, proc.stderr
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(proc.stdout)
+        assert run_validate([str(f)], crds_dir=str(schemas)) == 0
+        pvc = next(d for d in yaml.safe_load_all(proc.stdout) if d["kind"] == "PersistentVolumeClaim")
+        weights_gib = KNOWN_CONFIGS[name][0] * 2 / 2**30
+        assert _gib(pvc["spec"]["resources"]["requests"]["storage"]) > weights_gib * 1.05
+        if p["tensor_parallel"] < 8:  # the other GPUs of the node: more copies
+            assert f"--replicas {8 // p['tensor_parallel']}" in command
+
+
+def test_describe_says_how_to_use_the_other_gpus(tmp_path):
+    code, out, _ = plan("--model", config_dir(tmp_path, "Meta-Llama-3-8B"))
+    assert "a node of 8 GPUs holds 8 copies, one pod of 1 GPU(s) each: --replicas 8" in out
+    assert "--pvc-size 20Gi" in out

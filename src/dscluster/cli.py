@@ -222,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="preflight checks inside a pod or host")
     p.add_argument("--model", default=None, help="model directory to check")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--nproc", type=_positive_int, default=None)
+    p.add_argument("--nproc", type=_positive_int, default=None,
+                   help="ranks this pod runs (under LWS or a Trainer torch runtime, default: the --nproc of the "
+                        "dscluster serve running here, else one per visible GPU)")
     p.add_argument("--timeout", type=_positive_float, default=3.0, help="seconds for network probes")
     p.add_argument("--require-gpu", action="store_true", help="no visible GPU is a failure, not a warning")
     p.set_defaults(handler=_cmd_doctor)
@@ -248,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
                    help="tokens computed per step, which bound the activations, as for serve "
                         "(default: the larger of 256 and --max-num-seqs)")
+    p.add_argument("--image", default=f"dscluster:{__version__}",
+                   help="the image the printed render command names (push the Dockerfile's image to your registry)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_plan)
 

@@ -9,6 +9,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dscluster.cluster.rendezvous import Rendezvous, RendezvousError, discover
+from dscluster.cluster.rendezvous import Rendezvous, RendezvousError, discover, select_row
 from dscluster.errors import EXIT_RUNTIME, UsageError
 
 GIB = 1024**3
@@ -33,14 +34,75 @@ class Check:
     fix: str = ""
 
 
-def check_rendezvous(args) -> tuple[Check, Rendezvous | None]:
+def check_rendezvous(args, environ=None) -> tuple[Check, Rendezvous | None]:
+    environ = os.environ if environ is None else environ
+    nproc, note = args.nproc, ""
+    row = select_row(environ)
+    if nproc is None and row is not None and row.per_node:
+        # A per-node launcher's variables count nodes, not ranks: an LWS group of 2 pods of 8 GPUs
+        # is 16 ranks. doctor is not the launcher, so it asks what this pod runs.
+        nproc, note = pod_ranks({m: environ[m] for m in row.markers if m in environ})
     try:
-        rdzv = discover(nproc_per_node=args.nproc)
+        rdzv = discover(environ, nproc_per_node=nproc)
     except RendezvousError as exc:
         return Check("rendezvous", "FAIL", str(exc), "set the launcher's variables consistently"), None
     return Check("rendezvous", "PASS",
                  f"rank {rdzv.rank} of {rdzv.world_size} (local {rdzv.local_rank} of {rdzv.local_world_size}), "
-                 f"master {rdzv.master_addr}:{rdzv.master_port}, launcher {rdzv.launcher}"), rdzv
+                 f"master {rdzv.master_addr}:{rdzv.master_port}, launcher {rdzv.launcher}{note}"), rdzv
+
+
+def _serve_nproc(same_env: dict[str, str], proc: Path = Path("/proc")) -> int | None:
+    """The --nproc of a `dscluster serve` (or `launch`) running here for the same group member: a
+    process whose launcher variables (`same_env`: LWS_WORKER_INDEX, ...) are this one's."""
+    for cmdline in proc.glob("[0-9]*/cmdline"):
+        try:
+            words = re.split(r"[\0\s]+", cmdline.read_bytes().decode(errors="replace"))
+            if not any(w.endswith("dscluster") for w in words):
+                continue
+            environ = dict(item.partition("=")[::2] for item in
+                           (cmdline.parent / "environ").read_bytes().decode(errors="replace").split("\0") if item)
+        except OSError:
+            continue
+        if any(environ.get(k) != v for k, v in same_env.items()):
+            continue
+        for i, word in enumerate(words[:-1]):
+            if word.endswith("dscluster") and words[i + 1] in ("serve", "launch") and "--nproc" in words:
+                value = words[words.index("--nproc") + 1]
+                if value.isdigit() and int(value) > 0:
+                    return int(value)
+    return None
+
+
+def pod_ranks(same_env: dict[str, str]) -> tuple[int, str]:
+    """Ranks this pod runs under a per-node launcher when --nproc is not given: the --nproc of the
+    server running here, else one per visible GPU (what `k8s render` runs), else one."""
+    running = _serve_nproc(same_env)
+    if running is not None:
+        return running, f" (--nproc {running}, from the dscluster serve running in this pod)"
+    gpus = gpu_count()
+    if gpus:
+        return gpus, f" (--nproc not given: {gpus}, one rank per visible GPU, as the rendered pods run)"
+    return 1, " (--nproc not given and no GPU: one rank per pod; pass --nproc if the pod runs more)"
+
+
+def check_heads(spec: str, rdzv: Rendezvous) -> Check | None:
+    """Tensor parallelism gives every rank whole attention heads: the group's size must divide them."""
+    try:
+        config = json.loads((Path(spec) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # check_model reports it
+    config = {**config.get("text_config", {}), **config}
+    heads = next((config[k] for k in ("num_attention_heads", "n_head", "num_heads") if config.get(k)), None)
+    world = rdzv.world_size
+    if not isinstance(heads, int) or world == 1:
+        return None
+    if heads % world:
+        divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+        return Check("heads", "FAIL", f"the model's {heads} attention heads do not divide by the group's {world} "
+                     "ranks: tensor parallelism (--engine tp, the default with several ranks) gives each rank "
+                     "whole heads", f"run a number of ranks that divides {heads} (nodes x GPUs per node: "
+                     f"{', '.join(map(str, divisors[-6:]))}), or --engine zero3")
+    return Check("heads", "PASS", f"{heads} attention heads: {heads // world} per rank over {world} ranks")
 
 
 def _resolve(addr: str, port: int, timeout: float) -> list[str]:
@@ -247,7 +309,7 @@ def check_disk(path: str, minimum: int = DISK_MIN) -> Check:
 
 def run_checks(args: argparse.Namespace, environ=None) -> list[Check]:
     environ = os.environ if environ is None else environ
-    rendezvous, rdzv = check_rendezvous(args)
+    rendezvous, rdzv = check_rendezvous(args, environ)
     checks = [rendezvous]
     if rdzv is not None:
         checks.append(check_master(rdzv, args.timeout))
@@ -257,6 +319,8 @@ def run_checks(args: argparse.Namespace, environ=None) -> list[Check]:
     ]
     if args.model:
         steps.append(lambda: check_model(args.model))
+        if rdzv is not None:
+            steps.append(lambda: [c for c in (check_heads(args.model, rdzv),) if c is not None])
     for step in steps:
         result = step()
         checks += result if isinstance(result, list) else [result]

@@ -49,6 +49,7 @@ HOST_OVERHEAD_GIB = 2.0       # host memory of a GPU rank before weights (0.4 Gi
 DEFAULT_CONTEXT = 4096        # tokens per request when the model does not say its context (and for --params)
 MIN_BATCHED_TOKENS = 256      # serve's --max-num-batched-tokens default: the larger of this and --max-num-seqs
 CHECKPOINTS = "/mnt/checkpoints"
+PVC_MARGIN = 0.10             # the checkpoint volume: the weights and this much more
 
 # Llama-family shapes for --params without a config: (parameters, layers, hidden, heads, kv heads,
 # intermediate, vocab). The nearest by parameter count is used for the KV cache and the heads.
@@ -142,6 +143,11 @@ def shape_from_params(params: float) -> Shape:
                  source=f"--params {params:.3g}, shaped like Llama {row[0] / 1e9:g}B")
 
 
+# Families whose config names `intermediate_size` but whose MLP is not gated (two matrices).
+NON_GATED_MLP = frozenset({"gpt_bigcode", "gpt_neox", "gptj", "phi", "falcon", "bert", "roberta", "starcoder2"})
+# Families with biases on the query, key and value projections though the config does not say so.
+QKV_BIAS = frozenset({"qwen2", "qwen2_moe"})
+
 # Config keys for the shape, Llama's name first (the one an error names), then other families'.
 LAYERS = ("num_hidden_layers", "n_layer", "num_layers")
 HIDDEN = ("hidden_size", "n_embd", "d_model")
@@ -196,13 +202,39 @@ def shape_from_model(path: str, dtype: str) -> Shape:
     stored = BYTES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", ""), 4)
     weight_bytes = sum(f.stat().st_size for f in files) * BYTES[dtype] / stored if files else None
     # Parameters: from the weight files when there are any, else from the shape.
-    params = (weight_bytes / BYTES[dtype]) if weight_bytes else (
-        layers * (4 * hidden * hidden + 3 * hidden * inter) + 2 * vocab * hidden)
+    params = (weight_bytes / BYTES[dtype]) if weight_bytes else count_params(config, layers, hidden, heads)
     context = _first(config, ("max_position_embeddings", "n_positions"))
     return Shape(params, layers, hidden, heads, kv, inter, vocab, context or DEFAULT_CONTEXT,
                  weight_bytes=weight_bytes, source=f"{path} ({len(files)} weight file(s))",
                  dim_per_head=_first(config, ("head_dim",)),
                  shard_only=not files or files[0].suffix == ".safetensors", context_stated=context is not None)
+
+
+def count_params(config: dict, layers: int, hidden: int, heads: int) -> float:
+    """Parameters of a decoder-only transformer from its config.json, for a directory without
+    weight files.
+
+    Per layer: attention's query and output projections (hidden x heads x head_dim each), its key
+    and value projections for the key/value heads only (grouped-query attention: Llama-3-70B has 8
+    of them for 64 query heads), and the MLP: three hidden x intermediate matrices when it is gated
+    (Llama, Mistral, Qwen: gate, up, down; configs that name `intermediate_size`), two otherwise
+    (GPT-2's n_inner, OPT's ffn_dim); plus norms and biases where the config says so. Then the
+    token embeddings, and the output head unless `tie_word_embeddings` shares them."""
+    kv = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    inter = _first(config, ("intermediate_size", "n_inner", "ffn_dim")) or 4 * hidden
+    vocab = config.get("vocab_size") or 32000
+    gated = config.get("intermediate_size") is not None and config.get("model_type") not in NON_GATED_MLP
+    q_out = heads * head_dim
+    kv_out = kv * head_dim
+    attention = hidden * q_out + 2 * hidden * kv_out + q_out * hidden
+    if config.get("attention_bias") or config.get("model_type") in QKV_BIAS:
+        attention += q_out + 2 * kv_out
+    mlp = (3 if gated else 2) * hidden * inter
+    norms = 2 * hidden
+    embeddings = vocab * hidden
+    head = 0 if config.get("tie_word_embeddings", False) else vocab * hidden
+    return layers * (attention + mlp + norms) + hidden + embeddings + head
 
 
 def host_per_rank_gib(shape: Shape, dtype: str) -> float:
@@ -332,11 +364,29 @@ def make_plan(args: argparse.Namespace) -> dict:
     model_arg = pod_model_path(args.model) if args.model else f"{CHECKPOINTS}/model"
     kind = "deployment" if single else "mpijob"
     engine = "tp" if best.tensor_parallel > 1 else "replicated"
+    weights_gib = (shape.weight_bytes or shape.params * BYTES[args.dtype]) / GIB
+    pvc = pvc_size_gib(weights_gib)
+    # Copies of the model one node holds when it needs fewer GPUs than the node has (Deployment pods).
+    copies = serving.gpus_per_node // best.gpus_per_node if single else 1
+    command = (f"dscluster k8s render {kind} --nodes {best.nodes} --gpus-per-node {best.gpus_per_node} "
+               f"--model {model_arg} --engine {engine} --dtype {args.dtype} --image {args.image} "
+               f"--pvc-size {pvc}Gi")
+    if not shape.shard_only:
+        # every rank reads the whole checkpoint through host memory: the pod must be given it
+        host = best.host_per_node_gib + best.gpus_per_node  # plus /dev/shm, 1 GiB per rank
+        command += f" --memory {math.ceil(host)}Gi"
+    if copies > 1:
+        command += f" --replicas {copies}"
     plan.update(tensor_parallel=best.tensor_parallel, nodes=best.nodes, gpus_per_node=best.gpus_per_node,
                 per_gpu_gib=best.per_gpu_gib, recommendation="single-node" if single else "multi-node",
-                render_command=(f"dscluster k8s render {kind} --nodes {best.nodes} --gpus-per-node "
-                                f"{best.gpus_per_node} --model {model_arg} --engine {engine} --dtype {args.dtype}"))
+                weights_gib=round(weights_gib, 2), pvc_gib=pvc, copies_per_node=copies, render_command=command)
     return plan
+
+
+def pvc_size_gib(weights_gib: float) -> int:
+    """A checkpoint volume that holds the weights with room to spare (tokenizer, config, the
+    filesystem's own overhead): 10 % more, rounded up to 10 GiB."""
+    return max(10, math.ceil(weights_gib * (1 + PVC_MARGIN) / 10) * 10)
 
 
 def _count(n: float) -> str:
@@ -376,10 +426,16 @@ def describe(plan: dict) -> str:
                  f"{_bytes(chosen['kv_bytes_per_token'])} per token; pool {chosen['kv_pool_gib']:g} GiB, "
                  f"{chosen['kv_pool_tokens']:,} tokens; maximum concurrency for {length} tokens per request: "
                  f"{chosen['max_concurrency']:.2f}x")
+    lines.append(f"weights: {plan['weights_gib']:g} GiB; the checkpoint volume: --pvc-size {plan['pvc_gib']}Gi "
+                 "(fill it with `k8s render ... --download REPO`, see docs/kubernetes.md)")
     if plan["recommendation"] == "single-node":
         lines.append(f"fits on one node: tensor parallel {plan['tensor_parallel']} on {plan['gpus_per_node']} GPU(s), "
                      f"{plan['per_gpu_gib']:g} GiB per GPU. Deploy on a single node; multi-node buys nothing here.")
         lines.append(f"  {plan['render_command']}")
+        if plan["copies_per_node"] > 1:
+            lines.append(f"  a node of {plan['gpus_per_node'] * plan['copies_per_node']} GPUs holds "
+                         f"{plan['copies_per_node']} copies, one pod of {plan['gpus_per_node']} GPU(s) each: "
+                         f"--replicas {plan['copies_per_node']} (per node; more nodes, more replicas)")
         lines.append("  (one pod per copy of the model; or a dedicated single-node server such as Ray Serve)")
     else:
         lines.append(f"needs {plan['nodes']} nodes: tensor parallel {plan['tensor_parallel']} over {plan['nodes']} x "

@@ -6,6 +6,8 @@ import argparse
 import math
 from typing import Any
 
+from dscluster.k8s.options import parse_pairs, parse_rdma, parse_toleration
+
 MASTER_PORT = 29500
 CHECKPOINT_MOUNT = "/mnt/checkpoints"
 SHM_VOLUME = "dshm"
@@ -22,6 +24,14 @@ IMAGE_ENV = ("PATH", "LD_LIBRARY_PATH")
 # Seconds a pod gets after SIGTERM beyond the drain delay and the request timeout: Uvicorn's own
 # margin (5 s, serving/server.py), then stopping every rank and the launcher's teardown.
 GRACE_MARGIN_S = 20
+GIB = 1024**3
+# Host memory of one GPU rank before weights: plan.HOST_OVERHEAD_GIB (a test keeps them equal).
+HOST_GIB_PER_RANK = 2.0
+SHM_GIB_PER_RANK = 1
+CPU_PER_RANK = 2
+MEMORY_LIMIT_FACTOR = 2
+NETWORKS_ANNOTATION = "k8s.v1.cni.cncf.io/networks"
+STARTUP_PERIOD_S = 10
 
 Obj = dict[str, Any]
 
@@ -48,6 +58,19 @@ def common_labels(opts: argparse.Namespace) -> dict[str, str]:
 
 def meta(opts: argparse.Namespace, name: str) -> Obj:
     return {"name": name, "namespace": opts.namespace, "labels": common_labels(opts)}
+
+
+def workload_meta(opts: argparse.Namespace, name: str) -> Obj:
+    """Metadata of the workload object: what gang.py asks for (Kueue's queue label, Volcano's
+    queue and LWS's placement annotations)."""
+    from dscluster.k8s import gang
+
+    metadata = meta(opts, name)
+    metadata["labels"].update(gang.workload_labels(opts))
+    notes = gang.workload_annotations(opts)
+    if notes:
+        metadata["annotations"] = notes
+    return metadata
 
 
 def master_name(opts: argparse.Namespace) -> str:
@@ -92,12 +115,40 @@ def scrape_annotations(opts: argparse.Namespace) -> dict[str, str]:
 
 def http_pod_metadata(opts: argparse.Namespace) -> Obj:
     """Metadata of a pod template whose pods run rank 0 (labels, and the scrape annotations)."""
-    return {"labels": common_labels(opts), "annotations": scrape_annotations(opts)}
+    return rank_pod_metadata(opts, serves_http=True)
+
+
+def rank_pod_metadata(opts: argparse.Namespace, *, serves_http: bool, labels: dict[str, str] | None = None) -> Obj:
+    """Metadata of a pod template of ranks: its labels; the scrape annotations where every pod it
+    makes serves HTTP; the secondary networks (Multus) of --network."""
+    from dscluster.k8s import gang
+
+    metadata: Obj = {"labels": {**(labels or common_labels(opts)), **gang.kueue_pod_labels(opts)}}
+    notes = dict(scrape_annotations(opts)) if serves_http else {}
+    if opts.network:
+        notes[NETWORKS_ANNOTATION] = ",".join(opts.network)
+    if notes:
+        metadata["annotations"] = notes
+    return metadata
 
 
 def pod_spec(opts: argparse.Namespace, containers: list[Obj], *, volumes: bool = True) -> Obj:
-    """A pod spec whose SIGTERM leaves time for the drain (see termination_grace_seconds)."""
-    spec: Obj = {"terminationGracePeriodSeconds": termination_grace_seconds(opts), "containers": containers}
+    """A pod spec whose SIGTERM leaves time for the drain (see termination_grace_seconds).
+
+    `volumes`: a pod that runs ranks (the /dev/shm and checkpoint volumes, the node selector, the
+    wait for a download); otherwise a launcher, which only needs the group's scheduler, priority
+    and tolerations."""
+    from dscluster.k8s import download, gang
+
+    spec: Obj = {"terminationGracePeriodSeconds": termination_grace_seconds(opts)}
+    spec.update(gang.pod_fields(opts))
+    if volumes and opts.node_selector:
+        spec["nodeSelector"] = parse_pairs(opts.node_selector, "--node-selector")
+    if opts.toleration:
+        spec["tolerations"] = [parse_toleration(t) for t in opts.toleration]
+    if volumes and opts.download:
+        spec["initContainers"] = [download.wait_container(opts)]
+    spec["containers"] = containers
     if volumes:
         spec["volumes"] = rank_volumes(opts)
     return spec
@@ -128,16 +179,62 @@ def api_key_env(opts: argparse.Namespace) -> list[Obj]:
                                                                   "key": API_KEY_SECRET_KEY}}}]
 
 
-def gpu_resources(opts: argparse.Namespace) -> Obj:
-    if opts.gpus_per_node <= 0:
-        return {}
-    n = str(opts.gpus_per_node)
-    return {"limits": {"nvidia.com/gpu": n}}
+def ranks_per_pod(opts: argparse.Namespace) -> int:
+    return slots(opts)
+
+
+def shm_size(opts: argparse.Namespace) -> str:
+    """/dev/shm's sizeLimit: 1Gi per rank (NCCL's and DeepSpeed's buffers between the ranks of a
+    pod; `dscluster doctor` warns below 1 GiB), or --shm-size."""
+    return opts.shm_size or f"{max(1, slots(opts)) * SHM_GIB_PER_RANK}Gi"
+
+
+def _gib(quantity: str) -> float:
+    """A memory quantity in GiB (for the defaults, which are built from Gi and plain numbers)."""
+    units = {"Ki": 2**-20, "Mi": 2**-10, "Gi": 1, "Ti": 2**10, "k": 1e3 / GIB, "M": 1e6 / GIB, "G": 1e9 / GIB,
+             "T": 1e12 / GIB}
+    for suffix, scale in units.items():
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * scale
+    return float(quantity) / GIB
+
+
+def memory_request(opts: argparse.Namespace) -> str:
+    """What a rank pod holds in host memory: plan's figure per rank (HOST_GIB_PER_RANK: Python,
+    torch, CUDA's host side; safetensors weights go straight to the GPU) for each of its ranks,
+    plus /dev/shm, whose pages are charged to the pod. --memory overrides it (a checkpoint without
+    safetensors files costs the whole model per rank: `dscluster plan` says how much)."""
+    if opts.memory:
+        return opts.memory
+    return f"{math.ceil(slots(opts) * HOST_GIB_PER_RANK + _gib(shm_size(opts)))}Gi"
+
+
+def rank_resources(opts: argparse.Namespace) -> Obj:
+    """Requests (CPU, memory) and limits (memory, GPUs, RDMA devices) of a container that runs ranks.
+
+    Requests make the pod Burstable rather than BestEffort (which is evicted first under memory
+    pressure); there is no CPU limit, so ranks are never throttled mid-step."""
+    requests: Obj = {"cpu": opts.cpu or str(slots(opts) * CPU_PER_RANK), "memory": memory_request(opts)}
+    limit = opts.memory_limit or f"{math.ceil(_gib(requests['memory']) * MEMORY_LIMIT_FACTOR)}Gi"
+    limits: Obj = {"memory": limit}
+    if opts.gpus_per_node > 0:
+        limits["nvidia.com/gpu"] = str(opts.gpus_per_node)
+    for item in opts.rdma_resource:
+        name, count = parse_rdma(item)
+        limits[name] = count
+    return {"requests": requests, "limits": limits}
+
+
+def rank_security_context(opts: argparse.Namespace) -> Obj:
+    """IPC_LOCK for RDMA: the verbs library pins (locks) the memory it registers with the NIC."""
+    if opts.ipc_lock or opts.rdma_resource:
+        return {"securityContext": {"capabilities": {"add": ["IPC_LOCK"]}}}
+    return {}
 
 
 def rank_volumes(opts: argparse.Namespace) -> list[Obj]:
     return [
-        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
+        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(opts)}},
         {"name": CHECKPOINT_VOLUME, "persistentVolumeClaim": {"claimName": pvc_name(opts), "readOnly": True}},
     ]
 
@@ -155,11 +252,15 @@ def rank_ports(opts: argparse.Namespace) -> list[Obj]:
 
 
 def http_probes(opts: argparse.Namespace) -> Obj:
-    """Probes for a container that runs rank 0's HTTP server itself (httpGet on the HTTP port)."""
+    """Probes for a container that runs rank 0's HTTP server itself (httpGet on the HTTP port).
+
+    While the group forms and loads the model, a placeholder answers /health/live 200 and
+    /health/ready 503; so the startup probe asks /health/ready: loading gets --load-timeout, and only
+    readiness ends it. Liveness (/health/live) starts after that."""
     return {
-        # Loading a large model from a PVC can take many minutes: allow 30 minutes before liveness.
-        "startupProbe": {"httpGet": {"path": "/health/live", "port": "http"},
-                         "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 180},
+        "startupProbe": {"httpGet": {"path": "/health/ready", "port": "http"},
+                         "periodSeconds": STARTUP_PERIOD_S, "timeoutSeconds": 5,
+                         "failureThreshold": math.ceil(opts.load_timeout / STARTUP_PERIOD_S)},
         "readinessProbe": {"httpGet": {"path": "/health/ready", "port": "http"},
                            "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 2,
                            "successThreshold": 1},
@@ -191,15 +292,22 @@ def ssh_worker_probes(opts: argparse.Namespace, rank0_hostname: str) -> Obj:
       when rank 0 answers /health/ready (through the `<name>-master` headless Service), i.e. when
       the whole group has loaded the model and answers heartbeats. The `<name>-http` Service
       selects the rank-0 pod only, so it routes traffic only to a ready group.
-    - liveness: on the rank-0 pod, once its HTTP port is open, /health/live must answer; while
-      the model loads (port closed) and on other pods, sshd (PID 1) running is enough. A dead
-      rank anywhere makes mpirun exit non-zero, and the launcher restarts the whole group.
+    - liveness: on the rank-0 pod, while ranks run: until the group has once answered
+      /health/ready (a marker file per group, named by its oldest rank's pid), it lives for
+      --load-timeout from that rank's start (the placeholder answers /health/live 200 all along,
+      so loading needs its own budget); afterwards /health/live must answer. Other pods are alive
+      while sshd (PID 1) runs. A dead rank anywhere makes mpirun exit non-zero, and the launcher
+      restarts the whole group.
     """
     port = opts.port
     ready = (f"if {_SERVE_RUNNING}; then {_curl(f'http://${{MASTER_ADDR}}:{port}/health/ready')}; "
              f"else {_tcp_open(22)}; fi")
-    live = (f'if [ "$(hostname)" = "{rank0_hostname}" ] && {_SERVE_RUNNING} && {_tcp_open(port)}; then '
-            f"{_curl(f'http://127.0.0.1:{port}/health/live')}; fi")
+    budget = math.ceil(opts.load_timeout)
+    live = (f'pid=$(pgrep -o -f "dscluster[ ]serve"); '
+            f'if [ "$(hostname)" = "{rank0_hostname}" ] && [ -n "$pid" ]; then '
+            f"if {_curl(f'http://127.0.0.1:{port}/health/ready')}; then touch /tmp/dscluster-ready.$pid; "
+            f"elif [ -e /tmp/dscluster-ready.$pid ]; then {_curl(f'http://127.0.0.1:{port}/health/live')}; "
+            f'else [ "$(ps -o etimes= -p "$pid" | tr -d " ")" -lt {budget} ]; fi; fi')
     return {
         "readinessProbe": {"exec": {"command": ["bash", "-c", ready]},
                            "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 2},
@@ -230,11 +338,10 @@ def ssh_rank_container(opts: argparse.Namespace, name: str, rank0_hostname: str)
         "env": rank_env(opts),
         "ports": rank_ports(opts) + [{"name": "ssh", "containerPort": 22, "protocol": "TCP"}],
         "volumeMounts": rank_volume_mounts(),
+        "resources": rank_resources(opts),
+        **rank_security_context(opts),
         **ssh_worker_probes(opts, rank0_hostname),
     }
-    resources = gpu_resources(opts)
-    if resources:
-        container["resources"] = resources
     return container
 
 
@@ -307,7 +414,7 @@ def http_service(opts: argparse.Namespace, selector: dict[str, str]) -> Obj:
 def checkpoint_pvc(opts: argparse.Namespace) -> Obj | None:
     if opts.existing_pvc:
         return None
-    spec: Obj = {"accessModes": ["ReadWriteMany"],
+    spec: Obj = {"accessModes": [opts.pvc_access_mode],
                  "resources": {"requests": {"storage": str(opts.pvc_size)}}}
     if opts.storage_class:
         spec["storageClassName"] = opts.storage_class

@@ -29,28 +29,25 @@ def deployment(opts: argparse.Namespace) -> c.Obj:
         "env": c.nccl_env(opts) + c.api_key_env(opts),
         "ports": [{"name": "http", "containerPort": opts.port, "protocol": "TCP"}],
         "volumeMounts": c.rank_volume_mounts(),
+        "resources": c.rank_resources(opts),
+        **c.rank_security_context(opts),
         **c.http_probes(opts),
     }
-    resources = c.gpu_resources(opts)
-    if resources:
-        container["resources"] = resources
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": c.meta(opts, opts.name),
+        "metadata": c.workload_meta(opts, opts.name),
         "spec": {
             "replicas": opts.replicas,
             "selector": {"matchLabels": pod_labels(opts)},
             # A new pod is Ready (model loaded) before an old one is told to stop; this needs room
             # for one more pod's GPUs during a rollout.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "template": {"metadata": c.http_pod_metadata(opts),
+            "template": {"metadata": c.rank_pod_metadata(opts, serves_http=True),
                          "spec": c.pod_spec(opts, [container])},
         },
     }
 
 
 def render_objects(opts: argparse.Namespace) -> list[c.Obj]:
-    objs = [deployment(opts), c.http_service(opts, pod_labels(opts))]
-    pvc = c.checkpoint_pvc(opts)
-    return objs + ([pvc] if pvc else [])
+    return [deployment(opts), c.http_service(opts, pod_labels(opts))]

@@ -33,10 +33,9 @@ def _container(opts: argparse.Namespace, *, leader: bool) -> c.Obj:
         "env": c.rank_env(opts, master_addr=False) + (c.api_key_env(opts) if leader else []),
         "ports": c.rank_ports(opts),
         "volumeMounts": c.rank_volume_mounts(),
+        "resources": c.rank_resources(opts),
+        **c.rank_security_context(opts),
     }
-    resources = c.gpu_resources(opts)
-    if resources:
-        cont["resources"] = resources
     if leader:
         cont.update(c.http_probes(opts))
     else:
@@ -46,7 +45,7 @@ def _container(opts: argparse.Namespace, *, leader: bool) -> c.Obj:
 
 def leader_worker_set(opts: argparse.Namespace) -> c.Obj:
     def template(leader: bool) -> c.Obj:
-        metadata = c.http_pod_metadata(opts) if leader else {"labels": c.common_labels(opts)}
+        metadata = c.rank_pod_metadata(opts, serves_http=leader)
         return {"metadata": metadata, "spec": c.pod_spec(opts, [_container(opts, leader=leader)])}
 
     lwt: c.Obj = {
@@ -62,7 +61,7 @@ def leader_worker_set(opts: argparse.Namespace) -> c.Obj:
     return {
         "apiVersion": "leaderworkerset.x-k8s.io/v1",
         "kind": "LeaderWorkerSet",
-        "metadata": c.meta(opts, opts.name),
+        "metadata": c.workload_meta(opts, opts.name),
         "spec": {
             "replicas": opts.replicas,
             # Workers must start with the leader: the leader is not Ready until they have joined.
@@ -73,7 +72,5 @@ def leader_worker_set(opts: argparse.Namespace) -> c.Obj:
 
 
 def render_objects(opts: argparse.Namespace) -> list[c.Obj]:
-    objs = [leader_worker_set(opts), c.master_service(opts, leaders_selector(opts)),
+    return [leader_worker_set(opts), c.master_service(opts, leaders_selector(opts)),
             c.http_service(opts, leaders_selector(opts))]
-    pvc = c.checkpoint_pvc(opts)
-    return objs + ([pvc] if pvc else [])

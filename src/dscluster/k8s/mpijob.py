@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from dscluster.k8s import common as c
+from dscluster.k8s import gang
 
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
@@ -32,23 +33,25 @@ def mpijob(opts: argparse.Namespace) -> c.Obj:
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
     }
     worker = c.ssh_rank_container(opts, "worker", f"{opts.name}-worker-0")
+    run_policy: c.Obj = {
+        # Running pods are removed when the job ends; a failed mpirun (a broken group: every
+        # rank exits non-zero) is run again by the launcher Job, up to backoffLimit times.
+        "cleanPodPolicy": "Running",
+        "backoffLimit": opts.max_restarts,
+    }
+    # Gang scheduling (gang.py): the launcher and every worker are placed together or not at all.
+    policy = gang.mpijob_scheduling_policy(opts, pods=opts.nodes + 1)
+    if policy:
+        run_policy["schedulingPolicy"] = policy
     return {
         "apiVersion": "kubeflow.org/v2beta1",
         "kind": "MPIJob",
-        "metadata": c.meta(opts, opts.name),
+        "metadata": c.workload_meta(opts, opts.name),
         "spec": {
             "slotsPerWorker": c.slots(opts),
             "mpiImplementation": "OpenMPI",
             "launcherCreationPolicy": "AtStartup",
-            "runPolicy": {
-                # Running pods are removed when the job ends; a failed mpirun (a broken group: every
-                # rank exits non-zero) is run again by the launcher Job, up to backoffLimit times.
-                "cleanPodPolicy": "Running",
-                "backoffLimit": opts.max_restarts,
-                # Gang scheduling (when the operator runs with volcano or scheduler-plugins): the
-                # launcher and every worker are placed together or not at all.
-                "schedulingPolicy": {"minAvailable": opts.nodes + 1},
-            },
+            "runPolicy": run_policy,
             "mpiReplicaSpecs": {
                 "Launcher": {
                     "replicas": 1,
@@ -61,7 +64,7 @@ def mpijob(opts: argparse.Namespace) -> c.Obj:
                     "replicas": opts.nodes,
                     # sshd must come back: the launcher's next mpirun reaches every worker again.
                     "restartPolicy": "OnFailure",
-                    "template": {"metadata": {"labels": c.common_labels(opts)},
+                    "template": {"metadata": c.rank_pod_metadata(opts, serves_http=False),
                                  "spec": c.pod_spec(opts, [worker])},
                 },
             },
@@ -71,6 +74,4 @@ def mpijob(opts: argparse.Namespace) -> c.Obj:
 
 def render_objects(opts: argparse.Namespace) -> list[c.Obj]:
     sel = rank0_selector(opts)
-    objs = [mpijob(opts), c.master_service(opts, sel), c.http_service(opts, sel)]
-    pvc = c.checkpoint_pvc(opts)
-    return objs + ([pvc] if pvc else [])
+    return [mpijob(opts), c.master_service(opts, sel), c.http_service(opts, sel)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 from dscluster.k8s import common as c
+from dscluster.k8s import gang
 
 SSH_AUTH_MOUNT_PATH = "/root/.ssh"
 
@@ -43,16 +44,23 @@ def training_runtime(opts: argparse.Namespace) -> c.Obj:
         "imagePullPolicy": "IfNotPresent",
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
     }
+    spec: c.Obj = {
+        "mlPolicy": {
+            "numNodes": opts.nodes,
+            "mpi": {"numProcPerNode": c.slots(opts), "mpiImplementation": "OpenMPI",
+                    "sshAuthMountPath": SSH_AUTH_MOUNT_PATH, "runLauncherAsNode": False},
+        },
+    }
+    # Gang scheduling (gang.py): the Trainer makes one PodGroup of the launcher and every node.
+    policy = gang.trainjob_pod_group_policy(opts)
+    if policy:
+        spec["podGroupPolicy"] = policy
     return {
         "apiVersion": "trainer.kubeflow.org/v1alpha1",
         "kind": "TrainingRuntime",
         "metadata": c.meta(opts, runtime_name(opts)),
         "spec": {
-            "mlPolicy": {
-                "numNodes": opts.nodes,
-                "mpi": {"numProcPerNode": c.slots(opts), "mpiImplementation": "OpenMPI",
-                        "sshAuthMountPath": SSH_AUTH_MOUNT_PATH, "runLauncherAsNode": False},
-            },
+            **spec,
             "template": {"spec": {
                 # Rendezvous names must resolve before the pods are Ready.
                 "network": {"publishNotReadyAddresses": True},
@@ -62,7 +70,7 @@ def training_runtime(opts: argparse.Namespace) -> c.Obj:
                 "failurePolicy": {"maxRestarts": opts.max_restarts, "restartStrategy": opts.restart_policy},
                 "replicatedJobs": [
                     {"name": "node", "template": {"spec": {"completionMode": "Indexed", "template": {
-                        "metadata": {"labels": c.common_labels(opts)},
+                        "metadata": c.rank_pod_metadata(opts, serves_http=False),
                         "spec": c.pod_spec(opts, [node])}}}},
                     {"name": "launcher",
                      "dependsOn": [{"name": "node", "status": "Ready"}],
@@ -83,7 +91,7 @@ def train_job(opts: argparse.Namespace) -> c.Obj:
     return {
         "apiVersion": "trainer.kubeflow.org/v1alpha1",
         "kind": "TrainJob",
-        "metadata": c.meta(opts, opts.name),
+        "metadata": c.workload_meta(opts, opts.name),
         "spec": {
             "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
                            "name": runtime_name(opts)},
@@ -100,6 +108,4 @@ def train_job(opts: argparse.Namespace) -> c.Obj:
 
 def render_objects(opts: argparse.Namespace) -> list[c.Obj]:
     sel = rank0_selector(opts)
-    objs = [training_runtime(opts), train_job(opts), c.master_service(opts, sel), c.http_service(opts, sel)]
-    pvc = c.checkpoint_pvc(opts)
-    return objs + ([pvc] if pvc else [])
+    return [training_runtime(opts), train_job(opts), c.master_service(opts, sel), c.http_service(opts, sel)]
