@@ -146,6 +146,7 @@ def test_tool_plans_grammars_and_replies():
     assert json.loads(named.grammar().source) == SCHEMA
     reply = named.reply()
     first, second = reply.feed('{"n": 1'), reply.feed(', "s": ""}')
+    assert second == [{"tool_calls": [{"index": 0, "function": {"arguments": ', "s": ""}'}}]}]
     assert first[0]["tool_calls"][0]["function"] == {"name": "f", "arguments": ""}
     assert first[1]["tool_calls"][0]["function"]["arguments"] == '{"n": 1'
     assert reply.calls[0]["function"]["arguments"] == '{"n": 1, "s": ""}' and not reply.finish()

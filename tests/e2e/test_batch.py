@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from dscluster.cluster.launch import free_port
-from servers import RemoteServer  # tests/e2e/servers.py
 
 BODIES = (
     [("/v1/completions", {"prompt": p, "max_tokens": 8, "temperature": 0})
@@ -38,7 +37,7 @@ STRUCTURED = {
                         "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}}},
     "structured-tool": {"messages": [{"role": "user", "content": "call it"}], "max_tokens": 60, "seed": 2,
                         "tools": [{"type": "function", "function": {"name": "f", "parameters": ANSWER}}],
-                        "tool_choice": "required"},
+                        "tool_choice": "required", "parallel_tool_calls": False},
 }
 
 
@@ -87,8 +86,8 @@ def local_results(tiny, tmp_path_factory) -> dict[str, dict]:
     return read_results(tmp / "out.jsonl")
 
 
-def test_batch_equals_server(tiny, local_results):
-    with RemoteServer(tiny) as server, server.client() as client:
+def test_batch_equals_server(shared_server, local_results):
+    with shared_server.client() as client:
         for i, (url, body) in enumerate(BODIES):
             reply = client.post(url, json=body)
             assert reply.status_code == 200, reply.text
@@ -148,7 +147,7 @@ def test_bad_lines_reported_with_line_numbers(local_results):
     bad = local_results["bad-body"]
     assert bad["response"]["status_code"] == 400 and "empty" in bad["error"]["message"]
     assert local_results["plain-predict"]["response"]["status_code"] == 200
-    assert len(local_results) == len(BODIES) + 4
+    assert len(local_results) == len(BODIES) + 4 + len(STRUCTURED)
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is not installed")

@@ -14,7 +14,6 @@ import jsonschema
 import openai
 import pytest
 
-from servers import RemoteServer  # tests/e2e/servers.py
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "member"],
           "properties": {"name": {"type": "string", "maxLength": 12},
@@ -33,9 +32,8 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def server(tiny):
-    with RemoteServer(tiny) as s:
-        yield s
+def server(shared_server):
+    return shared_server
 
 
 @pytest.fixture(scope="module")

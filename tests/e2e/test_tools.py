@@ -28,7 +28,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dscluster.engine.api import GenerationRequest, SamplingParams
 from dscluster.engine.runtime import open_engine
-from servers import RemoteServer  # tests/e2e/servers.py
 
 TASKS = Path(__file__).with_name("lm_eval_tasks")
 BIN = Path(sys.executable).parent
@@ -36,9 +35,8 @@ TOL = 2e-4
 
 
 @pytest.fixture(scope="module")
-def server(tiny):
-    with RemoteServer(tiny) as s:
-        yield s
+def server(shared_server):
+    return shared_server
 
 
 def offline_env(tmp_path: Path) -> dict[str, str]:

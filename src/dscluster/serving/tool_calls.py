@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any, Literal
+from typing import Literal
 
 from dscluster.engine.grammar import GrammarSpec
 from dscluster.serving.protocol import NamedToolChoice, Tool, ToolChoice, bad_request
