@@ -167,3 +167,24 @@ def test_tiny_template_without_tools_is_the_old_one(tokenizer):
                                                  add_generation_prompt=generation) == \
                 tokenizer.apply_chat_template(chat, chat_template=old, tokenize=False,
                                               add_generation_prompt=generation)
+
+
+def test_llama3_json_parsing_whole_and_streamed():
+    from dscluster.serving.tool_calls import parse_llama3_json
+
+    text = '{"name": "f", "parameters": {"n": 1, "s": "x"}}; {"name": "g", "parameters": {}}'
+    content, calls = parse_llama3_json(text)
+    assert content == "" and [c["function"]["name"] for c in calls] == ["f", "g"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"n": 1, "s": "x"}
+    assert parse_llama3_json("Hello {there}") == ("Hello {there}", [])
+    assert parse_llama3_json('{"name": "f", "parameters": {}} and more')[1] == []
+    for pieces, want_calls in (([" ", text[:10], text[10:]], 2), (["Hi", " there"], 0)):
+        reply = ToolReply("auto", parser="llama3_json")
+        streamed = [d for p in pieces for d in reply.feed(p)]
+        if want_calls:
+            assert streamed == []                       # a call is held until it parses
+        streamed += reply.finish()
+        calls = [c for d in streamed for c in d.get("tool_calls", [])]
+        assert len(calls) == want_calls and reply.finish_reason("stop") == ("tool_calls" if want_calls else "stop")
+        if not want_calls:
+            assert "".join(d["content"] for d in streamed) == "Hi there"

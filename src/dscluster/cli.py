@@ -34,19 +34,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _byte_size(text: str) -> int:
-    """A size as transformers writes it (256MB, 2GB, 1GiB) or plain bytes."""
-    from transformers.utils.hub import convert_file_size_to_int
-
-    try:
-        value = int(text) if text.isdigit() else convert_file_size_to_int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 256MB, 2GB, 1GiB)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1 byte")
-    return value
-
-
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -130,11 +117,12 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_tool_call_parser(p: argparse.ArgumentParser) -> None:
-    from dscluster.serving.tool_calls import DEFAULT_PARSER, PARSERS
+    from dscluster.serving.tool_calls import DEFAULT_PARSER, PARSER_NAMES
 
-    p.add_argument("--tool-call-parser", choices=PARSERS, default=DEFAULT_PARSER,
+    p.add_argument("--tool-call-parser", choices=PARSER_NAMES, default=DEFAULT_PARSER,
                    help="how chat replies with tool_choice auto are read for tool calls (default hermes: "
-                        "<tool_call>{json}</tool_call>, as Hermes, Qwen and the tiny model write them; none: "
+                        "<tool_call>{json}</tool_call>, as Hermes, Qwen and the tiny model write them; llama3_json: "
+                        "a reply of {\"name\", \"parameters\"} objects, as Llama 3.x writes them; none: "
                         "tool_choice auto is refused)")
 
 

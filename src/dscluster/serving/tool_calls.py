@@ -5,7 +5,8 @@ What comes back depends on `tool_choice`, as in vLLM:
 
 - `"auto"`: the model decides. Its output is parsed with the server's `--tool-call-parser`
   (`hermes`: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the form of Hermes, Qwen
-  and the tiny model's template); text outside the calls is the message's content.
+  and the tiny model's template; `llama3_json`: the reply is `{"name": ..., "parameters": {...}}`,
+  several separated by `;`, as Llama 3.1-3.3 write them); text outside the calls is the content.
 - `"required"`: decoding is held to a JSON array of calls, `[{"name": ..., "parameters": {...}}]`,
   one of the tools each, with its parameters' schema (at most one call when parallel_tool_calls
   is false), so whatever the model, the reply is a valid call.
@@ -28,7 +29,6 @@ from dscluster.engine.grammar import GrammarSpec
 from dscluster.serving.protocol import NamedToolChoice, Tool, ToolChoice, bad_request
 from dscluster.serving.structured_output import check_schema
 
-PARSERS = ("hermes", "none")
 DEFAULT_PARSER = "hermes"
 
 
@@ -45,6 +45,7 @@ class ToolPlan:
     def __init__(self, tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool | None, parser: str):
         self.tools = tools or []
         self.parallel = parallel is not False
+        self.parser = parser
         self.named: str | None = None
         if choice is not None and not self.tools and choice != "none":
             raise bad_request("tool_choice needs tools", param="tool_choice")
@@ -66,7 +67,7 @@ class ToolPlan:
         else:                                   # "auto", the default when tools are given
             if parser == "none":
                 raise bad_request('tool_choice "auto" needs the server started with --tool-call-parser '
-                                  f"({', '.join(p for p in PARSERS if p != 'none')})", param="tool_choice")
+                                  f"({', '.join(PARSERS)})", param="tool_choice")
             self.mode = "auto"
 
     def template_tools(self) -> list[dict] | None:
@@ -88,7 +89,7 @@ class ToolPlan:
         return None
 
     def reply(self) -> ToolReply:
-        return ToolReply(self.mode, self.named)
+        return ToolReply(self.mode, self.named, self.parser)
 
 
 def history_for_template(message: dict) -> dict:
@@ -116,18 +117,22 @@ def new_call(name: str, arguments: str) -> dict:
 
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-HERMES_START = "<tool_call>"
+HERMES_START, HERMES_END = "<tool_call>", "</tool_call>"
 
 
-def _hermes_call(body: str) -> dict | None:
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return None
+def _call_from(parsed: object) -> dict | None:
+    """A call from a parsed {"name", "arguments" (or "parameters")} object, else None."""
     if not isinstance(parsed, dict) or not isinstance(parsed.get("name"), str):
         return None
     arguments = parsed.get("arguments", parsed.get("parameters", {}))
     return new_call(parsed["name"], arguments if isinstance(arguments, str) else json.dumps(arguments))
+
+
+def _hermes_call(body: str) -> dict | None:
+    try:
+        return _call_from(json.loads(body))
+    except ValueError:
+        return None
 
 
 def parse_hermes(text: str) -> tuple[str, list[dict]]:
@@ -144,15 +149,102 @@ def parse_hermes(text: str) -> tuple[str, list[dict]]:
     return "".join(content).strip() if calls else text, calls
 
 
+def parse_llama3_json(text: str) -> tuple[str, list[dict]]:
+    """Llama 3.x's JSON tool calls: the whole reply is `{"name": ..., "parameters": {...}}`, several
+    separated by `;` (its `<|python_tag|>` is a special token, gone from the text). Anything else is
+    content."""
+    rest, calls, decoder = text.strip(), [], json.JSONDecoder()
+    while rest.startswith("{"):
+        try:
+            parsed, end = decoder.raw_decode(rest)
+        except ValueError:
+            return text, []
+        call = _call_from(parsed)
+        if call is None:
+            return text, []
+        calls.append(call)
+        rest = rest[end:].lstrip().removeprefix(";").lstrip()
+    return (text, []) if rest or not calls else ("", calls)
+
+
+class HermesStream:
+    """`<tool_call>` blocks out of a streamed reply: text streams as it comes, holding back only
+    what could be the start of the tag; a call is sent whole when its closing tag arrives."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self._text = ""
+        self._in_call = False
+
+    def feed(self, text: str, final: bool = False) -> list[dict]:
+        self._text += text
+        deltas = []
+        while self._text:
+            if not self._in_call:
+                at = self._text.find(HERMES_START)
+                if at == -1:
+                    keep = 0 if final else _partial_suffix(self._text, HERMES_START)
+                    send, self._text = self._text[:len(self._text) - keep], self._text[len(self._text) - keep:]
+                    if send:
+                        deltas.append({"content": send})
+                    break
+                if at:
+                    deltas.append({"content": self._text[:at]})
+                self._text, self._in_call = self._text[at:], True
+            end = self._text.find(HERMES_END)
+            if end == -1:
+                if final:               # never closed: it was text after all
+                    deltas.append({"content": self._text})
+                    self._text = ""
+                break
+            block, self._text = self._text[:end + len(HERMES_END)], self._text[end + len(HERMES_END):]
+            self._in_call = False
+            match = _HERMES.match(block)
+            call = _hermes_call(match.group(1)) if match else None
+            if call is None:
+                deltas.append({"content": block})
+            else:
+                self.calls.append(call)
+                deltas.append(_call_deltas([call], len(self.calls) - 1))
+        return deltas
+
+
+class Llama3JsonStream:
+    """A reply that starts with `{` is held and parsed whole at the end; any other streams as text."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self._text = ""
+        self._held: bool | None = None      # undecided until the first non-blank character
+
+    def feed(self, text: str, final: bool = False) -> list[dict]:
+        self._text += text
+        if self._held is None and self._text.strip():
+            self._held = self._text.lstrip().startswith("{")
+        if self._held is False or (self._held is None and final):
+            out, self._text = self._text, ""
+            return [{"content": out}] if out else []
+        if not final:
+            return []
+        content, self.calls = parse_llama3_json(self._text)
+        self._text = ""
+        return [_call_deltas(self.calls, 0)] if self.calls else ([{"content": content}] if content else [])
+
+
+PARSERS = {"hermes": (parse_hermes, HermesStream), "llama3_json": (parse_llama3_json, Llama3JsonStream)}
+PARSER_NAMES = (*PARSERS, "none")
+
+
 class ToolReply:
     """One choice's text -> its message, or its streamed deltas, and its finish reason."""
 
-    def __init__(self, mode: Mode, named: str | None = None):
+    def __init__(self, mode: Mode, named: str | None = None, parser: str = DEFAULT_PARSER):
         self.mode = mode
         self.named = named
         self.calls: list[dict] = []
-        self._text = ""             # what has not been sent yet (auto, required)
-        self._in_call = False
+        self._parse, stream = PARSERS.get(parser, PARSERS[DEFAULT_PARSER])
+        self._stream = stream()
+        self._text = ""             # what has not been sent yet (required)
         self._named_started = False
 
     # -- whole replies ----------------------------------------------------------------------
@@ -166,7 +258,7 @@ class ToolReply:
                 return {"role": "assistant", "content": None, "tool_calls": self.calls}
             return {"role": "assistant", "content": text}
         if self.mode == "auto":
-            content, self.calls = parse_hermes(text)
+            content, self.calls = self._parse(text)
             if self.calls:
                 return {"role": "assistant", "content": content or None, "tool_calls": self.calls}
         return {"role": "assistant", "content": text}
@@ -192,10 +284,12 @@ class ToolReply:
                 self.calls[0]["function"]["arguments"] += text
                 deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": text}}]})
             return deltas
-        self._text += text
         if self.mode == "required":
+            self._text += text
             return []                   # sent whole at the end: the array parses only then
-        return self._auto(final=False)
+        deltas = self._stream.feed(text)
+        self.calls = self._stream.calls
+        return deltas
 
     def finish(self) -> list[dict]:
         """The deltas still owed when the choice ends."""
@@ -208,38 +302,10 @@ class ToolReply:
             text, self._text = self._text, ""
             return [{"content": text}] if text else []
         if self.mode == "auto":
-            return self._auto(final=True)
+            deltas = self._stream.feed("", final=True)
+            self.calls = self._stream.calls
+            return deltas
         return []
-
-    def _auto(self, final: bool) -> list[dict]:
-        deltas = []
-        while self._text:
-            if not self._in_call:
-                at = self._text.find(HERMES_START)
-                if at == -1:
-                    keep = 0 if final else _partial_suffix(self._text, HERMES_START)
-                    send, self._text = self._text[:len(self._text) - keep], self._text[len(self._text) - keep:]
-                    if send:
-                        deltas.append({"content": send})
-                    break
-                if at:
-                    deltas.append({"content": self._text[:at]})
-                self._text, self._in_call = self._text[at:], True
-            end = self._text.find("</tool_call>")
-            if end == -1:
-                if final:               # never closed: it was text after all
-                    deltas.append({"content": self._text})
-                    self._text = ""
-                break
-            block, self._text = self._text[:end + len("</tool_call>")], self._text[end + len("</tool_call>"):]
-            self._in_call = False
-            call = _hermes_call(_HERMES.match(block).group(1)) if _HERMES.match(block) else None
-            if call is None:
-                deltas.append({"content": block})
-            else:
-                self.calls.append(call)
-                deltas.append(_call_deltas([call], len(self.calls) - 1))
-        return deltas
 
 
 def _call_deltas(calls: list[dict], first_index: int) -> dict:
