@@ -33,19 +33,6 @@ TARGET = 0.8
 ROWS = (1, 4, 16)
 
 
-def measure(name: str, model: Path, requests: list[dict], concurrency: int) -> dict:
-    load_start = load_avg()
-    server, style = generation.start("dscluster", 1, None, model, None)
-    try:
-        shorts = [r for r in requests if r["short"]]
-        generation.run_load(server.url, style, str(model), shorts[:2], 1, idle=True)   # warm-up
-        idle = generation.run_load(server.url, style, str(model), shorts, 1, idle=True)
-        loaded = generation.run_load(server.url, style, str(model), requests, concurrency)
-    finally:
-        server.stop()
-    return generation.summarize(name, "dscluster", 1, 0, requests, idle, loaded, load_start)
-
-
 def mask_cost(model: Path, repeats: int) -> list[dict]:
     """Microseconds per row for the fill alone and for the whole masking of a step."""
     import torch
@@ -92,7 +79,7 @@ def run(out_dir: Path, quick: bool) -> dict:
     # A B B A: each run's machine load (this machine is shared) falls on both sides alike.
     for name in ("no grammar", "json_schema on every request", "json_schema on every request", "no grammar"):
         print(f"   {name} (load {load_avg()})", flush=True)
-        runs[name].append(measure(name, model, bodies[name], concurrency))
+        runs[name].append(generation.measure(name, "dscluster", 1, None, model, None, bodies[name], concurrency))
     servers = [{**pair[0], "output_tokens_per_s": statistics.fmean(r["output_tokens_per_s"] for r in pair),
                 "runs_tokens_per_s": [round(r["output_tokens_per_s"], 1) for r in pair]} for pair in runs.values()]
     costs = mask_cost(model_dir("tiny"), 50 if quick else 300)
