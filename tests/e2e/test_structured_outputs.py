@@ -223,3 +223,19 @@ def test_bad_requests_are_400_naming_the_problem(client, server, body, names):
     assert names in err.value.message
     with server.client() as http:
         assert http.get("/health/ready").status_code == 200
+
+
+def test_tools_reach_the_prompt_through_the_template(client, server, tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    def ids(**tools) -> list[int]:
+        text = tok.apply_chat_template(ASK, add_generation_prompt=True, tokenize=False, **tools)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    want = ids(tools=TOOLS)
+    reply = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=1)
+    assert reply.usage.prompt_tokens == len(want) > len(ids()) + 50     # the tools' schemas are in the prompt
+    with server.client() as http:
+        got = http.post("/tokenize", json={"messages": ASK, "tools": TOOLS}).json()
+    assert got["tokens"] == want

@@ -294,6 +294,7 @@ class TokenizeRequest(_Strict):
     add_special_tokens: bool | None = None      # default: True for a prompt, False for messages
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+    tools: list[Tool] | None = None             # messages only: rendered by the chat template, as a chat request would
 
 
 class DetokenizeRequest(_Strict):

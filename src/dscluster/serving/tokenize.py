@@ -27,7 +27,8 @@ async def tokenize(request: Request) -> dict:
     else:
         if not req.messages:
             raise bad_request("messages is empty", param="messages")
-        ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt, tools=tools)
         if req.add_special_tokens:
             ids = tok.build_inputs_with_special_tokens(ids)
     return {"count": len(ids), "max_model_len": state.engine.info.max_context, "tokens": ids,
