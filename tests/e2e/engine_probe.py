@@ -17,7 +17,9 @@ import torch
 from dscluster.cluster.rendezvous import discover
 from dscluster.engine import batch as batch_mod
 from dscluster.engine.api import GenerationRequest, SamplingParams
-from dscluster.engine.runtime import RuntimeOptions, build_runtime, make_engine, run_worker
+from dscluster.engine.client import make_engine
+from dscluster.engine.runtime import RuntimeOptions, build_runtime
+from dscluster.engine.worker import run_worker
 from dscluster.errors import EXIT_PEER_FAILED, PeerFailure
 
 
