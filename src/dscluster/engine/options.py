@@ -13,6 +13,7 @@ from dscluster.errors import UsageError
 class RuntimeOptions:
     model: str
     engine: str | None = None
+    pp: int = 1                          # pipeline stages (--pp); tensor parallel over world / pp ranks in each
     dtype: str = "auto"
     backend: str = "auto"
     checkpoint: str | None = None

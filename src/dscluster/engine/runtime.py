@@ -69,7 +69,7 @@ class Runtime:
         self.block_bytes = 0            # one block of the key/value pool, over every layer, on this rank
         if loaded.kind == "causal-lm":
             self.limits = resolve_limits(options, loaded.max_context)
-            self.batch = RunningBatch(model.module, self.device, self.limits.max_model_len)
+            self.batch = RunningBatch(model.module, self.device, self.limits.max_model_len, model.pipeline)
             if self.batch.unsupported:
                 log.warning("generation is off for this model: %s", self.batch.unsupported)
             else:
@@ -140,7 +140,11 @@ class Runtime:
     def run_predict(self, batch: torch.Tensor) -> torch.Tensor:
         self._use_threads(False)
         x = batch.to(self.device)
-        if self.loaded.kind == "causal-lm":
+        if self.model.pipeline is not None:   # logits on rank 0 (from the last stage), nothing elsewhere
+            out = self.model.pipeline.forward(x)
+            if out is None:
+                return torch.empty(0)
+        elif self.loaded.kind == "causal-lm":
             out = self.model.module(input_ids=x).logits
         elif self.loaded.hf:
             out = self.model.module(**{self.loaded.input_name: x})
@@ -256,7 +260,8 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
         monitor.start()
         use_accelerator(device)  # before `prepare` first imports DeepSpeed (a lone rank never uses it)
     source = open_model(options.model, options.dtype, options.checkpoint, device=device)
-    prepared = prepare(source, choose_engine(options.engine, source, rdzv.world_size), rdzv.world_size)
+    prepared = prepare(source, choose_engine(options.engine, source, rdzv.world_size), rdzv.world_size,
+                       pp=options.pp, rank=rdzv.rank)
     checking["active"] = False
     if checking["failure"]:
         exit_group_broken(checking["failure"], rdzv.rank)
