@@ -122,6 +122,8 @@ def main() -> int:
     if "fail_step_of_request" in spec:
         inject_step_fault(spec["fail_step_of_request"])
     runtime = build_runtime(options, discover())
+    with open(f"{spec['output']}.rank{runtime.rank}", "w") as f:  # what this rank holds
+        json.dump({"local_params": local_parameter_count(runtime.model.module)}, f)
     if runtime.rank != 0:
         return run_worker(runtime)
     engine = make_engine(runtime)

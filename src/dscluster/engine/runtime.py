@@ -275,7 +275,9 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
     runtime = Runtime(options, loaded, model, groups, monitor, device=device, channel=channel)
     runtime.threads = (threads, generation_threads)
     runtime.engine_ref = engine_ref
-    log.info("rank %d ready: %s", rdzv.rank, model.description)
+    held = [getattr(p, "ds_tensor", p) for p in model.module.parameters()]  # a ZeRO-3 partition, or the shard
+    log.info("rank %d ready: %s; holds %d parameters (%.1f MiB)", rdzv.rank, model.description,
+             sum(t.numel() for t in held), sum(t.numel() * t.element_size() for t in held) / 2**20)
     return runtime
 
 
