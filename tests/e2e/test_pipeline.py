@@ -146,16 +146,16 @@ def two_node_pipeline(tmp_path_factory, tiny3):
     with Cluster(2) as cluster:
         group = Group(cluster, tiny3, logdir)
         for i in range(2):
-            group.start(i, trainer_env(i, 2, 2), "--pp", "2", *(f"--{k.replace('_', '-')}={v}"
-                                                               for k, v in LIMITS.items()))
+            # Rows and step tokens as small as above; the context whole, for the long request of the fault
+            group.start(i, trainer_env(i, 2, 2), "--pp", "2", "--max-num-seqs", "3", "--max-num-batched-tokens", "16")
         report("startup-2x2-pp2-tp2", ready=group.wait_ready())
         yield group
     assert not cluster.leftovers()
 
 
 def test_two_nodes_pp2_tp2_equal_the_unsharded_model(two_node_pipeline, tiny3, hf_model):
-    """Requests arrive while others run (joining and leaving the batch), prompts in chunks of 16
-    tokens, a pool of 7 blocks; every answer is transformers' greedy `generate` of its prompt alone."""
+    """Requests arrive while others run (joining and leaving the batch, 3 rows at most), prompts in
+    chunks of 16 tokens; every answer is transformers' greedy `generate` of its prompt alone."""
     group = two_node_pipeline
     held = {int(r): int(n) for r, n in re.findall(r"rank (\d) ready: .*holds (\d+) parameters",
                                                   group.log(0) + group.log(1))}
