@@ -28,6 +28,7 @@ BENCHMARKS = {
     "prefix_cache": "benchmarks.prefix_cache",
     "kv_memory": "benchmarks.kv_memory",
     "kv_generation": "benchmarks.kv_generation",
+    "pipeline": "benchmarks.pipeline",
 }
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
