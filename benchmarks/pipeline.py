@@ -158,10 +158,8 @@ def run(out_dir: Path, quick: bool) -> dict:
             _shape(cluster, rate)
             rows = [measure(cluster, model, name, flags, requests) for name, flags in LAYOUTS]
             links.append({"link": link, "rows": rows})
-    result = {"model": model.name, "streams": STREAMS, "requests": len(requests), "batched_tokens": BATCHED_TOKENS,
-              "unsharded_model_mib": round(unsharded_mib, 1), "links": links}
-    (out_dir / "pipeline.json").write_text(json.dumps(result, indent=1))
-    return result
+    return {"model": model.name, "streams": STREAMS, "requests": len(requests), "batched_tokens": BATCHED_TOKENS,
+            "unsharded_model_mib": round(unsharded_mib, 1), "links": links}
 
 
 def summary(result: dict) -> str:
