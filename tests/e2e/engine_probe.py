@@ -5,7 +5,8 @@ the results as JSON. Started by the local launcher, torchrun or mpirun like any 
 Work: `predict` (examples), `generate` (requests all submitted at once), `schedule` (requests
 submitted at given steps: they join a running batch). `fail_step_of_request`: an injected fault,
 on every rank, in the first step that computes that request (by submission order), to show that a
-failed step drops the batch on every rank and the group goes on."""
+failed step drops the batch on every rank and the group goes on; `fail_stage` [rank, request]: the
+same on one rank only, inside its pipeline stage's forward pass."""
 
 import json
 import os
@@ -116,6 +117,22 @@ def inject_step_fault(request_id: int) -> None:
     batch_mod.RunningBatch._forward = forward
 
 
+def inject_stage_fault(runtime, request_id: int) -> None:
+    """Pipeline: fail (once, on this rank only) the forward pass of this rank's stage in the first
+    step that computes request `request_id`, after the hand-over into the stage was received."""
+    pipeline = runtime.model.pipeline
+    target = pipeline.module if pipeline.layout.last else pipeline.base
+    original, state = target.forward, {"fired": False}
+
+    def forward(*args, **kwargs):
+        if not state["fired"] and any(row.request_id == request_id for row in runtime.batch.rows):
+            state["fired"] = True
+            raise RuntimeError(f"injected stage failure on rank {runtime.rank}")
+        return original(*args, **kwargs)
+
+    target.forward = forward
+
+
 def main() -> int:
     spec = json.loads(open(sys.argv[1]).read())
     options = RuntimeOptions(**spec["options"])
@@ -124,6 +141,8 @@ def main() -> int:
     runtime = build_runtime(options, discover())
     with open(f"{spec['output']}.rank{runtime.rank}", "w") as f:  # what this rank holds
         json.dump({"local_params": local_parameter_count(runtime.model.module)}, f)
+    if spec.get("fail_stage", [None])[0] == runtime.rank:
+        inject_stage_fault(runtime, spec["fail_stage"][1])
     if runtime.rank != 0:
         return run_worker(runtime)
     engine = make_engine(runtime)

@@ -89,6 +89,23 @@ def test_two_stages_equal_the_unsharded_model(tmp_path, tiny3, hf_model):
     assert sum(held) == sum(p.numel() for p in hf_model.parameters())
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_stage_that_raises_fails_the_step_not_the_group(tmp_path, tiny3, rank):
+    """One stage's forward pass raises (rank 0: the first stage, before its hand-over; rank 1: the
+    last, after receiving it): its flag travels on instead of a tensor, so nobody waits; the step's
+    requests end with the error, every rank drops the batch, and later requests are transformers'
+    tokens again on the same group (every rank exits 0)."""
+    got = run_ranks(tmp_path, {"model": tiny3, "pp": 2, **LIMITS}, {"schedule": SCHEDULE}, fail_stage=[rank, 2])
+    outcomes = got["schedule"]
+    failed = [i for i, r in enumerate(outcomes) if "error" in r]
+    assert 2 in failed and set(failed) <= {0, 1, 2}, outcomes
+    expected = transformers_greedy(tiny3, SCHEDULE)
+    for i, outcome in enumerate(outcomes):
+        if i not in failed:
+            assert outcome["token_ids"] == expected[i], f"request {i}"
+    assert not {3, 4, 5} & set(failed), "requests arriving after the failed step run normally"
+
+
 # ---------------------------------------------------------------------------------------------
 # Models that cannot be cut, worlds that do not divide: exit 2 on every rank
 

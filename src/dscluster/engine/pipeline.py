@@ -246,45 +246,53 @@ class Pipeline:
         """Run this stage for `input_ids` [B, S]: receive the previous stage's hidden states, run the
         stage's layers, hand over the result. Returns the logits [B, kept, vocab] on rank 0 and
         on the last stage (the rows `logits_to_keep` selects; all with None), None elsewhere.
-        `communicate=False` runs the stage alone on zeros (sizing the key/value pool)."""
+        `communicate=False` runs the stage alone on zeros (sizing the key/value pool).
+
+        Every message of the step is sent and received whatever failed, so that no rank waits for
+        a tensor that never comes and the next step's messages pair up: a failure (this stage's, or
+        an earlier one's flag) travels on as the flag and is raised at the end."""
         layout = self.layout
         batch, length = input_ids.shape
         hidden_shape = (batch, length, self.hidden_size)
+        logits_shape = self._logits_shape(batch, length, logits_to_keep)
         kwargs = {"position_ids": position_ids, "use_cache": False}
-        if not layout.first:
-            if communicate:
-                self._received = self._recv(hidden_shape, self.dtype, layout.rank_of(layout.stage - 1))
-            else:
-                self._received = torch.zeros(hidden_shape, dtype=self.dtype, device=self.device)
         failure: BaseException | None = None
-        out = None
-        try:
-            if layout.last:
-                if logits_to_keep is not None:
-                    kwargs["logits_to_keep"] = logits_to_keep
-                out = self.module(input_ids=input_ids, **kwargs).logits
+        if not layout.first:
+            if not communicate:
+                self._received = torch.zeros(hidden_shape, dtype=self.dtype, device=self.device)
             else:
-                out = self.base(input_ids=input_ids, **kwargs).last_hidden_state
-        except Exception as exc:  # noqa: BLE001 - handed on as the flag below, then raised
-            failure = exc
-        finally:
-            self._received = None
+                try:
+                    self._received = self._recv(hidden_shape, layout.rank_of(layout.stage - 1))
+                except StageFailed as exc:
+                    failure = exc
+        out = None
+        if failure is None:
+            try:
+                if layout.last:
+                    if logits_to_keep is not None:
+                        kwargs["logits_to_keep"] = logits_to_keep
+                    out = self.module(input_ids=input_ids, **kwargs).logits
+                else:
+                    out = self.base(input_ids=input_ids, **kwargs).last_hidden_state
+            except Exception as exc:  # noqa: BLE001 - handed on as the flag below, then raised
+                failure = exc
+        self._received = None
         if not communicate:
             if failure is not None:
                 raise failure
             return out if layout.last else None
         if not layout.last:
             self._send(out, hidden_shape, layout.rank_of(layout.stage + 1), failure)
-            logits = None
-        else:
-            logits = out
-            if layout.tp_rank == 0 and layout.stages > 1:
-                self._send(out, self._logits_shape(batch, length, logits_to_keep), 0, failure)
+        elif layout.tp_rank == 0 and layout.stages > 1:
+            self._send(out, logits_shape, 0, failure)
+        logits = out if layout.last else None
+        if dist.get_rank() == 0 and not layout.last:
+            try:
+                logits = self._recv(logits_shape, layout.rank_of(layout.stages - 1, 0))
+            except StageFailed as exc:
+                failure = failure or exc
         if failure is not None:
             raise failure
-        if dist.get_rank() == 0 and not layout.last:
-            logits = self._recv(self._logits_shape(batch, length, logits_to_keep), self.dtype,
-                                layout.rank_of(layout.stages - 1, 0))
         return logits
 
     def _logits_shape(self, batch: int, length: int, keep) -> tuple[int, int, int]:
@@ -306,11 +314,11 @@ class Pipeline:
         dist.send(message, dst)
         self.bytes_sent += message.numel() * message.element_size()
 
-    def _recv(self, shape, dtype: torch.dtype, src: int) -> torch.Tensor:
+    def _recv(self, shape, src: int) -> torch.Tensor:
         numel = 1
         for d in shape:
             numel *= d
-        message = torch.empty(numel + 1, dtype=dtype, device=self.device)
+        message = torch.empty(numel + 1, dtype=self.dtype, device=self.device)
         dist.recv(message, src)
         if message[-1].item() != 0:
             raise StageFailed(f"pipeline stage of rank {src} failed this step")
