@@ -332,10 +332,16 @@ def make_plan(args: argparse.Namespace) -> dict:
     model_arg = pod_model_path(args.model) if args.model else f"{CHECKPOINTS}/model"
     kind = "deployment" if single else "mpijob"
     engine = "tp" if best.tensor_parallel > 1 else "replicated"
+    # Across nodes: tensor parallel inside each node, a pipeline stage per node (the same GPUs and
+    # about the same memory per GPU; one hand-over per step crosses the network, not every layer's
+    # all-reduces). Without enough layers for a stage per node, tensor parallelism over every GPU.
+    pipeline = best.nodes if best.nodes > 1 and shape.layers >= best.nodes else 1
     plan.update(tensor_parallel=best.tensor_parallel, nodes=best.nodes, gpus_per_node=best.gpus_per_node,
-                per_gpu_gib=best.per_gpu_gib, recommendation="single-node" if single else "multi-node",
+                pipeline_parallel=pipeline, per_gpu_gib=best.per_gpu_gib,
+                recommendation="single-node" if single else "multi-node",
                 render_command=(f"dscluster k8s render {kind} --nodes {best.nodes} --gpus-per-node "
-                                f"{best.gpus_per_node} --model {model_arg} --engine {engine} --dtype {args.dtype}"))
+                                f"{best.gpus_per_node} --model {model_arg} --engine {engine} --dtype {args.dtype}"
+                                + (f" --pp {pipeline}" if pipeline > 1 else "")))
     return plan
 
 
@@ -384,8 +390,15 @@ def describe(plan: dict) -> str:
     else:
         lines.append(f"needs {plan['nodes']} nodes: tensor parallel {plan['tensor_parallel']} over {plan['nodes']} x "
                      f"{plan['gpus_per_node']} GPUs, {plan['per_gpu_gib']:g} GiB per GPU.")
-        lines.append(f"  tensor parallelism spans all {plan['tensor_parallel']} GPUs of the {plan['nodes']} nodes: every "
-                     "layer's all-reduce crosses the network, so give the pods a fast interconnect (InfiniBand/RoCE).")
+        if plan.get("pipeline_parallel", 1) > 1:
+            lines.append(f"  recommended: tensor parallel {plan['gpus_per_node']} inside each node and a pipeline stage per "
+                         f"node (--pp {plan['pipeline_parallel']}): one hand-over of hidden states per step crosses the "
+                         "network instead of every layer's all-reduces. With InfiniBand/RoCE between the nodes, "
+                         f"tensor parallel over all {plan['tensor_parallel']} GPUs (drop --pp) is the other choice.")
+        else:
+            lines.append(f"  tensor parallelism spans all {plan['tensor_parallel']} GPUs of the {plan['nodes']} nodes: "
+                         "every layer's all-reduce crosses the network, so give the pods a fast interconnect "
+                         "(InfiniBand/RoCE).")
         lines.append(f"  {plan['render_command']}")
         lines.append("  (or `k8s render lws` with the same flags)")
     return "\n".join(lines)
