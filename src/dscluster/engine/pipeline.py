@@ -227,7 +227,6 @@ class Pipeline:
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.device = device
-        self.bytes_sent = 0            # by this rank, over the hand-overs (counted, for the benchmarks)
         self._received: torch.Tensor | None = None
         if not layout.first:
             parts.layers[layout.first_layer].register_forward_pre_hook(self._take_received, with_kwargs=True)
@@ -312,7 +311,6 @@ class Pipeline:
             flat = tensor.reshape(-1).to(self.dtype)
             message = torch.cat([flat, flat.new_zeros(1)])
         dist.send(message, dst)
-        self.bytes_sent += message.numel() * message.element_size()
 
     def _recv(self, shape, src: int) -> torch.Tensor:
         numel = 1
