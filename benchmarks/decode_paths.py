@@ -50,7 +50,7 @@ def requests(quick: bool) -> list[tuple[list[int], int]]:
 
 def engine_path(model: str, work: list[tuple[list[int], int]]) -> list[list[int]]:
     from dscluster.engine.api import GenerationRequest, SamplingParams
-    from dscluster.engine.runtime import open_engine
+    from dscluster.engine.client import open_engine
 
     engine = open_engine(model, max_num_seqs=ROWS, max_num_batched_tokens=BATCHED_TOKENS)
     requests = [GenerationRequest(tuple(p), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))

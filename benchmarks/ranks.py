@@ -53,7 +53,8 @@ def build(task: dict):
 
 def finish(runtime, report: dict, task: dict, work=None) -> None:
     """Rank 0 runs `work` through an Engine then stops the group; the others serve as workers."""
-    from dscluster.engine.runtime import make_engine, run_worker
+    from dscluster.engine.client import make_engine
+    from dscluster.engine.worker import run_worker
 
     if runtime.rank == 0:
         engine = make_engine(runtime)

@@ -29,6 +29,7 @@ BENCHMARKS = {
     "kv_memory": "benchmarks.kv_memory",
     "kv_generation": "benchmarks.kv_generation",
     "structured_output": "benchmarks.structured_output",
+    "pipeline": "benchmarks.pipeline",
 }
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from bfloat16_reference import check_bfloat16_against_float32  # tests/bfloat16_reference.py
-from dscluster.engine.runtime import open_engine
+from dscluster.engine.client import open_engine
 
 
 def test_bfloat16_logits_and_greedy_tokens_agree_with_float32(tiny):

@@ -11,7 +11,7 @@ import torch
 from dscluster.engine import batch as batch_mod
 from dscluster.engine import sampling
 from dscluster.engine.api import GenerationRequest, GenerationResult, SamplingParams
-from dscluster.engine.runtime import open_engine
+from dscluster.engine.client import open_engine
 
 # Lengths 1 to 45 tokens, so a budget of 16 tokens per step chunks the long ones.
 PROMPTS = [

@@ -21,7 +21,7 @@ import torch
 
 from dscluster.cluster.launch import free_port
 from dscluster.engine.api import GenerationRequest, SamplingParams
-from dscluster.engine.runtime import open_engine
+from dscluster.engine.client import open_engine
 from dscluster.engine.sampling import RequestSampler
 
 from bfloat16_reference import check_bfloat16_against_float32  # tests/bfloat16_reference.py

@@ -446,3 +446,37 @@ def test_scrape_annotations_only_where_rank_0_serves_http(kind):
     assert bool(annotated) == (kind in ("lws", "deployment")), annotated
     commands = [node for d in docs for _, node in _walk(d) if isinstance(node, list) and "serve" in node]
     assert commands and all("--metrics-without-api-key" in cmd for cmd in commands)
+
+
+@pytest.mark.parametrize("kind", ["mpijob", "trainjob", "lws"])
+def test_pipeline_stages_across_nodes_render_and_validate(kind, tmp_path):
+    """--pp 2 over 2 nodes of 4 GPUs: every rank's serve command says --pp 2 (tp=4 inside a node);
+    the manifests stay valid."""
+    text = render(kind, make_opts(kind, "--nodes", "2", "--gpus-per-node", "4", "--pp", "2"))
+    def commands(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("command", "args") and isinstance(value, list):
+                    yield " ".join(str(v) for v in value)
+                else:
+                    yield from commands(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from commands(value)
+
+    serves = [c for c in commands(docs_of(text)) if "dscluster serve" in c]
+    assert serves and all(" --pp 2 " in f"{c} " for c in serves), serves
+    if SCHEMAS.is_dir():
+        f = tmp_path / "m.yaml"
+        f.write_text(text)
+        v = run_cli("k8s", "validate", str(f), "--crds", str(SCHEMAS))
+        assert v.returncode == 0, v.stdout + v.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--nodes", "3", "--gpus-per-node", "1", "--pp", "2"], "--pp 2 must divide the group's 3 ranks"),
+    (["--nodes", "2", "--pp", "2", "--engine", "zero3"], "--pp runs tensor parallelism inside each stage"),
+])
+def test_pipeline_flags_that_cannot_work(args, needle):
+    with pytest.raises(UsageError, match=re.escape(needle)):
+        render("mpijob", make_opts("mpijob", *args))

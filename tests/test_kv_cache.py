@@ -15,7 +15,7 @@ import torch
 
 from dscluster.engine.api import GenerationRequest, SamplingParams
 from dscluster.engine.kv_blocks import BlockPool, block_key
-from dscluster.engine.runtime import open_engine
+from dscluster.engine.client import open_engine
 from dscluster.errors import UsageError
 
 from test_generation import run_schedule, transformers_greedy

@@ -46,6 +46,8 @@ def test_405b_bf16_needs_more_than_one_node_of_8x80():
     assert (p["tensor_parallel"], p["nodes"], p["gpus_per_node"]) == (16, 2, 8)
     assert not [c for c in p["candidates"] if c["tensor_parallel"] == 8][0]["fits"]
     assert "mpijob" in p["render_command"] and f"--nodes {p['nodes']}" in p["render_command"]
+    # across the nodes a pipeline stage per node, tensor parallel 8 inside each
+    assert p["pipeline_parallel"] == 2 and p["render_command"].endswith("--pp 2")
 
 
 def test_float32_doubles_the_weights():

@@ -75,6 +75,10 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a Hugging Face model directory (config.json) or package.module:factory")
     p.add_argument("--engine", choices=["tp", "zero3", "replicated"], default=None,
                    help="how to split the model (default: tp when world size > 1, else replicated)")
+    p.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=_positive_int, default=1, metavar="N",
+                   help="pipeline stages: the decoder layers cut into N contiguous stages over consecutive "
+                        "ranks, tensor parallel inside each stage over world/N ranks (tp within a node, "
+                        "pp across nodes)")
     p.add_argument("--nproc", type=_positive_int, default=None,
                    help="spawn N local ranks (omit under torchrun, mpirun, deepspeed, srun)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")

@@ -368,9 +368,15 @@ def make_plan(args: argparse.Namespace) -> dict:
     pvc = pvc_size_gib(weights_gib)
     # Copies of the model one node holds when it needs fewer GPUs than the node has (Deployment pods).
     copies = serving.gpus_per_node // best.gpus_per_node if single else 1
+    # Across nodes: tensor parallel inside each node, a pipeline stage per node (the same GPUs and
+    # about the same memory per GPU; one hand-over per step crosses the network, not every layer's
+    # all-reduces). Without enough layers for a stage per node, tensor parallelism over every GPU.
+    pipeline = best.nodes if best.nodes > 1 and shape.layers >= best.nodes else 1
     command = (f"dscluster k8s render {kind} --nodes {best.nodes} --gpus-per-node {best.gpus_per_node} "
                f"--model {model_arg} --engine {engine} --dtype {args.dtype} --image {args.image} "
                f"--pvc-size {pvc}Gi")
+    if pipeline > 1:
+        command += f" --pp {pipeline}"
     if not shape.shard_only:
         # every rank reads the whole checkpoint through host memory: the pod must be given it
         host = best.host_per_node_gib + best.gpus_per_node  # plus /dev/shm, 1 GiB per rank
@@ -378,7 +384,8 @@ def make_plan(args: argparse.Namespace) -> dict:
     if copies > 1:
         command += f" --replicas {copies}"
     plan.update(tensor_parallel=best.tensor_parallel, nodes=best.nodes, gpus_per_node=best.gpus_per_node,
-                per_gpu_gib=best.per_gpu_gib, recommendation="single-node" if single else "multi-node",
+                pipeline_parallel=pipeline, per_gpu_gib=best.per_gpu_gib,
+                recommendation="single-node" if single else "multi-node",
                 weights_gib=round(weights_gib, 2), pvc_gib=pvc, copies_per_node=copies, render_command=command)
     return plan
 
@@ -440,8 +447,15 @@ def describe(plan: dict) -> str:
     else:
         lines.append(f"needs {plan['nodes']} nodes: tensor parallel {plan['tensor_parallel']} over {plan['nodes']} x "
                      f"{plan['gpus_per_node']} GPUs, {plan['per_gpu_gib']:g} GiB per GPU.")
-        lines.append(f"  tensor parallelism spans all {plan['tensor_parallel']} GPUs of the {plan['nodes']} nodes: every "
-                     "layer's all-reduce crosses the network, so give the pods a fast interconnect (InfiniBand/RoCE).")
+        if plan.get("pipeline_parallel", 1) > 1:
+            lines.append(f"  recommended: tensor parallel {plan['gpus_per_node']} inside each node and a pipeline stage per "
+                         f"node (--pp {plan['pipeline_parallel']}): one hand-over of hidden states per step crosses the "
+                         "network instead of every layer's all-reduces. With InfiniBand/RoCE between the nodes, "
+                         f"tensor parallel over all {plan['tensor_parallel']} GPUs (drop --pp) is the other choice.")
+        else:
+            lines.append(f"  tensor parallelism spans all {plan['tensor_parallel']} GPUs of the {plan['nodes']} nodes: "
+                         "every layer's all-reduce crosses the network, so give the pods a fast interconnect "
+                         "(InfiniBand/RoCE).")
         lines.append(f"  {plan['render_command']}")
         lines.append("  (or `k8s render lws` with the same flags)")
     return "\n".join(lines)

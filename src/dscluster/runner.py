@@ -68,7 +68,9 @@ def run(args: argparse.Namespace, role: str) -> int:
         return launch([sys.executable, "-m", "dscluster", *argv], nproc=rdzv.spawn_local, rdzv=node)
 
     from dscluster.cluster.group import destroy_groups
-    from dscluster.engine.runtime import RuntimeOptions, build_runtime, make_engine, run_worker
+    from dscluster.engine.client import make_engine
+    from dscluster.engine.runtime import RuntimeOptions, build_runtime
+    from dscluster.engine.worker import run_worker
 
     placeholder = None
     if role == "serve" and rdzv.rank == 0:  # 503 on the port, not a refused connection, while loading

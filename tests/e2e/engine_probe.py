@@ -5,7 +5,8 @@ the results as JSON. Started by the local launcher, torchrun or mpirun like any 
 Work: `predict` (examples), `generate` (requests all submitted at once), `schedule` (requests
 submitted at given steps: they join a running batch). `fail_step_of_request`: an injected fault,
 on every rank, in the first step that computes that request (by submission order), to show that a
-failed step drops the batch on every rank and the group goes on."""
+failed step drops the batch on every rank and the group goes on; `fail_stage` [rank, request]: the
+same on one rank only, inside its pipeline stage's forward pass."""
 
 import json
 import os
@@ -17,7 +18,9 @@ import torch
 from dscluster.cluster.rendezvous import discover
 from dscluster.engine import batch as batch_mod
 from dscluster.engine.api import GenerationRequest, SamplingParams
-from dscluster.engine.runtime import RuntimeOptions, build_runtime, make_engine, run_worker
+from dscluster.engine.client import make_engine
+from dscluster.engine.runtime import RuntimeOptions, build_runtime
+from dscluster.engine.worker import run_worker
 from dscluster.errors import EXIT_PEER_FAILED, PeerFailure
 
 
@@ -114,12 +117,32 @@ def inject_step_fault(request_id: int) -> None:
     batch_mod.RunningBatch._forward = forward
 
 
+def inject_stage_fault(runtime, request_id: int) -> None:
+    """Pipeline: fail (once, on this rank only) the forward pass of this rank's stage in the first
+    step that computes request `request_id`, after the hand-over into the stage was received."""
+    pipeline = runtime.model.pipeline
+    target = pipeline.module if pipeline.layout.last else pipeline.base
+    original, state = target.forward, {"fired": False}
+
+    def forward(*args, **kwargs):
+        if not state["fired"] and any(row.request_id == request_id for row in runtime.batch.rows):
+            state["fired"] = True
+            raise RuntimeError(f"injected stage failure on rank {runtime.rank}")
+        return original(*args, **kwargs)
+
+    target.forward = forward
+
+
 def main() -> int:
     spec = json.loads(open(sys.argv[1]).read())
     options = RuntimeOptions(**spec["options"])
     if "fail_step_of_request" in spec:
         inject_step_fault(spec["fail_step_of_request"])
     runtime = build_runtime(options, discover())
+    with open(f"{spec['output']}.rank{runtime.rank}", "w") as f:  # what this rank holds
+        json.dump({"local_params": local_parameter_count(runtime.model.module)}, f)
+    if spec.get("fail_stage", [None])[0] == runtime.rank:
+        inject_stage_fault(runtime, spec["fail_stage"][1])
     if runtime.rank != 0:
         return run_worker(runtime)
     engine = make_engine(runtime)

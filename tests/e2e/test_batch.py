@@ -104,7 +104,7 @@ def test_batch_equals_the_unsharded_model(tiny, local_results):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dscluster.engine.api import GenerationRequest, SamplingParams
-    from dscluster.engine.runtime import open_engine
+    from dscluster.engine.client import open_engine
 
     model = AutoModelForCausalLM.from_pretrained(tiny).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny)

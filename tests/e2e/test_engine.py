@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dscluster.engine.api import GenerationRequest, SamplingParams
-from dscluster.engine.runtime import open_engine
+from dscluster.engine.client import open_engine
 from engine_probe import cache_stats, logprob_values, run_schedule, sampling_params  # tests/e2e/engine_probe.py
 
 PROBE = Path(__file__).with_name("engine_probe.py")

@@ -336,7 +336,7 @@ def test_two_nodes_two_ranks_each_serve_then_drain_on_sigterm(nodes2, tiny, tmp_
 def unsharded_text(model: str, body: dict) -> str:
     """The completion's text from the unsharded engine in this process."""
     from dscluster.engine.api import GenerationRequest, SamplingParams
-    from dscluster.engine.runtime import open_engine
+    from dscluster.engine.client import open_engine
 
     engine = open_engine(model)
     try:
@@ -354,7 +354,7 @@ def test_two_nodes_two_ranks_each_tensor_parallel_gqa_equals_unsharded(nodes2, g
     model's (transformers' from_pretrained in this process): greedy text identical, logits within
     float tolerance."""
     from dscluster.engine.api import GenerationRequest, SamplingParams
-    from dscluster.engine.runtime import open_engine
+    from dscluster.engine.client import open_engine
 
     group = Group(nodes2, gqa, tmp_path)
     for i in range(2):

@@ -19,7 +19,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from dscluster.engine.api import GenerationRequest, SamplingParams
-from dscluster.engine.runtime import open_engine
+from dscluster.engine.client import open_engine
 from servers import RemoteServer  # tests/e2e/servers.py
 
 KEY = "surface-key"

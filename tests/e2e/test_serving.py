@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dscluster.cluster.launch import free_port
 from dscluster.engine.api import GenerationRequest, SamplingParams
-from dscluster.engine.runtime import open_engine
+from dscluster.engine.client import open_engine
 from dscluster.examples.linear import build as build_linear
 from servers import RemoteServer  # tests/e2e/servers.py
 

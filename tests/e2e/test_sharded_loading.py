@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dscluster.cluster.launch import free_port
-from dscluster.engine.runtime import open_engine
+from dscluster.engine.client import open_engine
 from test_engine import WORK, reference, run_ranks  # tests/e2e/test_engine.py
 from test_launchers import clean_env  # tests/e2e/test_launchers.py
 

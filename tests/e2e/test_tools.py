@@ -27,7 +27,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from dscluster.engine.api import GenerationRequest, SamplingParams
-from dscluster.engine.runtime import open_engine
+from dscluster.engine.client import open_engine
 
 TASKS = Path(__file__).with_name("lm_eval_tasks")
 BIN = Path(sys.executable).parent

@@ -18,7 +18,9 @@ needs (tensor parallel and ZeRO-3 collectives run inside the forward pass). Appl
    through the split last projection.
 
 Only rank 0 looks at the logits; the other ranks compute them too because the last projection
-is split (and gathered) like every other layer.
+is split (and gathered) like every other layer. Under pipeline parallelism (engine/pipeline.py)
+each rank runs only its stage's layers in the forward pass, between receiving the previous
+stage's hidden states and handing its own on; the logits reach rank 0 from the last stage.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 
 from dscluster.engine import kv_cache
 from dscluster.engine.kv_cache import KVPool, ShapeProbe, StepLayout
+from dscluster.engine.pipeline import Pipeline
 from dscluster.engine.protocol import LEAVE, StepPlan, prefill_count
 
 
@@ -60,8 +63,9 @@ class StepOutput:
 class RunningBatch:
     """The running rows and the key/value pool (allocated by `allocate_pool` once its size is known)."""
 
-    def __init__(self, module: nn.Module, device: torch.device, max_len: int):
+    def __init__(self, module: nn.Module, device: torch.device, max_len: int, pipeline: Pipeline | None = None):
         self.module = module
+        self.pipeline = pipeline
         self.device = device
         self.max_len = max_len
         self.rows: list[Row] = []
@@ -81,7 +85,10 @@ class RunningBatch:
         positions = torch.arange(tokens, device=self.device)[None]
         kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
         with kv_cache.active_step(probe):
-            self.module(input_ids=ids, position_ids=positions, use_cache=False, **kwargs)
+            if self.pipeline is not None:   # this stage alone, on zeros: no hand-over
+                self.pipeline.forward(ids, positions, kwargs.get("logits_to_keep"), communicate=False)
+            else:
+                self.module(input_ids=ids, position_ids=positions, use_cache=False, **kwargs)
         if not probe.layers:
             raise RuntimeError("the model's attention never ran through dscluster's attention function")
         return probe.bytes_per_token()
@@ -193,8 +200,13 @@ class RunningBatch:
         layout = StepLayout(pool=self.pool, token_slots=slots_t, rows=spans)
         kwargs = {"logits_to_keep": wanted_t} if self._logits_to_keep else {}
         with kv_cache.active_step(layout):
-            out = self.module(input_ids=ids_t[None], position_ids=pos_t[None], use_cache=False, **kwargs)
-        logits = out.logits[0] if self._logits_to_keep else out.logits[0, wanted_t]
+            if self.pipeline is not None:
+                out = self.pipeline.forward(ids_t[None], pos_t[None], kwargs.get("logits_to_keep"))
+            else:
+                out = self.module(input_ids=ids_t[None], position_ids=pos_t[None], use_cache=False, **kwargs).logits
+        if out is None:                 # a pipeline rank that does not sample (rank 0 does)
+            return StepOutput(sampled_rows, None)
+        logits = out[0] if self._logits_to_keep else out[0, wanted_t]
         scored, at = [], len(keep)
         for r, first, count in prompt_rows:
             scored.append((r, first, logits[at:at + count]))

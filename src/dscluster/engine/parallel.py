@@ -12,6 +12,12 @@ wrong with the model for this engine (a missing tensor, a shape the config contr
 do not divide by the tp degree) as a UsageError, so every rank exits 2 with the same one line
 instead of some waiting in a collective for the others. `load_split` then loads and splits.
 
+With `--pp N` (pipeline parallelism, engine/pipeline.py) the model is cut into N stages of
+consecutive decoder layers before a weight is read: each rank builds only its stage's layers (on
+the meta device), AutoTP splits them over the stage's ranks in a process group of their own, and
+each rank reads its shards of its stage's tensors. Only transformers causal LMs whose decoder
+layers sit in a ModuleList can be cut; anything else under `--pp` is a UsageError on every rank.
+
 Every engine returns a plain module to call; all ranks must call it with the same inputs at the
 same time (the protocol guarantees that). DeepSpeed is imported only here and in the two loaders.
 """
@@ -30,6 +36,7 @@ from torch import nn
 from dscluster.engine.checkpoint import DTYPES, SafetensorsCheckpoint
 from dscluster.engine.host_memory import check_host_memory
 from dscluster.engine.loading import LoadedModel, ModelSource, build_on_meta, load_whole, model_tensors
+from dscluster.engine.pipeline import Pipeline, StageLayout, cut, decoder_parts, plan_layout, stage_groups
 from dscluster.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,7 @@ class ParallelModel:
     engine: str
     tp_size: int
     description: str
+    pipeline: Pipeline | None = None     # --pp: this rank's stage and its hand-over
 
 
 @dataclass
@@ -55,6 +63,7 @@ class Prepared:
     checkpoint: SafetensorsCheckpoint | None = None   # None: no safetensors (a .bin), or not a directory
     meta_module: nn.Module | None = None              # tp: the structure AutoTP splits
     keys: dict[str, str] | None = None                # tensor name (every alias) -> checkpoint key
+    layout: StageLayout | None = None                 # --pp: this rank's pipeline stage
 
 
 def choose_engine(requested: str | None, source: ModelSource | LoadedModel, world_size: int) -> str:
@@ -77,8 +86,11 @@ def choose_engine(requested: str | None, source: ModelSource | LoadedModel, worl
     return requested
 
 
-def prepare(source: ModelSource, engine: str, world_size: int) -> Prepared:
-    """Check the model and its checkpoint for `engine` over `world_size` ranks. No collective."""
+def prepare(source: ModelSource, engine: str, world_size: int, pp: int = 1, rank: int = 0) -> Prepared:
+    """Check the model and its checkpoint for `engine` over `world_size` ranks (in `pp` pipeline
+    stages; `rank`: this rank, whose stage is cut out). No collective."""
+    if pp > 1:
+        return _prepare_stage(source, engine, world_size, pp, rank)
     prepared = Prepared(source, engine, world_size)
     if not source.hf:
         return prepared
@@ -99,11 +111,79 @@ def prepare(source: ModelSource, engine: str, world_size: int) -> Prepared:
     return prepared
 
 
+def _prepare_stage(source: ModelSource, engine: str, world_size: int, pp: int, rank: int) -> Prepared:
+    """--pp: this rank's stage of the model on the meta device, checked against the checkpoint."""
+    if not source.hf:
+        raise UsageError(f"--pp {pp}: {source.name} cannot be cut into pipeline stages: an import-spec model "
+                         "(package.module:factory) has no decoder layers dscluster knows how to cut; drop --pp")
+    if source.kind != "causal-lm":
+        raise UsageError(f"--pp {pp}: {source.name} cannot be cut into pipeline stages: pipeline parallelism is "
+                         "for causal language models; drop --pp")
+    if engine != "tp" and world_size > 1:
+        raise UsageError(f"--pp {pp} runs tensor parallelism inside each stage: use --engine tp (the default), "
+                         f"not --engine {engine}")
+    if world_size % pp:
+        raise UsageError(f"--pp {pp}: the world of {world_size} rank(s) does not divide into {pp} stages of equal "
+                         "size; start a multiple of --pp ranks")
+    checkpoint = SafetensorsCheckpoint.open(source.path)
+    if checkpoint is None:
+        raise UsageError(f"--pp {pp}: {source.path} has no safetensors weights, which each stage reads its "
+                         "layers from; convert the checkpoint to safetensors")
+    meta = build_on_meta(source)
+    layout = plan_layout(world_size, pp, rank, len(decoder_parts(meta, source.name).layers))
+    if layout.tp_size > 1:
+        from dscluster.engine.tp_load import check_divisible
+
+        check_divisible(source.config, layout.tp_size)
+    tensors = model_tensors(meta)
+    keys = checkpoint.locate(tensors.parameters, tensors.aliases, tensors.prefix, optional=tensors.buffers)
+    cut(meta, layout, source.name)
+    return Prepared(source, "tp", world_size, checkpoint=checkpoint, meta_module=meta, keys=keys, layout=layout)
+
+
+def _load_stage(prepared: Prepared, device: torch.device) -> tuple[LoadedModel, ParallelModel]:
+    """--pp: this rank's stage read from the checkpoint (its tp shards of them when a stage has
+    several ranks), and the pipeline that runs it."""
+    source, layout, module = prepared.source, prepared.layout, prepared.meta_module
+    prepared.meta_module = None
+    group = stage_groups(layout)        # every rank, before any DeepSpeed call
+    if layout.tp_size > 1:
+        use_accelerator(device)
+        if device.type == "cpu":
+            # DeepSpeed's CPU shared-memory all-reduce spans every rank of the machine, whatever
+            # group it is given: a stage must all-reduce over its own group (plain gloo).
+            _no_shared_memory_op("pipeline stages all-reduce within their own group")
+        from dscluster.engine.tp_load import load_tensor_parallel
+
+        module = load_tensor_parallel(source, module, prepared.checkpoint, prepared.keys, layout.tp_size, device,
+                                      group=group)
+    else:
+        from dscluster.engine.device_load import fill_from_checkpoint, materialize_parameters
+
+        buffers = {name: buf.clone() for name, buf in module.named_buffers(remove_duplicate=False)}
+        if device.type == "cpu":
+            need = sum(p.numel() * p.element_size() for p in module.parameters())
+            check_host_memory(need, f"its pipeline stage ({_dtype_name(source.dtype)}, {layout.stages} stages)")
+        materialize_parameters(module, device)
+        fill_from_checkpoint(module, buffers, prepared.checkpoint, prepared.keys, device)
+        module.eval()
+    _check_device(module, device)
+    config = source.config.get_text_config() if hasattr(source.config, "get_text_config") else source.config
+    pipeline = Pipeline(module, decoder_parts(module, source.name), layout, int(config.hidden_size), source.dtype,
+                        device)
+    desc = (f"pipeline parallel, pp={layout.stages} x tp={layout.tp_size}: {layout.describe()}; each rank read "
+            f"its own stage's shards, on {device}")
+    log.info("engine: %s", desc)
+    return source.loaded(module), ParallelModel(module, "tp", layout.tp_size, desc, pipeline)
+
+
 def load_split(prepared: Prepared, device: torch.device,
                zero3_persistence_threshold: int = 0) -> tuple[LoadedModel, ParallelModel]:
     """Load the prepared model onto `device` (this rank's: cuda:LOCAL_RANK with NCCL, else the CPU),
     split by its engine."""
     source, engine, world_size = prepared.source, prepared.engine, prepared.world_size
+    if prepared.layout is not None:
+        return _load_stage(prepared, device)
     if engine == "replicated" or world_size == 1:
         if device.type != "cpu" and prepared.checkpoint is not None:
             from dscluster.engine.device_load import load_whole_on_device
@@ -250,14 +330,19 @@ def _shared_memory_only_within_one_node(world_size: int) -> bool:
         dist.all_gather_object(views, mine)
     if all(host == mine[0] and local == str(world_size) for host, local in views):
         return True
+    hosts = len({host for host, _ in views})
+    _no_shared_memory_op(f"ranks on {hosts} host(s), LOCAL_SIZE {'/'.join(sorted({local or 'unset' for _, local in views}))} "
+                         f"for a world of {world_size}")
+    return False
+
+
+def _no_shared_memory_op(why: str) -> None:
+    """DeepSpeed all-reduces over the process group (gloo), never its shared-memory op."""
     import importlib
 
     comm_torch = importlib.import_module("deepspeed.comm.torch")
     comm_torch.build_shm_op = lambda: None
-    hosts = len({host for host, _ in views})
-    log.info("ranks on %d host(s), LOCAL_SIZE %s for a world of %d: all-reduce over the process group, "
-             "no shared memory", hosts, "/".join(sorted({local or "unset" for _, local in views})), world_size)
-    return False
+    log.info("%s: all-reduce over the process group, no shared memory", why)
 
 
 def build_shared_memory_op():

@@ -52,15 +52,22 @@ def check_divisible(config, tp_size: int) -> None:
 
 
 def load_tensor_parallel(source: ModelSource, meta_module: nn.Module, checkpoint: SafetensorsCheckpoint,
-                         keys: dict[str, str], tp_size: int, device: torch.device) -> nn.Module:
+                         keys: dict[str, str], tp_size: int, device: torch.device, group=None) -> nn.Module:
     """`meta_module` (from `build_on_meta`) split by AutoTP and filled with this rank's shards
-    from `checkpoint` (`keys`: parameter or buffer name -> checkpoint key), on `device`."""
+    from `checkpoint` (`keys`: parameter or buffer name -> checkpoint key), on `device`. `group`:
+    the ranks it is split over (a pipeline stage's), default every rank."""
     import deepspeed
 
     buffers = {name: buf.clone() for name, buf in meta_module.named_buffers(remove_duplicate=False)}
     started = time.monotonic()
+    tensor_parallel = {"tp_size": tp_size}
+    if group is not None:
+        from dscluster.engine.pipeline import StageGroup
+
+        deepspeed.init_distributed()   # what DeepSpeed does itself when it makes its own group
+        tensor_parallel.update(tp_group=group, mpu=StageGroup(group))
     try:
-        wrapped = deepspeed.init_inference(meta_module, tensor_parallel={"tp_size": tp_size}, dtype=source.dtype,
+        wrapped = deepspeed.init_inference(meta_module, tensor_parallel=tensor_parallel, dtype=source.dtype,
                                            replace_with_kernel_inject=False)
     except AssertionError as exc:  # AutoTP's "Not able to determine model policy automatically"
         raise UsageError(f"--engine tp: DeepSpeed AutoTP cannot split {source.name}: {exc}; "

@@ -88,6 +88,8 @@ def pvc_name(opts: argparse.Namespace) -> str:
 def serve_command(opts: argparse.Namespace, nproc: int | None = None) -> list[str]:
     cmd = ["dscluster", "serve", opts.model, "--host", "0.0.0.0", "--port", str(opts.port),
            "--engine", engine(opts)]
+    if getattr(opts, "pp", 1) > 1:
+        cmd += ["--pp", str(opts.pp)]
     if nproc is not None:
         cmd += ["--nproc", str(nproc)]
     if opts.dtype:

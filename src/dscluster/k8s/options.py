@@ -95,6 +95,9 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
                         "(lws and deployment only)")
     p.add_argument("--engine", choices=list(ENGINES), default=None,
                    help="parallel engine (default tp when more than one rank, else replicated)")
+    p.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=int, default=1, metavar="N",
+                   help="serve --pp: pipeline stages over the group's ranks, tensor parallel inside each "
+                        "(across nodes: --pp NODES, one stage per node)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of rank 0")
     p.add_argument("--api-key-secret", default=None, metavar="NAME",
                    help="Secret with key api-key, exposed to the server as DSCLUSTER_API_KEY")
@@ -255,6 +258,11 @@ def check_options(opts: argparse.Namespace) -> None:
         raise UsageError(f"--gpus-per-node must be between 0 and {MAX_GPUS_PER_NODE}, got {opts.gpus_per_node}")
     if opts.replicas < 1:
         raise UsageError(f"--replicas must be at least 1, got {opts.replicas}")
+    ranks = opts.nodes * max(1, opts.gpus_per_node)
+    if opts.pp < 1 or ranks % opts.pp:
+        raise UsageError(f"--pp {opts.pp} must divide the group's {ranks} ranks (--nodes x --gpus-per-node)")
+    if opts.pp > 1 and opts.engine not in (None, "tp"):
+        raise UsageError(f"--pp runs tensor parallelism inside each stage: drop --engine {opts.engine}")
     if opts.replicas != 1 and opts.kind not in ("lws", "deployment"):
         raise UsageError(f"--replicas applies to lws and deployment only; {opts.kind} runs one group")
     if not 1 <= opts.port <= 65535 or opts.port == 29500:
