@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dscluster.engine.api import GenerationRequest, SamplingParams
+from dscluster.engine.api import GenerationRequest
 from dscluster.engine.client import open_engine
 from engine_probe import cache_stats, logprob_values, run_schedule, sampling_params  # tests/e2e/engine_probe.py
 
