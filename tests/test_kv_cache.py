@@ -201,3 +201,25 @@ def test_prefix_cache_keys_follow_contents_and_are_checked_on_hit():
     pool.free(2)
     pool.place(3, 16, 16)                                                # reuses every block
     assert pool.lookup(keys, tokens) == []
+
+
+def test_cached_blocks_that_leave_no_room_beside_them_are_computed_again():
+    # 6 blocks; a request's 3 cached prefix blocks end up in blocks 3-5 and it needs 4: starting on
+    # them runs off the pool's end, and copying them needs 4 other free blocks (only 3). It must
+    # still join (computing its prefix again), or it waits forever at the head of the queue.
+    pool = BlockPool(6, 4)
+    tokens = list(range(12))
+    keys = [block_key(0x5D5C, tokens[0:4])]
+    keys += [block_key(keys[0], tokens[4:8]), block_key(block_key(keys[0], tokens[4:8]), tokens[8:12])]
+    pool.place(1, 3, 3)                                  # blocks 0-2, so the next run lands on 3-5
+    placed = pool.place(2, 3, 3)
+    assert placed.start == 3
+    for i in range(3):
+        pool.register(3 + i, keys[i], keys[i - 1] if i else 0x5D5C, tokens[4 * i:4 * i + 4])
+    pool.free(1)
+    pool.free(2)
+    hits = pool.lookup(keys, tokens)
+    assert hits == [3, 4, 5]
+    again = pool.place(3, 4, 4, hits)
+    assert again is not None and again.length == 4 and again.cached_blocks == 0 and again.copies == []
+    check_invariants(pool)

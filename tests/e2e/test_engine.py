@@ -116,6 +116,17 @@ def schedule_expected(tiny) -> list[list[int]]:
     return expected
 
 
+@pytest.mark.parametrize("blocks", [4, 5, 6])
+def test_a_pool_barely_larger_than_one_request_finishes_the_schedule(tiny, schedule_expected, blocks):
+    """Requests preempted and recomputed over and over, prefixes cached wherever they last were
+    (once at the pool's end, where no run of a whole request fits beside them): every request still
+    finishes, with transformers' tokens."""
+    engine = open_engine(tiny, **{**LIMITS, "num_kv_blocks": blocks})
+    outcomes = run_schedule(engine, SCHEDULE)
+    assert [o["token_ids"] for o in outcomes] == schedule_expected
+    assert engine.generation_stats().preemptions > 0 or blocks == 4    # 4 blocks: requests wait, none is preempted
+
+
 @pytest.mark.parametrize("engine", ["tp", "zero3"])
 def test_sharded_llama_equals_unsharded(tmp_path, tiny, tiny_reference, schedule_expected, engine):
     got = run_ranks(tmp_path, {"model": tiny, "engine": engine, **LIMITS}, WORK_ALL_PARAMS)

@@ -150,6 +150,10 @@ class BlockPool:
                     if self.owner[block] < 0:    # a freed block's contents now live in the run
                         self._move_key(block, start + i)
                 return Placement(start, size, len(hits), copies)
+        if hits:
+            # The cached blocks sit where no free stretch long enough fits beside them (say, at the
+            # end of the pool): the prefix is computed again rather than the request never joining.
+            return self.place(request_id, want, minimum)
         return None
 
     def _zero_copy_start(self, hits: list[int], minimum: int) -> int | None:
