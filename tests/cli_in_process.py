@@ -87,3 +87,14 @@ def run_dscluster(*args: str, env: dict[str, str] | None = None, cwd=None) -> Cl
         finally:
             os.chdir(previous_cwd)
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def write_tiny_model(path, *args: str) -> str:
+    """`dscluster tiny-model PATH ARGS` in this process, for fixtures: the model's seed does not move
+    this process's random state. tests/test_tiny_model.py runs the command through `python -m dscluster`."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        result = run_dscluster("tiny-model", str(path), *args)
+    assert result.returncode == 0, result.stderr
+    return str(path)
