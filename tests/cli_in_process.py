@@ -1,5 +1,5 @@
 """Run `dscluster ARGS` inside the test process: the parser, handlers and exit codes of
-`python -m dscluster` (whose `__main__` is `raise SystemExit(main())`), without the seconds every new
+`python -m dscluster` (dscluster.cli.run_command, which `main` calls), without the seconds every new
 interpreter spends importing torch. Tests of what a command prints and returns use this; each command
 family keeps at least one test through a real `python -m dscluster` process, for the entry point itself.
 
@@ -70,7 +70,9 @@ def _default_warnings():
 
 
 def run_dscluster(*args: str, env: dict[str, str] | None = None, cwd=None) -> CliResult:
-    from dscluster.cli import main
+    """For commands that join no process group (not serve, batch, launch or env --check): `main`
+    ends a process that joined one, and this process may have, in another test."""
+    from dscluster.cli import run_command
 
     out, err = io.StringIO(), io.StringIO()
     previous_cwd = os.getcwd()
@@ -79,7 +81,7 @@ def run_dscluster(*args: str, env: dict[str, str] | None = None, cwd=None) -> Cl
         if cwd is not None:
             os.chdir(cwd)
         try:
-            code = main(list(args))
+            code = run_command(list(args))
         except SystemExit as exc:  # argparse: usage errors (2), --help and --version (0)
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
             if isinstance(exc.code, str):
