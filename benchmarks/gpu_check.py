@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                         "with --device cpu, benchmarks/results/quick/gpu_check.json)")
     parser.add_argument("--pytest", action=argparse.BooleanOptionalAction, default=None,
                         help="run the GPU tests too (default: on a GPU, yes; with --device cpu, no)")
+    parser.add_argument("--timed-runs", type=int, default=TIMED_RUNS,
+                        help=f"streamed requests timed per server, after a warm-up (default {TIMED_RUNS}; the "
+                             "test suite's dry run times 1: it proves the orchestration, not the figures)")
     args = parser.parse_args(argv)
     out = args.out or (RESULTS / "gpu_check.json" if args.device == "cuda" else RESULTS / "quick" / "gpu_check.json")
     gpus = visible_gpus() if args.device == "cuda" else 0
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         model = Path(tmp) / "tiny"
         subprocess.run([sys.executable, "-m", "dscluster", "tiny-model", str(model), "--seed", "0"],
                        check=True, capture_output=True, timeout=300)
-        check = GpuCheck(args.device, gpus, model)
+        check = GpuCheck(args.device, gpus, model, timed_runs=max(1, args.timed_runs))
         check.run()
     run_tests = args.pytest if args.pytest is not None else args.device == "cuda"
     tests = pytest_gpu(args.device) if run_tests else None
@@ -117,8 +120,8 @@ def cuda_version() -> str | None:
 
 
 class GpuCheck:
-    def __init__(self, device: str, gpus: int, model: Path):
-        self.device, self.gpus, self.model = device, gpus, model
+    def __init__(self, device: str, gpus: int, model: Path, timed_runs: int = TIMED_RUNS):
+        self.device, self.gpus, self.model, self.timed_runs = device, gpus, model, timed_runs
         self.checks: list[dict] = []
         self.timings: list[dict] = []
         self.bfloat16_agreement: float | None = None  # greedy text agreeing with float32, to the first difference
@@ -194,7 +197,7 @@ class GpuCheck:
                 if sampled:
                     self.sampled(client, name)
                 self.timings.append(dict(server=name, ranks=ranks, dtype=dtype, engine=engine or "replicated",
-                                         **timing(client)))
+                                         **timing(client, self.timed_runs)))
         finally:
             server.stop()
         return {"greedy": greedy}
@@ -266,14 +269,14 @@ def stream(client, body: dict) -> dict:
             "tpot": (times[-1] - times[0]) / (tokens - 1) if times and tokens and tokens > 1 else None}
 
 
-def timing(client) -> dict:
+def timing(client, runs: int = TIMED_RUNS) -> dict:
     """Time to first token and per output token, one streamed request at a time (after a warm-up)."""
     body = {"prompt": PROMPTS[0], "max_tokens": TIMED_TOKENS, "temperature": 0, "ignore_eos": True}
     stream(client, {**body, "max_tokens": 4})
-    runs = [stream(client, body) for _ in range(TIMED_RUNS)]
-    return {"ttft_ms": round(1000 * statistics.median(r["ttft"] for r in runs), 2),
-            "tpot_ms": round(1000 * statistics.median(r["tpot"] for r in runs), 2),
-            "tokens": TIMED_TOKENS, "runs": TIMED_RUNS}
+    timed = [stream(client, body) for _ in range(runs)]
+    return {"ttft_ms": round(1000 * statistics.median(r["ttft"] for r in timed), 2),
+            "tpot_ms": round(1000 * statistics.median(r["tpot"] for r in timed), 2),
+            "tokens": TIMED_TOKENS, "runs": runs}
 
 
 def agreement(a: list[list[str]], b: list[list[str]]) -> float:

@@ -9,34 +9,25 @@ them visible for tests/test_gpu.py, the tests that run on GPUs.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
+
+from cli_in_process import write_tiny_model  # tests/cli_in_process.py
 
 GPU_TESTS = os.environ.get("DSCLUSTER_GPU_TESTS") == "1"
 if not GPU_TESTS:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
-def write_tiny_model(path, seed: int = 3) -> str:
-    subprocess.run([sys.executable, "-m", "dscluster", "tiny-model", str(path), "--seed", str(seed)],
-                   check=True, capture_output=True, timeout=180)
-    return str(path)
-
-
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> str:
     """A 2-layer random Llama with its tokenizer and chat template (seed 3)."""
-    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny", "--seed", "3")
 
 
 @pytest.fixture(scope="session")
 def gqa(tmp_path_factory) -> str:
     """Grouped-query attention (8 heads in 2 key/value groups, width 256) stored as a multi-file
     checkpoint with its index json, as real checkpoints are."""
-    path = tmp_path_factory.mktemp("model") / "gqa"
-    subprocess.run([sys.executable, "-m", "dscluster", "tiny-model", str(path), "--seed", "4", "--hidden", "256",
-                    "--heads", "8", "--kv-heads", "2", "--max-shard-size", "1MB"],
-                   check=True, capture_output=True, timeout=180)
-    return str(path)
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "gqa", "--seed", "4", "--hidden", "256",
+                            "--heads", "8", "--kv-heads", "2", "--max-shard-size", "1MB")

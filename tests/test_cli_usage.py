@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from cli_in_process import run_dscluster  # tests/cli_in_process.py
+
 
 @pytest.mark.parametrize("args, named", [
     (["serve", "some-model", "--request-timeout", "-5"], "--request-timeout: -5 must be >= 0"),
@@ -23,7 +25,10 @@ import pytest
     (["env", "--check", "--timeout", "0"], "--timeout: 0 must be > 0"),
 ])
 def test_bad_flag_exits_2_in_one_line(args, named):
-    proc = subprocess.run([sys.executable, "-m", "dscluster", *args], capture_output=True, text=True, timeout=60)
+    if args[0] == "env":  # through `python -m dscluster`, the entry point itself
+        proc = subprocess.run([sys.executable, "-m", "dscluster", *args], capture_output=True, text=True, timeout=60)
+    else:  # the same parser and handlers, in this process
+        proc = run_dscluster(*args)
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert named in line, line
@@ -32,8 +37,7 @@ def test_bad_flag_exits_2_in_one_line(args, named):
 def test_tiny_model_into_an_unwritable_place_exits_2(tmp_path):
     (tmp_path / "a-file").write_text("")
     for where in ("/proc/no-such-model", str(tmp_path / "a-file" / "model")):
-        proc = subprocess.run([sys.executable, "-m", "dscluster", "tiny-model", where], capture_output=True,
-                              text=True, timeout=60)
+        proc = run_dscluster("tiny-model", where)
         assert proc.returncode == 2 and f"cannot create {where}" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
 

@@ -10,12 +10,15 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from dscluster.cluster.launch import free_port
 from dscluster.cluster.rendezvous import discover
 from dscluster.doctor import check_disk, check_gpus, check_shm, interface_matches
+
+from cli_in_process import run_dscluster  # tests/cli_in_process.py
 
 LAUNCHER_PREFIXES = ("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "OMPI_", "PMI_", "MPI_", "SLURM_", "PET_", "LWS_",
                      "TORCHELASTIC", "CROSS_", "DSCLUSTER_", "NCCL_", "GLOO_")
@@ -26,10 +29,15 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES)}
 
 
-def doctor(*args: str, **env: str) -> tuple[int, dict]:
-    base = clean_env()
-    proc = subprocess.run([sys.executable, "-m", "dscluster", "doctor", "--json", "--timeout", "1", *args],
-                          capture_output=True, text=True, timeout=60, env={**base, **env})
+def doctor(*args: str, in_a_process: bool = False, **env: str) -> tuple[int, dict]:
+    """`dscluster doctor --json ARGS` with exactly this environment: in this process (the same parser and
+    handler), or with in_a_process through `python -m dscluster`, the entry point itself."""
+    argv = ["doctor", "--json", "--timeout", "1", *args]
+    if in_a_process:
+        proc = subprocess.run([sys.executable, "-m", "dscluster", *argv], capture_output=True, text=True, timeout=60,
+                              env={**clean_env(), **env})
+    else:
+        proc = run_dscluster(*argv, env={**clean_env(), **env})
     report = json.loads(proc.stdout)
     assert proc.returncode == (0 if report["ok"] else 1), proc.stderr
     return proc.returncode, {c["name"]: c for c in report["checks"]}
@@ -132,8 +140,7 @@ def test_missing_tokenizer_warns(tiny, tmp_path):
 
 
 def test_human_output_lists_fixes():
-    proc = subprocess.run([sys.executable, "-m", "dscluster", "doctor"], capture_output=True, text=True, timeout=60,
-                          env={**clean_env(), "NCCL_SOCKET_IFNAME": "nope0"})
+    proc = run_dscluster("doctor", env={**clean_env(), "NCCL_SOCKET_IFNAME": "nope0"})
     assert proc.returncode == 1
     assert "FAIL  NCCL_SOCKET_IFNAME" in proc.stdout and "fix: set NCCL_SOCKET_IFNAME" in proc.stdout
 
@@ -169,9 +176,10 @@ def test_rank0_master_addr_of_another_host_warns():
 
 def test_no_gpu_warns_and_fails_when_required():
     # No GPU visible (CUDA_VISIBLE_DEVICES empty hides any this host has): both outcomes are real.
-    code, checks = doctor(CUDA_VISIBLE_DEVICES="")
+    # New processes, as CUDA reads the variable once per process (and `python -m dscluster` is tested here).
+    code, checks = doctor(CUDA_VISIBLE_DEVICES="", in_a_process=True)
     assert code == 0 and checks["gpus"]["status"] == "WARN" and "no GPU: gloo backend" in checks["gpus"]["message"]
-    code, checks = doctor("--require-gpu", CUDA_VISIBLE_DEVICES="")
+    code, checks = doctor("--require-gpu", CUDA_VISIBLE_DEVICES="", in_a_process=True)
     assert code == 1 and checks["gpus"]["status"] == "FAIL" and "a GPU is required" in checks["gpus"]["message"]
 
 
@@ -215,8 +223,7 @@ def test_free_disk(tmp_path):
 
 
 def test_bad_timeout_is_a_usage_error():
-    proc = subprocess.run([sys.executable, "-m", "dscluster", "doctor", "--timeout", "0"], capture_output=True,
-                          text=True, timeout=60)
+    proc = run_dscluster("doctor", "--timeout", "0")
     assert proc.returncode == 2 and "--timeout" in proc.stderr
 
 
@@ -236,7 +243,11 @@ def test_lws_worker_without_nproc_counts_the_ranks_of_the_server_in_the_pod():
     other = subprocess.Popen(["bash", "-c", "exec -a 'dscluster serve /m --nproc 3' sleep 60"],
                              env={**clean_env(), **lws_env(0)})  # the leader's: another member of the group
     try:
-        time.sleep(0.3)
+        for proc in (server, other):  # until bash has exec'd into the named command line
+            deadline = time.monotonic() + 10
+            while b"dscluster serve" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+                assert time.monotonic() < deadline, "the fake server never started"
+                time.sleep(0.01)
         code, checks = doctor(**env)
         message = checks["rendezvous"]["message"]
         assert message.startswith("rank 8 of 16 (local 0 of 8)"), message

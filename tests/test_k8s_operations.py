@@ -11,7 +11,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,8 @@ from dscluster.errors import UsageError
 from dscluster.k8s import common, monitor, options
 from dscluster.k8s.render import render, render_objects
 from dscluster.k8s.validate import run_validate
+
+from cli_in_process import run_dscluster  # tests/cli_in_process.py
 
 SCHEMAS = Path(__file__).resolve().parents[1].parent / "shared" / "schemas"
 needs_schemas = pytest.mark.skipif(not SCHEMAS.is_dir(), reason=f"CRD schemas not found at {SCHEMAS}")
@@ -438,11 +439,9 @@ def test_dashboard_covers_what_operators_watch():
 
 
 def test_cli_prints_the_dashboard_and_the_rules():
-    r = subprocess.run([sys.executable, "-m", "dscluster", "k8s", "render", "dashboard"],
-                       capture_output=True, text=True, timeout=60)
+    r = run_dscluster("k8s", "render", "dashboard")
     assert r.returncode == 0 and json.loads(r.stdout)["uid"] == "dscluster-serving"
-    r = subprocess.run([sys.executable, "-m", "dscluster", "k8s", "render", "alert-rules"],
-                       capture_output=True, text=True, timeout=60)
+    r = run_dscluster("k8s", "render", "alert-rules")
     assert r.returncode == 0 and yaml.safe_load(r.stdout)["groups"][0]["name"] == "dscluster"
 
 

@@ -18,6 +18,8 @@ from dscluster.k8s import options
 from dscluster.k8s.render import render
 from dscluster.k8s.validate import run_validate
 
+from cli_in_process import run_dscluster  # tests/cli_in_process.py
+
 SCHEMAS = Path(__file__).resolve().parents[1].parent / "shared" / "schemas"
 needs_schemas = pytest.mark.skipif(not SCHEMAS.is_dir(), reason=f"CRD schemas not found at {SCHEMAS}")
 
@@ -292,6 +294,7 @@ def test_grid_renders_valid_manifests(kind, tmp_path, capsys):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """Through `python -m dscluster`, the entry point itself."""
     return subprocess.run([sys.executable, "-m", "dscluster", *args], capture_output=True, text=True, timeout=60)
 
 
@@ -299,7 +302,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("kind", sorted(CHECKS))
 def test_cli_render_then_validate(kind, tmp_path):
     nodes = "1" if kind == "deployment" else "2"
-    r = run_cli("k8s", "render", kind, "--nodes", nodes, "--gpus-per-node", "8", "--nccl-ib-disable",
+    r = run_dscluster("k8s", "render", kind, "--nodes", nodes, "--gpus-per-node", "8", "--nccl-ib-disable",
                 "--nccl-debug", "INFO", "--image", "registry.example/dscluster:0.1", "--dtype", "bfloat16")
     assert r.returncode == 0, r.stderr
     docs = docs_of(r.stdout)
@@ -314,7 +317,7 @@ def test_cli_render_then_validate(kind, tmp_path):
     assert "--dtype" in text and "bfloat16" in text
     f = tmp_path / "m.yaml"
     f.write_text(text)
-    v = run_cli("k8s", "validate", str(f), "--crds", str(SCHEMAS))
+    v = run_dscluster("k8s", "validate", str(f), "--crds", str(SCHEMAS))
     assert v.returncode == 0, v.stdout + v.stderr
     assert "valid" in v.stdout
 

@@ -18,6 +18,8 @@ from dscluster.k8s import options
 from dscluster.k8s.render import render_objects
 from dscluster.k8s.validate import run_validate, strict_schema
 
+from cli_in_process import run_dscluster  # tests/cli_in_process.py
+
 SCHEMAS = Path(__file__).resolve().parents[1].parent / "shared" / "schemas"
 MISSING = None if SCHEMAS.is_dir() else f"CRD schemas not found at {SCHEMAS}"
 # Under CI a run without the schemas would be green while testing nothing of `k8s validate`.
@@ -199,20 +201,18 @@ def test_strict_schema_conversion():
     assert s["properties"]["n"]["type"] == ["string", "null"]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dscluster", *args], capture_output=True, text=True, timeout=60)
-
-
 def test_cli_exit_codes(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump_all(objects("mpijob")))
-    r = run_cli("k8s", "validate", str(good), "--crds", str(SCHEMAS))
+    # through `python -m dscluster`, the entry point itself; the other cases in this process (run_dscluster)
+    r = subprocess.run([sys.executable, "-m", "dscluster", "k8s", "validate", str(good), "--crds", str(SCHEMAS)],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     bad_docs = copy.deepcopy(objects("mpijob"))
     the_kind(bad_docs, "Service", "dscluster-http")["spec"]["portz"] = []
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump_all(bad_docs))
-    r = run_cli("k8s", "validate", str(good), str(bad), "--crds", str(SCHEMAS))
+    r = run_dscluster("k8s", "validate", str(good), str(bad), "--crds", str(SCHEMAS))
     assert r.returncode == 2
     assert f"{bad}: document 3 (Service/dscluster-http): spec.portz: unknown field" in r.stdout
     # unreadable file, bad YAML, missing --crds directory: one line, exit 2
@@ -221,7 +221,7 @@ def test_cli_exit_codes(tmp_path):
     for args, needle in [((str(tmp_path / "nope.yaml"),), "cannot read"),
                          ((str(broken),), "not valid YAML"),
                          ((str(good), "--crds", str(tmp_path / "nodir")), "not a directory")]:
-        r = run_cli("k8s", "validate", *args)
+        r = run_dscluster("k8s", "validate", *args)
         assert r.returncode == 2, args
         assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
 

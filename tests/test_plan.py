@@ -14,9 +14,17 @@ import yaml
 from pathlib import Path
 
 
-def plan(*args: str) -> tuple[int, dict | str, str]:
-    proc = subprocess.run([sys.executable, "-m", "dscluster", "plan", *args], capture_output=True, text=True,
-                          timeout=60)
+from cli_in_process import run_dscluster  # tests/cli_in_process.py
+
+
+def plan(*args: str, in_a_process: bool = False) -> tuple[int, dict | str, str]:
+    """`dscluster plan ARGS` in this process, or with in_a_process through `python -m dscluster` (the
+    entry point itself, which test_config_with_a_bad_value and test_nothing_fits_says_what_is_missing use)."""
+    if in_a_process:
+        proc = subprocess.run([sys.executable, "-m", "dscluster", "plan", *args], capture_output=True, text=True,
+                              timeout=60)
+    else:
+        proc = run_dscluster("plan", *args)
     out = json.loads(proc.stdout) if "--json" in args and proc.stdout.strip() else proc.stdout
     return proc.returncode, out, proc.stderr
 
@@ -58,7 +66,7 @@ def test_float32_doubles_the_weights():
 
 def test_nothing_fits_says_what_is_missing():
     code, p, _ = plan("--params", "405e9", "--gpu-mem-gib", "24", "--gpus-per-node", "8", "--max-nodes", "1",
-                      "--json")
+                      "--json", in_a_process=True)
     assert code == 1 and not p["fits"] and "--max-nodes" in p["missing"]
     code, text, _ = plan("--params", "405e9", "--gpu-mem-gib", "24", "--gpus-per-node", "8", "--max-nodes", "1")
     assert code == 1 and "does not fit" in text
@@ -91,10 +99,10 @@ def test_config_without_shape_keys(tmp_path):
     assert code == 2 and "num_hidden_layers" in err
 
 
-def run_render(command: str) -> subprocess.CompletedProcess:
+def run_render(command: str):
     argv = shlex.split(command)
     assert argv[:3] == ["dscluster", "k8s", "render"]
-    return subprocess.run([sys.executable, "-m", "dscluster", *argv[1:]], capture_output=True, text=True, timeout=60)
+    return run_dscluster(*argv[1:])
 
 
 @pytest.mark.parametrize("params, kind, nodes", [("70e9", "deployment", 1), ("7e9", "deployment", 1),
@@ -118,8 +126,7 @@ def test_render_command_renders(params, kind, nodes):
 def test_render_command_for_a_local_directory_uses_the_pod_path(tiny, tmp_path):
     copy = tmp_path / "my-model"
     shutil.copytree(tiny, copy)
-    proc = subprocess.run([sys.executable, "-m", "dscluster", "plan", "--model", "my-model", "--json"],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    proc = run_dscluster("plan", "--model", "my-model", "--json", cwd=tmp_path)
     p = json.loads(proc.stdout)
     assert "--model /mnt/checkpoints/my-model " in p["render_command"] and "--engine replicated" in p["render_command"]
     assert run_render(p["render_command"]).returncode == 0
@@ -177,7 +184,7 @@ def test_other_config_key_names(tmp_path):
 def test_config_with_a_bad_value(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(
         {"num_hidden_layers": 2, "hidden_size": "big", "num_attention_heads": 2}))
-    code, _, err = plan("--model", str(tmp_path))
+    code, _, err = plan("--model", str(tmp_path), in_a_process=True)
     assert code == 2 and "hidden_size" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "config.json").write_text(json.dumps(
         {"num_hidden_layers": 2, "hidden_size": 4, "num_attention_heads": 8}))  # no width left per head

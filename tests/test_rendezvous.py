@@ -13,6 +13,8 @@ import pytest
 
 from dscluster.cluster.rendezvous import RendezvousError, discover, expand_first_host
 
+from cli_in_process import run_dscluster  # tests/cli_in_process.py
+
 FIELDS = ("rank", "local_rank", "world_size", "local_world_size", "master_addr", "master_port", "launcher",
           "node_rank")
 
@@ -278,19 +280,23 @@ LAUNCHER_PREFIXES = ("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "OMPI_", "PMI_",
                      "LWS_", "TORCHELASTIC", "CROSS_", "DSCLUSTER_", "GROUP_RANK", "PRTE_", "PMIX_")
 
 
-def dscluster_env(*args: str, **env: str) -> subprocess.CompletedProcess:
+def dscluster_env(*args: str, in_a_process: bool = False, **env: str):
     """`dscluster env` with exactly `env` as launcher variables: every launcher variable of this
-    process's environment is removed first, so the outer environment cannot change the answer."""
+    process's environment is removed first, so the outer environment cannot change the answer.
+    Run in this process (the same parser and handler), or with in_a_process through
+    `python -m dscluster`, the entry point itself."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES)}
-    return subprocess.run([sys.executable, "-m", "dscluster", "env", *args], capture_output=True, text=True,
-                          timeout=60, env={**base, **env})
+    if in_a_process:
+        return subprocess.run([sys.executable, "-m", "dscluster", "env", *args], capture_output=True, text=True,
+                              timeout=60, env={**base, **env})
+    return run_dscluster("env", *args, env={**base, **env})
 
 
 @pytest.mark.parametrize("case, env, nproc, expected", [r for r in ROWS if r[0] in (
     "slurm uneven rank 6", "lws worker", "trainer node 1", "openmpi rank 3", "mpich rank 3", "no launcher")],
     ids=lambda v: v if isinstance(v, str) else "")
 def test_env_prints_one_json_line(case, env, nproc, expected):
-    proc = dscluster_env(*(["--nproc", str(nproc)] if nproc else []), **env)
+    proc = dscluster_env(*(["--nproc", str(nproc)] if nproc else []), in_a_process=case == "no launcher", **env)
     assert proc.returncode == 0, proc.stderr
     (line,) = proc.stdout.splitlines()
     got = json.loads(line)
@@ -299,7 +305,7 @@ def test_env_prints_one_json_line(case, env, nproc, expected):
 
 @pytest.mark.parametrize("env, named", BAD, ids=[b[1] for b in BAD])
 def test_env_bad_environment_exits_2_in_one_line(env, named):
-    proc = dscluster_env(**env)
+    proc = dscluster_env(**env, in_a_process=named == BAD[0][1])
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stdout == ""
     (line,) = proc.stderr.strip().splitlines()

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from cli_in_process import run_dscluster, write_tiny_model  # tests/cli_in_process.py
+
 
 def tiny_model(path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dscluster", "tiny-model", str(path), "--seed", "5", *args],
@@ -25,8 +27,8 @@ def weights(directory: Path) -> dict:
 
 def test_gqa_heads_and_a_multi_file_checkpoint_hold_the_same_weights(tmp_path):
     shape = ["--hidden", "256", "--heads", "8", "--kv-heads", "2"]
-    assert tiny_model(tmp_path / "one", *shape).returncode == 0
-    assert tiny_model(tmp_path / "many", *shape, "--max-shard-size", "500KB").returncode == 0
+    assert tiny_model(tmp_path / "one", *shape).returncode == 0  # through `python -m dscluster`
+    write_tiny_model(tmp_path / "many", "--seed", "5", *shape, "--max-shard-size", "500KB")  # in this process
     config = json.loads((tmp_path / "many" / "config.json").read_text())
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["hidden_size"]) == (8, 2, 256)
     files = sorted(p.name for p in (tmp_path / "many").glob("*.safetensors"))
@@ -47,5 +49,8 @@ def test_gqa_heads_and_a_multi_file_checkpoint_hold_the_same_weights(tmp_path):
     (["--hidden", "100"], "--hidden 100 must be a multiple of 64"),
 ])
 def test_bad_shapes_exit_2_naming_the_flag(tmp_path, args, message):
-    proc = tiny_model(tmp_path / "m", *args)
+    if args[0] == "--max-shard-size":  # through `python -m dscluster`, the entry point itself
+        proc = tiny_model(tmp_path / "m", *args)
+    else:  # the same parser and handler, in this process (each refuses the shape before writing anything)
+        proc = run_dscluster("tiny-model", str(tmp_path / "m"), "--seed", "5", *args)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -360,14 +360,21 @@ def _cmd_k8s_validate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = run_command(argv)
+    group = sys.modules.get("dscluster.cluster.group")  # imported only by commands that join a group
+    return group.exit_now_if_joined(code) if group is not None else code
+
+
+def run_command(argv: list[str] | None = None) -> int:
+    """Parse and run one command; its exit code (argparse raises SystemExit for usage errors and
+    --help). `main` adds the end of a process that joined a group; the tests call this in their own
+    process for commands that join none."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # local ranks re-run the same command
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    code = _run(args)
-    group = sys.modules.get("dscluster.cluster.group")  # imported only by commands that join a group
-    return group.exit_now_if_joined(code) if group is not None else code
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -9,12 +9,11 @@ Two real ranks under the local launcher, as a Deployment or LWS pod runs them (`
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 
+from cli_in_process import run_dscluster  # tests/cli_in_process.py
 from servers import RemoteServer  # tests/e2e/servers.py
 
 DELAY = 4.0
@@ -67,8 +66,9 @@ def test_requests_answered_while_not_ready_during_the_delay(tiny):
     assert "rank 1: stop received" in log
 
 
-def test_drain_delay_must_be_a_non_negative_number(tiny):
+def test_drain_delay_must_be_a_non_negative_number():
+    # The parser refuses it, so in this process (tests/test_cli_usage.py has the entry point itself);
+    # a model that does not exist, so that a value let through fails here instead of serving.
     for bad in ("-1", "soon"):
-        proc = subprocess.run([sys.executable, "-m", "dscluster", "serve", tiny, "--drain-delay", bad],
-                              capture_output=True, text=True, timeout=60)
+        proc = run_dscluster("serve", "some-model", "--drain-delay", bad)
         assert proc.returncode == 2 and "--drain-delay" in proc.stderr, proc.stderr

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from cgroups import MemoryCgroup, unavailable_reason  # tests/e2e/cgroups.py
+from cli_in_process import write_tiny_model  # tests/cli_in_process.py
 from dscluster.cluster.launch import free_port
 from servers import poll_ready  # tests/e2e/servers.py
 from test_launchers import clean_env  # tests/e2e/test_launchers.py
@@ -31,10 +32,7 @@ HEADROOM = 160 * MIB             # above the idle server: a pool of some 10,000 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory) -> str:
     """2 layers of width 512: 8 KiB of keys and values per token in float32."""
-    path = tmp_path_factory.mktemp("model") / "wide"
-    subprocess.run([sys.executable, "-m", "dscluster", "tiny-model", str(path), "--seed", "6", "--hidden", "512",
-                    "--heads", "8"], check=True, capture_output=True, timeout=300)
-    return str(path)
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "wide", "--seed", "6", "--hidden", "512", "--heads", "8")
 
 
 def start(model: str, port: int, cgroup: MemoryCgroup, *args: str) -> tuple[subprocess.Popen, object]:
