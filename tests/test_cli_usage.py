@@ -23,6 +23,7 @@ from cli_in_process import run_dscluster  # tests/cli_in_process.py
      "--max-num-batched-tokens 32 must be at least --max-num-seqs 64"),
     (["serve", "some-model", "--max-model-len", "0"], "--max-model-len: 0 must be >= 1"),
     (["env", "--check", "--timeout", "0"], "--timeout: 0 must be > 0"),
+    (["serve", "some-model", "--tool-call-parser", "mistral"], "--tool-call-parser: 'mistral' is not one of hermes"),
 ])
 def test_bad_flag_exits_2_in_one_line(args, named):
     if args[0] == "env":  # through `python -m dscluster`, the entry point itself

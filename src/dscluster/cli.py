@@ -120,10 +120,16 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 
 
 
-def _add_tool_call_parser(p: argparse.ArgumentParser) -> None:
-    from dscluster.serving.tool_calls import DEFAULT_PARSER, PARSER_NAMES
+def _tool_call_parser(text: str) -> str:
+    from dscluster.serving.tool_calls import PARSER_NAMES     # only when the flag is given: it imports pydantic
 
-    p.add_argument("--tool-call-parser", choices=PARSER_NAMES, default=DEFAULT_PARSER,
+    if text not in PARSER_NAMES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(PARSER_NAMES)}")
+    return text
+
+
+def _add_tool_call_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tool-call-parser", type=_tool_call_parser, default="hermes", metavar="{hermes,llama3_json,none}",
                    help="how chat replies with tool_choice auto are read for tool calls (default hermes: "
                         "<tool_call>{json}</tool_call>, as Hermes, Qwen and the tiny model write them; llama3_json: "
                         "a reply of {\"name\", \"parameters\"} objects, as Llama 3.x writes them; none: "

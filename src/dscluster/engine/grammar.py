@@ -17,7 +17,8 @@ JSON.
 `GrammarCompiler.compile` validates a grammar and caches a fresh matcher per spec (least recently
 used first out); each request gets a copy of it. Compiling is the front end's job, off its event
 loop and before the request is queued, so a grammar that cannot compile is the client's error and
-never reaches the engine.
+never reaches the engine. (torch and llguidance are imported where they are used: the command
+line's parser reads this package's names without paying for them.)
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy
-import torch
 
 GrammarKind = Literal["json_schema", "regex", "choice", "grammar"]
 
@@ -151,16 +150,16 @@ def _first_line(message: str) -> str:
     return " ".join(message.strip().split("\n")[:2]).strip()
 
 
-_SHIFTS = torch.arange(32, dtype=torch.int32)
-
-
-def apply_masks(logits: torch.Tensor, rows: list[tuple[int, GrammarState]]) -> list[bool]:
+def apply_masks(logits, rows: list[tuple[int, GrammarState]]) -> list[bool]:
     """Forbid, in place, every token each row's grammar does not allow next. `logits`: [rows, vocab]
     float; `rows`: (row index, its grammar). Returns, per entry of `rows`, whether its grammar
     allows any token at all. llguidance writes one bitmask for all of them; it is
     unpacked without a Python loop over the vocabulary: by numpy on the CPU (single-threaded: a
     torch op this size would wake the OpenMP team, which costs milliseconds on a busy machine), by
     shifts on the GPU after copying the 32x smaller bitmask there."""
+    import numpy
+    import torch
+
     if not rows:
         return []
     vocab = logits.shape[-1]
@@ -174,7 +173,8 @@ def apply_masks(logits: torch.Tensor, rows: list[tuple[int, GrammarState]]) -> l
         forbidden = torch.from_numpy(bits == 0)
         some = bits.any(axis=1).tolist()
     else:
-        shifted = bitmask.to(logits.device, non_blocking=True).unsqueeze(-1) >> _SHIFTS.to(logits.device)
+        shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+        shifted = bitmask.to(logits.device, non_blocking=True).unsqueeze(-1) >> shifts
         forbidden = ((shifted & 1) == 0).reshape(len(rows), words * 32)[:, :vocab]
         some = (~forbidden).any(dim=1).tolist()
     for k, (row, _) in enumerate(rows):
