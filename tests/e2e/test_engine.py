@@ -29,7 +29,7 @@ PROMPTS = [
 # long prompts are computed in chunks and later requests wait for a row. A key/value pool of 7 blocks
 # (112 tokens) cannot hold three rows of up to 55 tokens: runs grow, move and are preempted, and
 # requests sharing a prefix find it cached, on every rank alike.
-LIMITS = {"max_num_seqs": 3, "max_num_batched_tokens": 16, "max_model_len": 64, "num_kv_blocks": 7}
+LIMITS = {"max_num_seqs": 3, "max_num_batched_tokens": 16, "max_model_len": 64, "num_kv_blocks": 6}
 SCHEDULE = [
     {"arrive": arrive, "prompt_ids": prompt, "params": {"max_tokens": n, "temperature": 0, "ignore_eos": True}}
     for arrive, prompt, n in [(0, PROMPTS[0], 12), (0, PROMPTS[1], 5), (1, [1, *range(300, 340)], 9),

@@ -32,7 +32,7 @@ from dscluster.cluster.launch import free_port
 from netns import Cluster, unavailable_reason
 from test_engine import SCHEDULE, WORK_ALL_PARAMS, reference, run_ranks, transformers_greedy
 
-LIMITS = {"max_num_seqs": 3, "max_num_batched_tokens": 16, "max_model_len": 64, "num_kv_blocks": 7}
+LIMITS = {"max_num_seqs": 3, "max_num_batched_tokens": 16, "max_model_len": 64, "num_kv_blocks": 6}
 PROMPTS = [[1, 614, 15, 591, 4, 788], [1, 20, 30, 40, 50, 60]]   # a predict batch: equal lengths
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
