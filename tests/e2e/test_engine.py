@@ -26,8 +26,8 @@ PROMPTS = [
     [1, 500, 501, 502, 503, 504],
 ]
 # Requests joining a running batch at different steps; with 3 rows and 16 tokens per step at most,
-# long prompts are computed in chunks and later requests wait for a row. A key/value pool of 7 blocks
-# (112 tokens) cannot hold three rows of up to 55 tokens: runs grow, move and are preempted, and
+# long prompts are computed in chunks and later requests wait for a row. A key/value pool of 6 blocks
+# (96 tokens) cannot hold three rows of up to 55 tokens: runs grow, move and are preempted, and
 # requests sharing a prefix find it cached, on every rank alike.
 LIMITS = {"max_num_seqs": 3, "max_num_batched_tokens": 16, "max_model_len": 64, "num_kv_blocks": 6}
 SCHEDULE = [
