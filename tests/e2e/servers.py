@@ -96,3 +96,14 @@ class RemoteServer:
     def __exit__(self, *exc) -> None:
         self.kill()
         os.unlink(self.log.name)
+
+
+def assert_every_rank_exits_2(procs: list[subprocess.Popen], message: str, timeout: float = 100) -> None:
+    """Each rank's process (stderr piped, text) exits 2 with exactly one `dscluster: error:` line
+    naming `message`, and no traceback: a usage error is told the same way on every rank."""
+    for rank, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=timeout)
+        errors = [line for line in err.splitlines() if line.startswith("dscluster: error:")]
+        assert proc.returncode == 2, f"rank {rank}: exit {proc.returncode}\n{err[-3000:]}"
+        assert len(errors) == 1 and message in errors[0], f"rank {rank}:\n{err[-3000:]}"
+        assert "Traceback" not in err

@@ -30,6 +30,7 @@ import torch
 
 from dscluster.cluster.launch import free_port
 from netns import Cluster, unavailable_reason
+from servers import assert_every_rank_exits_2  # tests/e2e/servers.py
 from test_engine import SCHEDULE, WORK_ALL_PARAMS, reference, run_ranks, transformers_greedy
 
 LIMITS = {"max_num_seqs": 3, "max_num_batched_tokens": 16, "max_model_len": 64, "num_kv_blocks": 6}
@@ -140,12 +141,7 @@ def test_what_cannot_be_cut_exits_2_on_every_rank(tmp_path, tiny3, case):
                               env={**env, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_SIZE": "1",
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": master, "OMP_NUM_THREADS": "1"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    for rank, proc in enumerate(procs):
-        _, err = proc.communicate(timeout=100)
-        errors = [line for line in err.splitlines() if line.startswith("dscluster: error:")]
-        assert proc.returncode == 2, f"rank {rank}: exit {proc.returncode}\n{err[-3000:]}"
-        assert len(errors) == 1 and message in errors[0], f"rank {rank}:\n{err[-3000:]}"
-        assert "Traceback" not in err
+    assert_every_rank_exits_2(procs, message)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from dscluster.cluster.launch import free_port
 from dscluster.engine.client import open_engine
 from test_engine import WORK, reference, run_ranks  # tests/e2e/test_engine.py
+from servers import assert_every_rank_exits_2  # tests/e2e/servers.py
 from test_launchers import clean_env  # tests/e2e/test_launchers.py
 
 
@@ -114,10 +115,5 @@ def test_bad_checkpoint_exits_2_on_every_rank_before_any_collective(tmp_path, ti
                               env=clean_env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_SIZE="1",
                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=master),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    for rank, proc in enumerate(procs):
-        _, err = proc.communicate(timeout=100)
-        errors = [line for line in err.splitlines() if line.startswith("dscluster: error:")]
-        assert proc.returncode == 2, f"rank {rank}: exit {proc.returncode}\n{err[-3000:]}"
-        assert len(errors) == 1 and message in errors[0], f"rank {rank}:\n{err[-3000:]}"
-        assert "Traceback" not in err
+    assert_every_rank_exits_2(procs, message)
     assert time.monotonic() - started < 55  # well inside the 60 s a rank waits for a silent peer
