@@ -19,13 +19,13 @@ import httpx
 from dscluster.cluster.launch import free_port
 
 
-def poll_ready(url: str, running: Callable[[], bool], timeout: float) -> bool:
-    """True once `url`/health/ready answers 200; False when `running()` turns False or time is up.
+def poll_ready(url: str, running: Callable[[], bool], timeout: float, path: str = "/health/ready") -> bool:
+    """True once `url` + `path` answers 200; False when `running()` turns False or time is up.
     Any other answer (503 while the model loads) or none at all means: not yet."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and running():
         try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return True
         except httpx.HTTPError:
             pass

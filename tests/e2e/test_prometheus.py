@@ -23,7 +23,7 @@ import pytest
 
 from dscluster.cluster.launch import free_port
 from dscluster.k8s import monitor
-from servers import RemoteServer  # tests/e2e/servers.py
+from servers import RemoteServer, poll_ready  # tests/e2e/servers.py
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
@@ -47,16 +47,8 @@ class Prometheus:
             [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={data}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"prometheus not ready:\n{self.output()}")
+        if not poll_ready(self.url, lambda: self.proc.poll() is None, 20, path="/-/ready"):
+            raise RuntimeError(f"prometheus exited {self.proc.poll()} or was not ready in 20 s:\n{self.output()}")
 
     def output(self) -> str:
         self.log.flush()

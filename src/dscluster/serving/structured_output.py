@@ -91,7 +91,7 @@ class Grammars:
         grammar compiled before is copied here; a new one is compiled on a worker thread."""
         first = self._compiler.cached(spec) if self._compiler is not None else None
         if first is not None:
-            return [first] + [self._compiler.cached(spec) or self._compiler.compile(spec) for _ in range(count - 1)]
+            return [first] + [self._compiler.compile(spec) for _ in range(count - 1)]   # copies of the cached one
         try:
             return await asyncio.to_thread(self._compile, spec, count)
         except GrammarError as exc:
