@@ -43,9 +43,9 @@ def _worker(rank: int, world_size: int, port: int, timeout: float, results) -> N
             script = message.payload if isinstance(message.payload, dict) else {}
             time.sleep(script.get("sleep", 0))
             if message.failed:
-                channel.rows = 0
+                channel.rows = [0]
             if message.op is Op.STEP:
-                channel.rows = script.get("rows", channel.rows)
+                channel.rows = [script.get("rows", channel.rows[0])]
                 channel.step_failed = rank in script.get("fail_step", ())
             if message.op is Op.PREDICT:
                 seen["agreed"] = channel.agree_ok(rank in script.get("ok", ()))
@@ -115,11 +115,11 @@ def test_three_ranks_in_lockstep(groups):
 
     assert channel.send(Op.HEARTBEAT).failed == 0
     channel.send(Op.STEP, {"joins": joins, "rows": 2})                  # payload, no rows yet
-    channel.rows = 2
+    channel.rows = [2]
     channel.send(Op.STEP, {"rows": 2, "fail_step": [2]}, [41, prefill(1)])
     message = channel.send(Op.STEP, None, [42, LEAVE])                  # a decode step: header only
     assert message.failed == 1, "rank 2's failed step is counted in the next header"
-    channel.rows = 0                                                    # every rank drops the batch
+    channel.rows = [0]                                                    # every rank drops the batch
     channel.step_failed = True                                          # rank 0's own step failed
     assert channel.send(Op.HEARTBEAT).failed == 1
     batch = torch.arange(12, dtype=torch.float32).reshape(3, 4)

@@ -228,11 +228,11 @@ def test_failed_step_ends_its_requests_and_the_engine_goes_on(engine, hf_greedy,
     calls = {"n": 0}
     original = batch_mod.RunningBatch._forward
 
-    def forward(self, feed, chunk):
+    def forward(self, rows, feed, chunk, micro_batch):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("injected forward failure")
-        return original(self, feed, chunk)
+        return original(self, rows, feed, chunk, micro_batch)
 
     monkeypatch.setattr(batch_mod.RunningBatch, "_forward", forward)
     requests = [GenerationRequest(tuple(p), greedy(n)) for p, n in zip(PROMPTS, NEW, strict=True)]

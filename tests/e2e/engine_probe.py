@@ -48,6 +48,7 @@ def run_work(engine, work: dict) -> dict:
     if "schedule" in work:
         out["schedule"] = run_schedule(engine, work["schedule"])
     out["cache"] = cache_stats(engine)
+    out["most_steps_in_flight"] = engine.most_steps_in_flight
     return out
 
 
@@ -108,11 +109,11 @@ def inject_step_fault(request_id: int) -> None:
     original = batch_mod.RunningBatch._forward
     state = {"fired": False}
 
-    def forward(self, feed, chunk):
-        if not state["fired"] and any(row.request_id == request_id for row in self.rows):
+    def forward(self, rows, feed, chunk, micro_batch):
+        if not state["fired"] and any(row.request_id == request_id for row in rows):
             state["fired"] = True
             raise RuntimeError("injected step failure")
-        return original(self, feed, chunk)
+        return original(self, rows, feed, chunk, micro_batch)
 
     batch_mod.RunningBatch._forward = forward
 

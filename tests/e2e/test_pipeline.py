@@ -80,11 +80,13 @@ def test_two_stages_equal_the_unsharded_model(tmp_path, tiny3, hf_model):
         diff = (torch.tensor(sharded) - want).abs().max().item()
         assert diff < 1e-5, f"pp=2 logits differ from transformers' by {diff}"
     assert [r.get("token_ids") for r in got["schedule"]] == transformers_greedy(tiny3, SCHEDULE)
-    # Greedy, seeded and penalised requests all at once (3 rows, so they queue), and the same pool decisions
-    # as the unsharded engine: preemptions and prefix hits happened.
+    # Greedy, seeded and penalised requests all at once (3 rows, so they queue) equal the unsharded engine's.
+    # Two micro-batches were in flight at once, and requests were preempted and hit the prefix cache (the two
+    # micro-batches share the pool, so its decisions are not the unsharded engine's one by one).
     ref = reference(tiny3, {"generate": WORK_ALL_PARAMS["generate"], "schedule": SCHEDULE}, **LIMITS)
     assert [g["token_ids"] for g in got["generate"]] == ref["generate"]
-    assert got["cache"] == ref["cache"] and got["cache"]["preemptions"] > 0 and got["cache"]["prefix_hits"] > 0
+    assert got["most_steps_in_flight"] == 2
+    assert got["cache"]["preemptions"] > 0 and got["cache"]["prefix_hits"] > 0
     held = [json.loads(Path(f"{tmp_path}/out-None-2.json.rank{r}").read_text())["local_params"] for r in (0, 1)]
     assert held == [stage_share(hf_model, 0, 1), stage_share(hf_model, 1, 1)]
     assert sum(held) == sum(p.numel() for p in hf_model.parameters())

@@ -53,22 +53,44 @@ class Row:
 
 @dataclass
 class StepOutput:
-    sampled_rows: list[int]         # rows (after the step's changes) whose next token is drawn now
+    sampled_rows: list[int]         # rows of the micro-batch (after the step's changes) whose next token is drawn now
     logits: torch.Tensor | None     # [len(sampled_rows), vocab], on this rank's device
     # Rows keeping prompt logits: (row, first position p, logits [count, vocab]); the logits at
     # position p + i give the distribution of prompt token p + i + 1.
     prompt_logits: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+    micro_batch: int = 0
+    # Under pipeline parallelism, on rank 0: the logits are still in later stages. `collect()`
+    # waits for them (every other rank's output is complete when the step returns).
+    _pending: tuple | None = None
+
+    def collect(self) -> StepOutput:
+        """This output with its logits: on rank 0 of a pipeline, received from the last stage
+        (raising the step's failure); otherwise itself."""
+        if self._pending is None:
+            return self
+        pipeline, launched, keep, prompt_rows, sliced = self._pending
+        self._pending = None
+        out = pipeline.collect(launched)
+        if out is None:
+            return self
+        return _sliced_output(self, out[0] if sliced else out[0, keep], prompt_rows)
 
 
 class RunningBatch:
-    """The running rows and the key/value pool (allocated by `allocate_pool` once its size is known)."""
+    """The running rows and the key/value pool (allocated by `allocate_pool` once its size is known).
 
-    def __init__(self, module: nn.Module, device: torch.device, max_len: int, pipeline: Pipeline | None = None):
+    The rows are held in `micro_batches` lists (one but under pipeline parallelism, where each
+    stage can work on another micro-batch, engine/pipeline.py); a step runs one micro-batch. The
+    micro-batches share the pool: a step's placements may move the run of a row of any of them
+    (every rank applies the steps in one order, so a run moves after its last step is computed)."""
+
+    def __init__(self, module: nn.Module, device: torch.device, max_len: int, pipeline: Pipeline | None = None,
+                 micro_batches: int = 1):
         self.module = module
         self.pipeline = pipeline
         self.device = device
         self.max_len = max_len
-        self.rows: list[Row] = []
+        self.micro: list[list[Row]] = [[] for _ in range(micro_batches)]
         self.pool: KVPool | None = None
         self.unsupported = kv_cache.install(module)
         params = inspect.signature(module.forward).parameters
@@ -96,26 +118,40 @@ class RunningBatch:
     def allocate_pool(self, num_blocks: int, block_size: int) -> None:
         self.pool = KVPool(self.device, num_blocks, block_size)
 
+    @property
+    def rows(self) -> list[Row]:
+        """Every running row, of every micro-batch."""
+        return [row for rows in self.micro for row in rows]
+
     def rows_after(self, plan: StepPlan) -> int:
-        """How many rows the batch holds once `plan` is applied (known before anything can fail)."""
-        return len(self.rows) - sum(1 for a in plan.actions if a == LEAVE) + len(plan.joins)
+        """How many rows the plan's micro-batch holds once `plan` is applied (known before anything
+        can fail): what the next header for that micro-batch is sized by. If the plan does not fit
+        the micro-batch, the step fails and it then holds only the plan's joins."""
+        rows = self.micro[plan.micro_batch] if 0 <= plan.micro_batch < len(self.micro) else None
+        if rows is None or len(plan.actions) != len(rows):
+            return len(plan.joins)
+        return len(rows) - sum(1 for a in plan.actions if a == LEAVE) + len(plan.joins)
 
     def reset(self) -> None:
         """Drop every row (after a failed step, on every rank together); rank 0 frees their blocks."""
-        self.rows.clear()
+        for rows in self.micro:
+            rows.clear()
 
     @torch.no_grad()
     def step(self, plan: StepPlan) -> StepOutput:
-        if len(plan.actions) != len(self.rows):
-            raise ValueError(f"step plan has {len(plan.actions)} actions for {len(self.rows)} rows")
-        if self.unsupported and (self.rows or plan.joins):
+        if not 0 <= plan.micro_batch < len(self.micro):
+            raise ValueError(f"step plan for micro-batch {plan.micro_batch} of {len(self.micro)}")
+        rows = self.micro[plan.micro_batch]
+        if len(plan.actions) != len(rows):
+            raise ValueError(f"step plan has {len(plan.actions)} actions for {len(rows)} rows")
+        if self.unsupported and (rows or plan.joins):
             raise RuntimeError(f"generation is not supported for this model: {self.unsupported}")
-        if self.pool is None and (self.rows or plan.joins):
+        if self.pool is None and (rows or plan.joins):
             raise RuntimeError("the key/value pool is not allocated")
         # What each surviving row computes, keyed by the row object.
         feed: dict[int, int] = {}
         chunk: dict[int, int] = {}
-        for row, action in zip(self.rows, plan.actions, strict=True):
+        for row, action in zip(rows, plan.actions, strict=True):
             if action >= 0:
                 if row.prefilling:
                     raise ValueError(f"request {row.request_id}: a token fed before its prompt is done")
@@ -125,7 +161,7 @@ class RunningBatch:
                 if n and (not row.prefilling or row.computed + n > len(row.prompt)):
                     raise ValueError(f"request {row.request_id}: a prompt chunk of {n} past its prompt")
                 chunk[id(row)] = n
-        self.rows = [row for row, action in zip(self.rows, plan.actions) if action != LEAVE]
+        rows[:] = [row for row, action in zip(rows, plan.actions) if action != LEAVE]
         size = self.pool.block_size if self.pool is not None else 1
         by_id = {row.request_id: row for row in self.rows}
         for request_id, start, length in plan.placements:
@@ -142,13 +178,13 @@ class RunningBatch:
                                  f"(limit {self.max_len}), {join.cached} cached, first chunk {join.first_chunk}")
             for src, dst, count in join.copies:
                 self.pool.copy_blocks(src, dst, count)
-            self.rows.append(row)
+            rows.append(row)
             chunk[id(row)] = join.first_chunk
-        if not self.rows:
-            return StepOutput([], None)
-        return self._forward(feed, chunk)
+        if not rows:
+            return StepOutput([], None, micro_batch=plan.micro_batch)
+        return self._forward(rows, feed, chunk, plan.micro_batch)
 
-    def _forward(self, feed: dict[int, int], chunk: dict[int, int]) -> StepOutput:
+    def _forward(self, rows: list[Row], feed: dict[int, int], chunk: dict[int, int], micro_batch: int) -> StepOutput:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []                              # each token's slot in the pool
@@ -158,7 +194,7 @@ class RunningBatch:
         prompt_keep: list[int] = []                       # packed indices of prompt positions kept
         prompt_rows: list[tuple[int, int, int]] = []      # row, first position, count
         size = self.pool.block_size
-        for r, row in enumerate(self.rows):
+        for r, row in enumerate(rows):
             start, first = len(ids), row.computed
             if id(row) in feed:
                 new = [feed[id(row)]]
@@ -188,7 +224,7 @@ class RunningBatch:
                 sampled_rows.append(r)
                 keep.append(len(ids) - 1)
         if not ids:
-            return StepOutput([], None)
+            return StepOutput([], None, micro_batch=micro_batch)
         # At least one row of logits: a step that samples nothing (prompt chunks only) still runs
         # the last projection the same way on every rank.
         wanted = (keep + prompt_keep) or [len(ids) - 1]
@@ -199,16 +235,26 @@ class RunningBatch:
         ids_t, pos_t, slots_t, wanted_t = packed.split([len(v) for v in lists])
         layout = StepLayout(pool=self.pool, token_slots=slots_t, rows=spans)
         kwargs = {"logits_to_keep": wanted_t} if self._logits_to_keep else {}
+        output = StepOutput(sampled_rows, None, micro_batch=micro_batch)
         with kv_cache.active_step(layout):
-            if self.pipeline is not None:
-                out = self.pipeline.forward(ids_t[None], pos_t[None], kwargs.get("logits_to_keep"))
-            else:
-                out = self.module(input_ids=ids_t[None], position_ids=pos_t[None], use_cache=False, **kwargs).logits
-        if out is None:                 # a pipeline rank that does not sample (rank 0 does)
-            return StepOutput(sampled_rows, None)
-        logits = out[0] if self._logits_to_keep else out[0, wanted_t]
-        scored, at = [], len(keep)
-        for r, first, count in prompt_rows:
-            scored.append((r, first, logits[at:at + count]))
-            at += count
-        return StepOutput(sampled_rows, logits[:len(keep)] if keep else None, scored)
+            if self.pipeline is not None:       # this stage, handed on; rank 0 collects the logits later
+                launched = self.pipeline.launch(ids_t[None], pos_t[None], kwargs.get("logits_to_keep"))
+                output._pending = (self.pipeline, launched, wanted_t, prompt_rows, self._logits_to_keep)
+                return output if dist_rank() == 0 else output.collect()
+            out = self.module(input_ids=ids_t[None], position_ids=pos_t[None], use_cache=False, **kwargs).logits
+        return _sliced_output(output, out[0] if self._logits_to_keep else out[0, wanted_t], prompt_rows)
+
+
+def _sliced_output(output: StepOutput, logits: torch.Tensor, prompt_rows: list[tuple[int, int, int]]) -> StepOutput:
+    """The step's output with its kept logits [sampled rows, then prompt positions kept, vocab] cut
+    into the sampled rows' logits and each prompt-logprobs row's."""
+    sampled = len(output.sampled_rows)
+    scored, at = [], sampled
+    for r, first, count in prompt_rows:
+        scored.append((r, first, logits[at:at + count]))
+        at += count
+    return StepOutput(output.sampled_rows, logits[:sampled] if sampled else None, scored, output.micro_batch)
+
+
+def dist_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 
 import torch
 
@@ -37,6 +38,7 @@ from dscluster.engine.api import (
     GenerationStats,
     TokenCallback,
 )
+from dscluster.engine.batch import StepOutput
 from dscluster.engine.exits import EngineError, exit_group_broken, first_line
 from dscluster.engine.kv_blocks import BlockPool
 from dscluster.engine.loading import open_model
@@ -66,6 +68,10 @@ class Engine:
         self._last_unit = time.monotonic()
         self._closed = False
         self._alive = runtime.world_size
+        # Pipeline parallelism: steps whose later stages are still computing (oldest first), one
+        # per micro-batch at most; their logits are collected in order.
+        self._in_flight: deque[StepOutput] = deque()
+        self.most_steps_in_flight = 0   # the most at once so far (above one: micro-batches overlapped)
         self.scheduler: Scheduler | None = None
         if runtime.batch is not None and runtime.batch.pool is not None:
             pool = BlockPool(runtime.batch.pool.num_blocks, runtime.batch.pool.block_size,
@@ -92,40 +98,89 @@ class Engine:
         self.scheduler.submit(request, sink)
 
     def has_generation_work(self) -> bool:
-        return self.scheduler is not None and self.scheduler.has_work()
+        return self.scheduler is not None and (self.scheduler.has_work() or bool(self._in_flight))
 
     def generation_stats(self) -> GenerationStats:
         return self.scheduler.stats() if self.scheduler is not None else GenerationStats()
 
     def step(self) -> None:
         """One generation step. Rank-0-only work (planning before, sampling and the requests'
-        callbacks after) never breaks the group: a failure ends the requests it concerns."""
-        scheduler = self.scheduler
+        callbacks after) never breaks the group: a failure ends the requests it concerns.
+
+        Under pipeline parallelism a step is launched (planned, sent, run through this rank's
+        stage) and its logits collected later: up to one step per micro-batch is in flight, so
+        while later stages compute one micro-batch, this rank plans and computes the next. A
+        call launches a step of a micro-batch not in flight if one has work, and collects the
+        oldest step when every micro-batch is in flight or none has work."""
         with self._lock:
             self._check()
-            try:
-                plan = scheduler.schedule()
-            except Exception as exc:  # noqa: BLE001 - a planning bug: drop the batch on every rank
-                log.exception("planning a generation step failed")
-                scheduler.fail_running(exc)
-                self.runtime.step_failed = True
-                plan = StepPlan(actions=[WAIT] * len(self.runtime.batch.rows))
-            reset = self._send_step(plan)
-            if reset:   # every rank drops the batch and this plan; its newcomers wait for the next
-                scheduler.reset(f"a generation step failed on {reset} rank(s)", requeue=plan.joins)
-                plan = StepPlan()
-            try:
-                out = self.runtime.run_step(plan)
-            except Exception as exc:  # noqa: BLE001 - every rank drops the batch at the next message
-                log.exception("generation step failed")
-                self._step_failed_here(exc)
-                return
-            try:
-                scheduler.after_step(out)
-            except Exception as exc:  # noqa: BLE001 - a bug after the step: its requests end, the group goes on
-                log.exception("finishing a generation step failed")
-                scheduler.fail_running(exc)
-                self.runtime.step_failed = True
+            micro_batch = self._idle_micro_batch()
+            launched = micro_batch is not None and self._launch(micro_batch)
+            if self._in_flight and (not launched or len(self._in_flight) >= self.runtime.micro_batches):
+                self._collect_oldest()
+
+    def _idle_micro_batch(self) -> int | None:
+        """The first micro-batch not in flight whose step would do something, if any."""
+        busy = {out.micro_batch for out in self._in_flight}
+        return next((m for m in range(self.runtime.micro_batches)
+                     if m not in busy and self.scheduler.has_work_for(m)), None)
+
+    def _launch(self, micro_batch: int) -> bool:
+        """Plan, send and run this rank's part of a step of `micro_batch`. False if there was
+        nothing to send while other steps are in flight."""
+        scheduler = self.scheduler
+        try:
+            plan = scheduler.schedule(micro_batch)
+        except Exception as exc:  # noqa: BLE001 - a planning bug: drop the batch on every rank
+            log.exception("planning a generation step failed")
+            scheduler.fail_running(exc)
+            self.runtime.step_failed = True
+            plan = StepPlan(actions=[WAIT] * len(self.runtime.batch.micro[micro_batch]), micro_batch=micro_batch)
+        if self._in_flight and not (plan.actions or plan.joins or plan.placements):
+            return False                # nothing to send for it now (requests wait for room)
+        reset = self._send_step(plan)
+        if reset:   # every rank drops the batch and this plan; its newcomers wait for the next
+            scheduler.reset(f"a generation step failed on {reset} rank(s)", requeue=plan.joins)
+            plan = StepPlan(micro_batch=micro_batch)
+        try:
+            out = self.runtime.run_step(plan)
+        except Exception as exc:  # noqa: BLE001 - every rank drops the batch at the next message
+            log.exception("generation step failed")
+            self._step_failed_here(exc)
+            return True
+        self._in_flight.append(out)
+        self.most_steps_in_flight = max(self.most_steps_in_flight, len(self._in_flight))
+        return True
+
+    def _collect_oldest(self) -> None:
+        """Finish the oldest step in flight: its logits (from the last stage, under pipeline
+        parallelism), then sampling and the requests' callbacks."""
+        out = self._in_flight.popleft()
+        try:
+            out = out.collect()
+        except Exception as exc:  # noqa: BLE001 - every rank drops the batch at the next message
+            log.exception("generation step failed")
+            self.runtime.step_failed = True
+            self._step_failed_here(exc)
+            return
+        try:
+            self.scheduler.after_step(out)
+        except Exception as exc:  # noqa: BLE001 - a bug after the step: its requests end, the group goes on
+            log.exception("finishing a generation step failed")
+            self.scheduler.fail_running(exc)
+            self.runtime.step_failed = True
+
+    def _collect_all(self) -> None:
+        """Finish every step in flight (before any message that is not a step)."""
+        while self._in_flight:
+            self._collect_oldest()
+
+    def _discard_in_flight(self) -> None:
+        """Every rank dropped the batch: the steps in flight are received and thrown away (their
+        messages must still be read, so that the next step's pair up)."""
+        while self._in_flight:
+            with contextlib.suppress(Exception):
+                self._in_flight.popleft().collect()
 
     def generate(self, requests: list[GenerationRequest], on_token: TokenCallback | None = None
                  ) -> list[GenerationResult]:
@@ -165,19 +220,24 @@ class Engine:
             raise PeerFailure("the engine is shut down")
 
     def _send(self, op: Op, payload=None, actions: list[int] | None = None, settle=None,
-              why: str | None = None) -> int:
+              why: str | None = None, micro_batch: int = 0) -> int:
         """Send a message; returns how many ranks reported a failed generation step (then every
         rank, this one included, has dropped the running batch). `settle` runs once the message
-        went through, before any dropped request is ended; `why` it is sent, for the error if not."""
+        went through, before any dropped request is ended; `why` it is sent, for the error if not.
+        Any message but a step first finishes the steps in flight."""
+        if op is not Op.STEP:
+            self._collect_all()
         self.runtime.before_message()
         try:
-            message = self.runtime.channel.send(op, payload, actions)
+            message = self.runtime.channel.send(op, payload, actions, micro_batch=micro_batch,
+                                                window=self.runtime.micro_batches)
         except Exception as exc:  # noqa: BLE001 - any failure of the control channel breaks the group
             self._channel_failed(exc, why or f"sending {op.name.lower()}")
         self._last_unit = time.monotonic()
         if settle is not None:
             settle()
         if self.runtime.after_message(message):
+            self._discard_in_flight()
             if op is not Op.STEP and self.scheduler is not None:
                 self.scheduler.reset(f"a generation step failed on {message.failed} rank(s)")
             return message.failed
@@ -192,6 +252,7 @@ class Engine:
         if self.runtime.channel is None:
             self.scheduler.fail_running(error)  # the next step's plan drops the batch
             return
+        self._discard_in_flight()           # every rank drops them with the batch
         self._send(Op.HEARTBEAT, settle=lambda: self.scheduler.fail_running(error),
                    why=f"after a generation step failed: {first_line(error)}")
 
@@ -201,7 +262,7 @@ class Engine:
             if failed:
                 self.runtime.reset_generation()
             return int(failed)
-        return self._send(Op.STEP, plan.payload(), plan.actions)
+        return self._send(Op.STEP, plan.payload(), plan.actions, micro_batch=plan.micro_batch)
 
     @contextlib.contextmanager
     def _unit(self, op: Op, payload):

@@ -102,7 +102,9 @@ class Rank0Link:
 
     A worker only ever sends what rank 0 waits for (a frame in answer to one of its own), so a
     socket that is readable at any other time is one whose peer closed it: `broadcast` checks for
-    that first, which notices a worker lost since the last message at the next one."""
+    that first, which notices a worker lost since the last message at the next one. (While
+    answers are still owed, `owed=True`, a readable socket may hold one: `gather` finds a closed
+    one then.)"""
 
     def __init__(self, sockets: dict[int, socket.socket], timeout: float):
         self.sockets = {rank: _connected(sock, timeout) for rank, sock in sorted(sockets.items())}
@@ -112,8 +114,8 @@ class Rank0Link:
         for fd in self._rank_of:
             self._poller.register(fd, select.POLLIN)
 
-    def broadcast(self, values, payload: bytes = b"") -> None:
-        for fd, _ in self._poller.poll(0):
+    def broadcast(self, values, payload: bytes = b"", owed: bool = False) -> None:
+        for fd, _ in ([] if owed else self._poller.poll(0)):
             raise self._unasked(self._rank_of[fd])
         frame = _frame(values, payload)
         for rank, sock in self.sockets.items():
@@ -124,18 +126,21 @@ class Rank0Link:
 
     def gather(self) -> list[np.ndarray]:
         """One frame's values from every worker, in rank order; the first peer lost raises at once,
-        whichever worker it is."""
+        whichever worker it is. A worker's next frame may already follow its first (answers on
+        steps in flight), so a worker is polled until its frame is read, not after."""
         deadline = time.monotonic() + self.timeout
         got: dict[int, np.ndarray] = {}
+        poller = select.poll()
+        for fd in self._rank_of:
+            poller.register(fd, select.POLLIN)
         while len(got) < len(self.sockets):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(set(self.sockets) - set(got))
                 raise LinkLost(missing, _silent(self.timeout))
-            for fd, _ in self._poller.poll(remaining * 1000):
+            for fd, _ in poller.poll(remaining * 1000):
                 rank = self._rank_of[fd]
-                if rank in got:
-                    raise self._unasked(rank)
+                poller.unregister(fd)
                 try:
                     got[rank] = _read_frame(self.sockets[rank])[0]
                 except (OSError, EOFError) as exc:

@@ -146,7 +146,7 @@ def _load_stage(prepared: Prepared, device: torch.device) -> tuple[LoadedModel, 
     several ranks), and the pipeline that runs it."""
     source, layout, module = prepared.source, prepared.layout, prepared.meta_module
     prepared.meta_module = None
-    group = stage_groups(layout)        # every rank, before any DeepSpeed call
+    group, logits_group = stage_groups(layout)        # every rank, before any DeepSpeed call
     if layout.tp_size > 1:
         use_accelerator(device)
         if device.type == "cpu":
@@ -170,7 +170,7 @@ def _load_stage(prepared: Prepared, device: torch.device) -> tuple[LoadedModel, 
     _check_device(module, device)
     config = source.config.get_text_config() if hasattr(source.config, "get_text_config") else source.config
     pipeline = Pipeline(module, decoder_parts(module, source.name), layout, int(config.hidden_size), source.dtype,
-                        device)
+                        device, logits_group)
     desc = (f"pipeline parallel, pp={layout.stages} x tp={layout.tp_size}: {layout.describe()}; each rank read "
             f"its own stage's shards, on {device}")
     log.info("engine: %s", desc)

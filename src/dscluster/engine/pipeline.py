@@ -30,6 +30,8 @@ path (a broken group), exactly as for a tensor-parallel rank.
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -200,34 +202,57 @@ class StageGroup:
 
 
 def stage_groups(layout: StageLayout):
-    """A process group per stage (every rank makes every group, in order, as torch requires); this
-    rank's, or None when stages are single ranks."""
-    if layout.tp_size == 1:
-        return None
+    """The process groups a pipeline uses (every rank makes every group, in order, as torch
+    requires): this rank's stage group (None when stages are single ranks), and the group of rank 0
+    and the last stage's first rank, which carries the logits back. The logits have a group of
+    their own so that, with steps in flight, they never queue behind hidden states on one NCCL
+    stream (rank 0 sends the next step's hidden states to stage 2 before it receives the last
+    step's logits; on one stream each side's first operation would wait for the other's second)."""
     mine = None
-    for stage in range(layout.stages):
-        group = dist.new_group(layout.stage_ranks(stage))
-        if stage == layout.stage:
-            mine = group
-    return mine
+    if layout.tp_size > 1:
+        for stage in range(layout.stages):
+            group = dist.new_group(layout.stage_ranks(stage))
+            if stage == layout.stage:
+                mine = group
+    logits = dist.new_group(sorted({0, layout.rank_of(layout.stages - 1, 0)}))
+    return mine, logits
 
 
 class StageFailed(RuntimeError):
     """An earlier stage's forward failed in this step (its flag came instead of hidden states)."""
 
 
+@dataclass
+class LaunchedStage:
+    """A step this rank has run its stage of and handed on. On rank 0 the logits are still to
+    come from the last stage (`Pipeline.collect`), while this rank computes other steps."""
+
+    logits: torch.Tensor | None          # the last stage's own logits
+    failure: BaseException | None        # this stage's, or an earlier stage's flag
+    logits_shape: tuple[int, int, int]
+
+
 class Pipeline:
-    """The running stage of one rank: its forward pass and the hand-over of its output."""
+    """The running stage of one rank: its forward pass and the hand-over of its output.
+
+    Hand-overs are sent without waiting for the receiver (`isend`): a stage that sent step k's
+    hidden states goes on with step k + 1 while the next stage still computes step k, which is
+    what keeps every stage busy when several micro-batches are in flight. At most `in_flight`
+    sends are outstanding per rank; the oldest is waited for before another is sent (its tensor
+    must stay alive until then)."""
 
     def __init__(self, module: nn.Module, parts: DecoderParts, layout: StageLayout, hidden_size: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, logits_group=None):
         self.module = module
         self.base = parts.base
         self.layout = layout
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.device = device
+        self.logits_group = logits_group
+        self.in_flight = layout.stages
         self._received: torch.Tensor | None = None
+        self._sending: deque[tuple[dist.Work, torch.Tensor]] = deque()
         if not layout.first:
             parts.layers[layout.first_layer].register_forward_pre_hook(self._take_received, with_kwargs=True)
 
@@ -242,14 +267,20 @@ class Pipeline:
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 logits_to_keep=None, communicate: bool = True) -> torch.Tensor | None:
-        """Run this stage for `input_ids` [B, S]: receive the previous stage's hidden states, run the
-        stage's layers, hand over the result. Returns the logits [B, kept, vocab] on rank 0 and
-        on the last stage (the rows `logits_to_keep` selects; all with None), None elsewhere.
-        `communicate=False` runs the stage alone on zeros (sizing the key/value pool).
+        """The whole step at once: `launch`, then `collect`. Returns the logits on rank 0 and on
+        the last stage, None elsewhere. `communicate=False` runs the stage alone on zeros (sizing
+        the key/value pool)."""
+        return self.collect(self.launch(input_ids, position_ids, logits_to_keep, communicate))
+
+    def launch(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+               logits_to_keep=None, communicate: bool = True) -> LaunchedStage:
+        """Run this stage for `input_ids` [B, S]: receive the previous stage's hidden states, run
+        the stage's layers, hand over the result (the last stage's first rank hands the logits the
+        step keeps, `logits_to_keep`, to rank 0).
 
         Every message of the step is sent and received whatever failed, so that no rank waits for
         a tensor that never comes and the next step's messages pair up: a failure (this stage's, or
-        an earlier one's flag) travels on as the flag and is raised at the end."""
+        an earlier one's flag) travels on as the flag and is raised by `collect`."""
         layout = self.layout
         batch, length = input_ids.shape
         hidden_shape = (batch, length, self.hidden_size)
@@ -276,18 +307,21 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001 - handed on as the flag below, then raised
                 failure = exc
         self._received = None
-        if not communicate:
-            if failure is not None:
-                raise failure
-            return out if layout.last else None
-        if not layout.last:
-            self._send(out, hidden_shape, layout.rank_of(layout.stage + 1), failure)
-        elif layout.tp_rank == 0 and layout.stages > 1:
-            self._send(out, logits_shape, 0, failure)
-        logits = out if layout.last else None
-        if dist.get_rank() == 0 and not layout.last:
+        if communicate:
+            if not layout.last:
+                self._send(out, hidden_shape, layout.rank_of(layout.stage + 1), failure)
+            elif layout.tp_rank == 0 and layout.stages > 1:
+                self._send(out, logits_shape, 0, failure, self.logits_group)
+        return LaunchedStage(out if layout.last else None, failure, logits_shape if communicate else None)
+
+    def collect(self, launched: LaunchedStage) -> torch.Tensor | None:
+        """The step's logits: on rank 0 received from the last stage (waiting for it to finish the
+        step), on the last stage its own; None elsewhere. Raises the step's failure."""
+        failure, logits = launched.failure, launched.logits
+        if launched.logits_shape is not None and dist.get_rank() == 0 and not self.layout.last:
             try:
-                logits = self._recv(logits_shape, layout.rank_of(layout.stages - 1, 0))
+                logits = self._recv(launched.logits_shape, self.layout.rank_of(self.layout.stages - 1, 0),
+                                    self.logits_group)
             except StageFailed as exc:
                 failure = failure or exc
         if failure is not None:
@@ -299,25 +333,22 @@ class Pipeline:
             (keep if isinstance(keep, int) else int(keep.numel()))
         return batch, kept, int(self.module.config.vocab_size)
 
-    def _send(self, tensor: torch.Tensor | None, shape, dst: int, failure: BaseException | None) -> None:
+    def _send(self, tensor: torch.Tensor | None, shape, dst: int, failure: BaseException | None,
+              group=None) -> None:
         """Send `tensor` and the flag (0: fine) in one message; on a failure, zeros and the flag 1."""
         if failure is not None or tensor is None:
-            numel = 1
-            for d in shape:
-                numel *= d
-            message = torch.zeros(numel + 1, dtype=self.dtype, device=self.device)
+            message = torch.zeros(math.prod(shape) + 1, dtype=self.dtype, device=self.device)
             message[-1] = 1
         else:
             flat = tensor.reshape(-1).to(self.dtype)
             message = torch.cat([flat, flat.new_zeros(1)])
-        dist.send(message, dst)
+        while len(self._sending) >= self.in_flight:
+            self._sending.popleft()[0].wait()
+        self._sending.append((dist.isend(message, dst, group=group), message))
 
-    def _recv(self, shape, src: int) -> torch.Tensor:
-        numel = 1
-        for d in shape:
-            numel *= d
-        message = torch.empty(numel + 1, dtype=self.dtype, device=self.device)
-        dist.recv(message, src)
+    def _recv(self, shape, src: int, group=None) -> torch.Tensor:
+        message = torch.empty(math.prod(shape) + 1, dtype=self.dtype, device=self.device)
+        dist.recv(message, src, group=group)
         if message[-1].item() != 0:
             raise StageFailed(f"pipeline stage of rank {src} failed this step")
         return message[:-1].view(shape)

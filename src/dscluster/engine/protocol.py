@@ -4,17 +4,21 @@
 A message is a header of int64 followed by the payload bytes (when its length is not zero). The
 header is
 
-    [opcode, payload length, failed steps, action for row 0, ..., action for row R-1]
+    [opcode, payload length, failed steps, micro-batch, action for row 0, ..., action for row R-1]
 
-R is the number of rows of the running generation batch, which every rank holds identically (each
-applies the same steps in the same order), so every rank knows the header's size before it
-arrives; a worker that receives another size is out of step and stops.
+R is the number of rows of the step's micro-batch, which every rank holds identically (each
+applies the same steps in the same order), so every rank knows the header's size when it arrives;
+a worker that receives another size is out of step and stops. There is one micro-batch (0) except
+under pipeline parallelism, where up to one per stage is in flight (engine/pipeline.py).
 
 Lockstep: every worker answers every message it handled (all but STOP) with a report, a single
 flag: after a generation step, whether its step raised; after a heartbeat, at once (no failure);
 after a predict unit, whether it failed (`agree_ok`). Rank 0 reads every report on a message
 before it sends the next one, so it learns at each message (heartbeats included) that every rank
 finished the last unit and is alive, and a missing rank shows up as a closed socket or a timeout.
+The one exception is a pipeline's window of steps in flight (`send(..., window=N)`): a step may
+be sent while the reports on the N - 1 steps before it are still to come (later stages are still
+computing them); they are read, in order, before any message beyond the window.
 The failed-step flags of those reports, and rank 0's own, add up to the next header's "failed
 steps", so every rank learns of a failed step at the next message and drops the batch together.
 A predict unit ends with `agree_ok`: rank 0 reads the workers' outcomes and sends every worker
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import enum
 import pickle
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,7 +58,7 @@ class Op(enum.IntEnum):
     STOP = 4
 
 
-HEADER = 3  # opcode, payload length, failed steps; then one action per running row
+HEADER = 4  # opcode, payload length, failed steps, micro-batch; then one action per row of that micro-batch
 
 # A row's action in a step: a token id (>= 0) to feed it, LEAVE, prefill(n) for n prompt tokens, or WAIT.
 LEAVE = -1
@@ -96,13 +101,15 @@ class Join:
 
 @dataclass
 class StepPlan:
-    """One generation step: an action per current row (applied first, leaves included), then the
-    runs that change (request id, start block, block count: a run that grows, shrinks or moves;
-    a moved run's contents are copied, in this order), then joins."""
+    """One generation step of one micro-batch: an action per current row of that micro-batch
+    (applied first, leaves included), then the runs that change (request id, start block, block
+    count: a run that grows, shrinks or moves, of a row in any micro-batch; a moved run's contents
+    are copied, in this order), then joins."""
 
     actions: list[int] = field(default_factory=list)
     joins: list[Join] = field(default_factory=list)
     placements: list[tuple[int, int, int]] = field(default_factory=list)
+    micro_batch: int = 0
 
     def payload(self) -> object:
         """What the step's message carries besides the actions (None when nothing joins or moves)."""
@@ -111,9 +118,10 @@ class StepPlan:
         return (self.placements, self.joins)
 
     @classmethod
-    def received(cls, actions: list[int], payload: object) -> StepPlan:
-        placements, joins = payload if payload is not None else ([], [])
-        return cls(actions=actions, joins=list(joins), placements=list(placements))
+    def received(cls, message: Message) -> StepPlan:
+        placements, joins = message.payload if message.payload is not None else ([], [])
+        return cls(actions=message.actions, joins=list(joins), placements=list(placements),
+                   micro_batch=message.micro_batch)
 
 
 @dataclass
@@ -122,6 +130,7 @@ class Message:
     payload: object = None
     actions: list[int] = field(default_factory=list)
     failed: int = 0                     # ranks whose last generation step failed
+    micro_batch: int = 0
 
 
 def encode(value: object) -> bytes:
@@ -155,46 +164,60 @@ def _from_wire(value):
 class ControlChannel:
     """Rank 0 sends, every other rank receives and reports back; see the module's docstring.
 
-    `link` is this rank's end of the star (control_socket.open_link). `rows` is the running batch's
-    row count, kept equal on every rank by the runtime; it sizes the header. `step_failed` is set by
-    the runtime when this rank's last generation step raised."""
+    `link` is this rank's end of the star (control_socket.open_link). `rows` holds each
+    micro-batch's row count, kept equal on every rank by the runtime; it sizes the header.
+    `step_failed` is set by the runtime when this rank's last generation step raised."""
 
-    def __init__(self, link: Rank0Link | WorkerLink, rank: int):
+    def __init__(self, link: Rank0Link | WorkerLink, rank: int, micro_batches: int = 1):
         self.link = link
         self.rank = rank
-        self.rows = 0
+        self.rows = [0] * micro_batches
         self.step_failed = False
-        self._unreported: Op | None = None  # rank 0: the last message, until every report on it is read
+        self._unreported: deque[Op] = deque()  # rank 0: messages sent whose reports are still to read
         self._owes_report = False           # a worker: it has not reported on the last message yet
         self._stopped = False
 
-    def _header(self, op: int = 0, size: int = 0, actions: list[int] | None = None) -> np.ndarray:
-        header = np.zeros(HEADER + self.rows, dtype=np.int64)
-        header[0], header[1] = op, size
+    def _header(self, op: int = 0, size: int = 0, actions: list[int] | None = None,
+                micro_batch: int = 0) -> np.ndarray:
+        rows = self.rows[micro_batch]
+        header = np.zeros(HEADER + rows, dtype=np.int64)
+        header[0], header[1], header[3] = op, size, micro_batch
         if actions:
-            if len(actions) != self.rows:
-                raise ValueError(f"{len(actions)} actions for {self.rows} running rows")
+            if len(actions) != rows:
+                raise ValueError(f"{len(actions)} actions for {rows} rows of micro-batch {micro_batch}")
             header[HEADER:] = actions
         return header
 
-    def _read_reports(self) -> int:
-        """Rank 0: read every worker's report on the last message; the number that said "failed"."""
-        failed = sum(int(values[0]) for values in self.link.gather()) if self._unreported is not None else 0
-        self._unreported = None
+    @property
+    def steps_unreported(self) -> int:
+        """Rank 0: messages sent whose reports are not read yet (steps still in later stages)."""
+        return len(self._unreported)
+
+    def _read_reports(self, keep: int = 0) -> int:
+        """Rank 0: read the workers' reports, oldest message first, until at most `keep` messages
+        are unreported; the number of reports that said "failed"."""
+        failed = 0
+        while len(self._unreported) > keep:
+            failed += sum(int(values[0]) for values in self.link.gather())
+            self._unreported.popleft()
         return failed
 
-    def send(self, op: Op, payload: object = None, actions: list[int] | None = None) -> Message:
-        """Send a message; returns it as every rank sees it (with the failed-step count)."""
-        if self._unreported is Op.PREDICT:
+    def send(self, op: Op, payload: object = None, actions: list[int] | None = None, micro_batch: int = 0,
+             window: int = 1) -> Message:
+        """Send a message; returns it as every rank sees it (with the failed-step count). A step
+        sent with `window` N may leave the reports on the N - 1 messages before it unread."""
+        if self._unreported and self._unreported[-1] is Op.PREDICT:
             raise RuntimeError("a predict unit ends with agree_ok before the next message")
         data = b"" if payload is None else encode(payload)
-        header = self._header(int(op), len(data), actions)
-        header[2] = int(self.step_failed) + self._read_reports()
+        header = self._header(int(op), len(data), actions, micro_batch)
+        keep = window - 1 if op is Op.STEP else 0
+        header[2] = int(self.step_failed) + self._read_reports(keep)
         self.step_failed = False
-        self.link.broadcast(header, data)
-        self._unreported = None if op is Op.STOP else op
+        self.link.broadcast(header, data, owed=bool(self._unreported))
+        if op is not Op.STOP:
+            self._unreported.append(op)
         self._stopped = op is Op.STOP
-        return Message(op, payload, list(actions or []), int(header[2]))
+        return Message(op, payload, list(actions or []), int(header[2]), micro_batch)
 
     def recv(self) -> Message:
         """Report on the last message (this rank's failed-step flag), then wait for the next one."""
@@ -202,12 +225,14 @@ class ControlChannel:
             self.link.send([int(self.step_failed)])
             self.step_failed = self._owes_report = False
         values, data = self.link.receive()
-        if len(values) != HEADER + self.rows:
-            raise RuntimeError(f"out of step: a header of {len(values)} values, expected {HEADER + self.rows} "
-                               f"for {self.rows} running rows")
+        micro_batch = int(values[3]) if len(values) >= HEADER else -1
+        if not 0 <= micro_batch < len(self.rows) or len(values) != HEADER + self.rows[micro_batch]:
+            expected = self.rows[micro_batch] if 0 <= micro_batch < len(self.rows) else 0
+            raise RuntimeError(f"out of step: a header of {len(values)} values for micro-batch {micro_batch}, "
+                               f"expected {HEADER + expected} for {expected} running rows")
         op, size, failed = Op(int(values[0])), int(values[1]), int(values[2])
         self._owes_report = op is not Op.STOP
-        return Message(op, decode(data) if size else None, values[HEADER:].tolist(), failed)
+        return Message(op, decode(data) if size else None, values[HEADER:].tolist(), failed, micro_batch)
 
     def agree_ok(self, ok: bool) -> int:
         """End of a predict unit: every rank reports whether it succeeded. Returns the number of
@@ -216,7 +241,7 @@ class ControlChannel:
             self.link.send([0 if ok else 1])
             self._owes_report = False
             return int(self.link.receive()[0][0])
-        if self._unreported is not Op.PREDICT:
+        if not self._unreported or self._unreported[-1] is not Op.PREDICT:
             raise RuntimeError("agree_ok ends a predict unit, and none is open")
         failed = (0 if ok else 1) + self._read_reports()
         self.link.broadcast([failed])

@@ -54,6 +54,8 @@ class Runtime:
         # where the model's parameters, the key/value cache and every step's inputs live
         self.device = device or (groups.device if groups else torch.device("cpu"))
         self.channel = channel          # None on a lone rank
+        # Steps that can be in flight at once: one per pipeline stage (engine/pipeline.py), else one.
+        self.micro_batches = model.pipeline.in_flight if model.pipeline is not None else 1
         tok = loaded.tokenizer
         self.pad_id = 0
         self.eos_ids: tuple[int, ...] = ()
@@ -69,7 +71,8 @@ class Runtime:
         self.block_bytes = 0            # one block of the key/value pool, over every layer, on this rank
         if loaded.kind == "causal-lm":
             self.limits = resolve_limits(options, loaded.max_context)
-            self.batch = RunningBatch(model.module, self.device, self.limits.max_model_len, model.pipeline)
+            self.batch = RunningBatch(model.module, self.device, self.limits.max_model_len, model.pipeline,
+                                      micro_batches=self.micro_batches)
             if self.batch.unsupported:
                 log.warning("generation is off for this model: %s", self.batch.unsupported)
             else:
@@ -162,9 +165,8 @@ class Runtime:
         for the next header, and re-raised."""
         if self.batch is None:
             raise RuntimeError(f"{self.loaded.name} is not a causal language model")
-        rows = self.batch.rows_after(plan) if len(plan.actions) == len(self.batch.rows) else len(plan.joins)
-        if self.channel is not None:
-            self.channel.rows = rows
+        if self.channel is not None and 0 <= plan.micro_batch < len(self.channel.rows):
+            self.channel.rows[plan.micro_batch] = self.batch.rows_after(plan)
         self._use_threads(True)
         try:
             return self.batch.step(plan)
@@ -190,7 +192,7 @@ class Runtime:
         if self.batch is not None:
             self.batch.reset()
         if self.channel is not None:
-            self.channel.rows = 0
+            self.channel.rows = [0] * len(self.channel.rows)
 
     def close(self) -> None:
         """Stop watching the peers, then close the control channel (after STOP, rank 0 waits until
@@ -271,7 +273,7 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
         monitor.mark_ready()
         monitor.wait_all_ready()
         release_shared_memory(rdzv.rank)
-        channel = open_channel(groups, options)
+        channel = open_channel(groups, options, model.pipeline.in_flight if model.pipeline is not None else 1)
     runtime = Runtime(options, loaded, model, groups, monitor, device=device, channel=channel)
     runtime.threads = (threads, generation_threads)
     runtime.engine_ref = engine_ref
@@ -281,7 +283,7 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
     return runtime
 
 
-def open_channel(groups: Groups, options: RuntimeOptions) -> ControlChannel:
+def open_channel(groups: Groups, options: RuntimeOptions, micro_batches: int = 1) -> ControlChannel:
     """Connect the control channel's sockets (engine/control_socket.py). Done once every rank has
     loaded, so that the liveness monitor watches the peers meanwhile and the connections never sit
     idle through a long load; bounded by the rendezvous timeout. Waits for a peer are bounded by the
@@ -289,4 +291,4 @@ def open_channel(groups: Groups, options: RuntimeOptions) -> ControlChannel:
     rdzv = groups.rdzv
     link = open_link(groups.store, f"{store_prefix()}/control", rdzv.rank, rdzv.world_size, rdzv.master_addr,
                      timeout=options.heartbeat_timeout, setup_timeout=options.rendezvous_timeout)
-    return ControlChannel(link, rdzv.rank)
+    return ControlChannel(link, rdzv.rank, micro_batches)

@@ -119,8 +119,11 @@ class Scheduler:
         self.running: dict[int, Request] = {}    # by request id: every request that holds a row
         self.pending: dict[int, int] = {}        # prompt block key -> request computing it now
         self._ids = itertools.count()
+        self._planning = 0                       # the micro-batch being planned
+        self._row_cap = limits.max_num_seqs      # and the rows it may hold
         self.last_step = (0, 0)                  # rows and tokens of the last step
-        self._rows_waited = False                # the last step was prompts only (running rows waited)
+        # per micro-batch: its last step was prompts only (its running rows waited)
+        self._rows_waited = [False] * len(batch.micro)
         self.preemptions = 0
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -143,7 +146,11 @@ class Scheduler:
         self.waiting.append(req)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.batch.rows)
+        return bool(self.waiting or any(self.batch.micro))
+
+    def has_work_for(self, micro_batch: int) -> bool:
+        """A step of this micro-batch would do something: it has rows, or requests wait to join."""
+        return bool(self.waiting or self.batch.micro[micro_batch])
 
     def stats(self) -> GenerationStats:
         rows, tokens = self.last_step
@@ -157,9 +164,20 @@ class Scheduler:
                                prefix_hits=self.prefix_hits)
 
     # -- before the step ----------------------------------------------------------------------
-    def schedule(self) -> StepPlan:
+    def schedule(self, micro_batch: int = 0) -> StepPlan:
+        """The next step of `micro_batch` (of the batch's micro-batches, engine/batch.py: one but
+        under pipeline parallelism, where the others may be in flight meanwhile). Newcomers join
+        the micro-batch planned; its share of --max-num-seqs, and of the requests there are, keeps
+        the micro-batches even."""
+        self._planning = micro_batch
+        count, limit = len(self.batch.micro), self.limits.max_num_seqs
+        # With several micro-batches, each takes its share of --max-num-seqs and of the requests
+        # there are (running and waiting), so that they fill evenly.
+        self._row_cap = limit if count == 1 else \
+            min(-(-limit // count), -(-(len(self.running) + len(self.waiting)) // count))
+        batch_rows = self.batch.micro[micro_batch]
         actions: list[int | None] = []
-        for row in self.batch.rows:
+        for row in batch_rows:
             req = self.running[row.request_id]
             if not req.done and _cancelled(req):
                 self._finish(req, "cancelled")
@@ -172,12 +190,12 @@ class Scheduler:
                 actions.append(req.next_token)
         placements: list[tuple[int, int, int]] = []
         rows = sum(1 for a in actions if a != LEAVE)
-        if rows and not self._rows_waited:
+        if rows and not self._rows_waited[micro_batch]:
             plan = self._prompts_first(actions, rows, placements)
             if plan is not None:
                 return plan
-        self._rows_waited = False
-        for i, row in enumerate(self.batch.rows):
+        self._rows_waited[micro_batch] = False
+        for i, row in enumerate(batch_rows):
             if actions[i] is not None and actions[i] >= 0:
                 self._room_for(row, row.computed + 1, actions, placements)
         # One token per decoding row (those preempted just now compute nothing).
@@ -185,7 +203,7 @@ class Scheduler:
         rows = sum(1 for a in actions if a != LEAVE)
         joining: list[tuple[Request, Join]] = []
         kept: deque[Request] = deque()
-        while self.waiting and budget > 0 and rows < self.limits.max_num_seqs:
+        while self.waiting and budget > 0 and self._row_free(rows):
             req = self.waiting.popleft()
             if _cancelled(req):
                 self._finish(req, "cancelled")
@@ -204,7 +222,7 @@ class Scheduler:
         # equals): a short request that arrives behind a long prompt gets its first token at the
         # next step, and the long prompt takes the rest of every step until it is done.
         wanted = [(len(row.prompt) - row.computed, self.running[row.request_id].arrived, i)
-                  for i, (row, action) in enumerate(zip(self.batch.rows, actions)) if action is None]
+                  for i, (row, action) in enumerate(zip(batch_rows, actions)) if action is None]
         wanted += [(len(join.prompt_ids) - join.cached, req.arrived, -1 - j)
                    for j, (req, join) in enumerate(joining)]
         chunks: dict[int, int] = {}
@@ -216,7 +234,12 @@ class Scheduler:
                 actions[i] = prefill(chunks[i])
         joins = [replace(join, first_chunk=chunks[-1 - j]) for j, (_, join) in enumerate(joining)]
         self.last_step = (rows, self.limits.max_num_batched_tokens - budget)
-        return StepPlan(actions=actions, joins=joins, placements=placements)
+        return StepPlan(actions=actions, joins=joins, placements=placements, micro_batch=micro_batch)
+
+    def _row_free(self, rows: int) -> bool:
+        """Room for one more row in the micro-batch planned, which holds `rows`: within
+        --max-num-seqs over all micro-batches, and within the micro-batch's share (`_row_cap`)."""
+        return len(self.running) < self.limits.max_num_seqs and rows < self._row_cap
 
     def _prompts_first(self, actions: list[int | None], rows: int,
                        placements: list[tuple[int, int, int]]) -> StepPlan | None:
@@ -231,7 +254,7 @@ class Scheduler:
             if _cancelled(req):
                 self._finish(req, "cancelled")
                 continue
-            join = self._admit(req, budget, placements) if rows < self.limits.max_num_seqs else None
+            join = self._admit(req, budget, placements) if self._row_free(rows) else None
             if isinstance(join, Join):
                 joins.append(join)
                 budget -= join.first_chunk
@@ -241,10 +264,10 @@ class Scheduler:
         self.waiting = kept
         if not joins:
             return None
-        self._rows_waited = True
+        self._rows_waited[self._planning] = True
         self.last_step = (rows, limit - budget)
         return StepPlan(actions=[LEAVE if a == LEAVE else WAIT for a in actions], joins=joins,
-                        placements=placements)
+                        placements=placements, micro_batch=self._planning)
 
     # -- the pool -------------------------------------------------------------------------------
     def _admit(self, req: Request, whole_within: int | None,
@@ -341,7 +364,10 @@ class Scheduler:
         return -(-(row.computed + 1) // size)
 
     def _latest_running(self) -> Request:
-        return max(self.running.values(), key=lambda r: (r.joined_at or 0.0, r.id))
+        """The most recently joined request of the micro-batch planned (a request of another
+        micro-batch cannot leave in this step's plan)."""
+        others = {row.request_id for m, rows in enumerate(self.batch.micro) if m != self._planning for row in rows}
+        return max((r for r in self.running.values() if r.id not in others), key=lambda r: (r.joined_at or 0.0, r.id))
 
     def _preempt(self, req: Request, actions: list[int | None], placements: list[tuple[int, int, int]]) -> None:
         """Send a running request back to the front of the queue: its blocks are freed and it is
@@ -349,7 +375,7 @@ class Scheduler:
         log.info("request %d preempted: the key/value pool is full", req.id)
         self.preemptions += 1
         req.preemptions += 1
-        for i, row in enumerate(self.batch.rows):
+        for i, row in enumerate(self.batch.micro[self._planning]):
             if row.request_id == req.id:
                 actions[i] = LEAVE
         placements[:] = [p for p in placements if p[0] != req.id]
@@ -388,13 +414,14 @@ class Scheduler:
     # -- after the step -----------------------------------------------------------------------
     def after_step(self, out: StepOutput) -> None:
         self._register_full_blocks()
+        batch_rows = self.batch.micro[out.micro_batch]
         for r, first, logits in out.prompt_logits:
-            self._score_prompt(self.running[self.batch.rows[r].request_id], first, logits)
+            self._score_prompt(self.running[batch_rows[r].request_id], first, logits)
         if out.logits is None:
             return
         rows, reqs = [], []
         for i, r in enumerate(out.sampled_rows):
-            req = self.running[self.batch.rows[r].request_id]
+            req = self.running[batch_rows[r].request_id]
             if not req.prompt_done:
                 self._prompt_done(req)
             if not req.done:

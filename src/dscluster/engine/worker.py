@@ -35,7 +35,7 @@ def run_worker(runtime: Runtime) -> int:
         if message.op is Op.HEARTBEAT:
             continue
         if message.op is Op.STEP:
-            plan = StepPlan() if reset else StepPlan.received(message.actions, message.payload)
+            plan = StepPlan() if reset else StepPlan.received(message)
             try:
                 runtime.run_step(plan)
             except Exception:  # noqa: BLE001 - reported to every rank in the next header
