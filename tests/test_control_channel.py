@@ -29,23 +29,26 @@ KEY = "test/control"
 SPAWN = multiprocessing.get_context("spawn")
 
 
-def _worker(rank: int, world_size: int, port: int, timeout: float, results) -> None:
+def _worker(rank: int, world_size: int, port: int, timeout: float, results, micro_batches: int = 1) -> None:
     """A worker as run_worker plays it, scripted by the payloads: {"rows": n} sets the running rows
-    after a step, {"fail_step": [ranks]} makes the step fail on those ranks, {"ok": [ranks]} decides
-    a predict's outcome, {"sleep": s} takes that long. Sends what it saw, message by message."""
+    after a step (a list: per micro-batch), {"fail_step": [ranks]} makes the step fail on those
+    ranks, {"ok": [ranks]} decides a predict's outcome, {"sleep": s} takes that long. Sends what it
+    saw, message by message."""
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=30))
-    channel = ControlChannel(open_link(store, KEY, rank, world_size, "127.0.0.1", timeout, 30), rank)
+    channel = ControlChannel(open_link(store, KEY, rank, world_size, "127.0.0.1", timeout, 30), rank, micro_batches)
     try:
         while True:
             message = channel.recv()
             seen = {"op": message.op.name, "actions": message.actions, "failed": message.failed,
+                    "micro_batch": message.micro_batch,
                     "payload": pickle.dumps(message.payload)}  # plain bytes: the process may be gone when read
             script = message.payload if isinstance(message.payload, dict) else {}
             time.sleep(script.get("sleep", 0))
             if message.failed:
-                channel.rows = [0]
-            if message.op is Op.STEP:
-                channel.rows = [script.get("rows", channel.rows[0])]
+                channel.rows = [0] * micro_batches
+            if message.op is Op.STEP and "rows" in script:
+                rows = script["rows"]
+                channel.rows = list(rows) if isinstance(rows, list) else [rows]
                 channel.step_failed = rank in script.get("fail_step", ())
             if message.op is Op.PREDICT:
                 seen["agreed"] = channel.agree_ok(rank in script.get("ok", ()))
@@ -60,14 +63,16 @@ def _worker(rank: int, world_size: int, port: int, timeout: float, results) -> N
 class Group:
     """Rank 0 here, workers in processes; `results` gets what each worker saw."""
 
-    def __init__(self, world_size: int, timeout: float = 30.0, started: int | None = None):
+    def __init__(self, world_size: int, timeout: float = 30.0, started: int | None = None, micro_batches: int = 1):
         """`started`: how many ranks start (rank 0 included); the others never do."""
         self.port = free_port()
         self.store = dist.TCPStore("127.0.0.1", self.port, world_size, is_master=True, wait_for_workers=False,
                                    timeout=timedelta(seconds=30))
         self.results = SPAWN.Queue()
-        self.procs = [SPAWN.Process(target=_worker, args=(r, world_size, self.port, timeout, self.results),
+        self.procs = [SPAWN.Process(target=_worker, args=(r, world_size, self.port, timeout, self.results,
+                                                          micro_batches),
                                     daemon=True) for r in range(1, started or world_size)]
+        self.micro_batches = micro_batches
         for p in self.procs:
             p.start()
         self.timeout = timeout
@@ -75,7 +80,7 @@ class Group:
 
     def connect(self, setup_timeout: float = 60.0) -> ControlChannel:
         link = open_link(self.store, KEY, 0, self.world_size, "127.0.0.1", self.timeout, setup_timeout)
-        return ControlChannel(link, 0)
+        return ControlChannel(link, 0, self.micro_batches)
 
     def seen(self, n: int) -> dict[int, list[dict]]:
         """The next n messages each worker reports, by rank."""
@@ -147,6 +152,34 @@ def test_three_ranks_in_lockstep(groups):
     for p in group.procs:
         p.join(30)
         assert p.exitcode == 0
+
+
+def test_steps_in_flight_within_the_window_are_reported_in_order(groups):
+    """A pipeline's window of two: a step is sent while the worker still computes the one before (no
+    wait for its report), the reports are read in order later, and a step's failure reaches the
+    header after the window; each header is sized by its own micro-batch's rows."""
+    group = groups(2, micro_batches=2)
+    channel = group.connect()
+    start = time.monotonic()
+    assert channel.send(Op.STEP, {"sleep": 2.0, "rows": [1, 0]}, micro_batch=0, window=2).failed == 0
+    channel.rows = [1, 0]
+    sent = channel.send(Op.STEP, {"rows": [1, 2], "fail_step": [1]}, micro_batch=1, window=2)
+    took = time.monotonic() - start
+    assert sent.failed == 0 and took < 1.5, f"the second step waited {took:.1f} s for the first one's report"
+    assert channel.steps_unreported == 2
+    channel.rows = [1, 2]
+    third = channel.send(Op.STEP, {"rows": [0, 2]}, [LEAVE], micro_batch=0, window=2)
+    assert time.monotonic() - start >= 2.0, "the third step waited for the first one's report"
+    assert third.failed == 0, "the second step's failure is not read until the window moves past it"
+    channel.rows = [0, 2]
+    assert channel.send(Op.HEARTBEAT).failed == 1, "a heartbeat reads every report: the failed step"
+    assert channel.steps_unreported == 1
+    channel.send(Op.STOP)
+    channel.close()
+    seen = group.seen(5)[1]
+    assert [(s["op"], s["micro_batch"], s["actions"]) for s in seen] == [
+        ("STEP", 0, []), ("STEP", 1, []), ("STEP", 0, [LEAVE]), ("HEARTBEAT", 0, []), ("STOP", 0, [])]
+    assert [s["failed"] for s in seen] == [0, 0, 0, 1, 0]
 
 
 def test_worker_killed_during_a_predict_raises_on_rank0_at_once(groups):

@@ -14,7 +14,9 @@ rank sits in `engine/worker.py`'s loop, receiving and running the same unit. The
 - a heartbeat, sent by rank 0 when no other unit has gone for an interval.
 
 Every worker reports on each message, and rank 0 reads the reports before it sends the next one
-(engine/protocol.py), so rank 0 knows at every message that every rank is alive and in step.
+(engine/protocol.py), so rank 0 knows at every message that every rank is alive and in step. Under
+pipeline parallelism up to one step per stage is in flight (`step`): their reports, and their
+logits, are read in order as each step's micro-batch comes round again.
 
 A broken group (a failed collective, a lost control connection, a silent rank) ends the process
 with exit code 3 after a short grace (engine/exits.py), so launchers and Kubernetes restart the group.

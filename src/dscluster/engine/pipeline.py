@@ -26,6 +26,12 @@ states, so later stages skip the step, rank 0 learns of it, and nobody waits for
 never comes; the step then fails on those ranks and every rank drops the batch at the next message
 (engine/client.py), as for any failed step. A rank that dies or hangs mid-step is the liveness
 path (a broken group), exactly as for a tensor-parallel rank.
+
+Stages kept busy: a step runs on one micro-batch of the running rows, and up to one step per
+stage is in flight (engine/client.py launches and collects them, engine/batch.py holds the
+micro-batches). Hand-overs are sent without waiting for the receiver, so a stage goes on to the
+next step while the next stage computes this one; rank 0 collects a step's logits only when it
+needs them, to plan that micro-batch's next step.
 """
 
 from __future__ import annotations
