@@ -13,11 +13,10 @@ import re
 import shutil
 import socket
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dscluster.cluster.names import NotResolved, resolve
 from dscluster.cluster.rendezvous import Rendezvous, RendezvousError, discover, select_row
 from dscluster.errors import EXIT_RUNTIME, UsageError
 
@@ -105,28 +104,18 @@ def check_heads(spec: str, rdzv: Rendezvous) -> Check | None:
     return Check("heads", "PASS", f"{heads} attention heads: {heads // world} per rank over {world} ranks")
 
 
-def _resolve(addr: str, port: int, timeout: float) -> list[str]:
-    """getaddrinfo has no timeout of its own; a DNS server that never answers must not hang doctor."""
-    pool = ThreadPoolExecutor(max_workers=1)
-    try:
-        infos = pool.submit(socket.getaddrinfo, addr, port, type=socket.SOCK_STREAM).result(timeout=timeout)
-    finally:
-        pool.shutdown(wait=False)
-    return sorted({info[4][0] for info in infos})
-
-
 def check_master(rdzv: Rendezvous, timeout: float) -> Check:
     addr, port = rdzv.master_addr, rdzv.master_port
     if rdzv.world_size == 1:
         return Check("master", "PASS", "single process: no master needed")
-    try:
-        addresses = _resolve(addr, port, timeout)
-    except socket.gaierror as exc:
-        return Check("master", "FAIL", f"MASTER_ADDR {addr} does not resolve ({exc.strerror})",
+    try:  # bounded: a DNS server that never answers must not hang doctor
+        addresses = resolve(addr, port, timeout)
+    except NotResolved as exc:
+        if exc.timed_out:
+            return Check("master", "FAIL", f"MASTER_ADDR {addr} did not resolve within {timeout:g} s",
+                         "check the pod's DNS (dnsPolicy, CoreDNS) or use rank 0's IP address")
+        return Check("master", "FAIL", f"MASTER_ADDR {addr} does not resolve ({exc.reason})",
                      "use the headless Service's name for rank 0's pod, and check its selector and namespace")
-    except FutureTimeout:
-        return Check("master", "FAIL", f"MASTER_ADDR {addr} did not resolve within {timeout:g} s",
-                     "check the pod's DNS (dnsPolicy, CoreDNS) or use rank 0's IP address")
     if rdzv.rank == 0:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
