@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dscluster.cluster.gpus import gpu_count
 from dscluster.cluster.names import NotResolved, resolve
 from dscluster.cluster.rendezvous import Rendezvous, RendezvousError, discover, select_row
 from dscluster.errors import EXIT_RUNTIME, UsageError
@@ -192,20 +193,6 @@ def check_interfaces(environ) -> list[Check]:
         else:
             checks.append(Check(var, "PASS", f"{var}={spec} selects {', '.join(selected)}"))
     return checks
-
-
-GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd")
-
-
-def gpu_count() -> int:
-    """torch.cuda.device_count(), without importing torch (about a second) on a host with no GPU driver."""
-    if not any(os.path.exists(p) for p in GPU_DEVICE_NODES):
-        return 0
-    try:
-        import torch
-    except ImportError:
-        return 0
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def check_gpus(rdzv: Rendezvous | None, require_gpu: bool = False, count: int | None = None) -> Check:
