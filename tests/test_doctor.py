@@ -247,14 +247,17 @@ def test_lws_worker_without_nproc_counts_the_ranks_of_the_server_in_the_pod():
     """An LWS worker pod of a 2-pod group whose server runs 8 ranks per pod: rank 8 of 16, not 1 of 2.
     The pod's `dscluster serve --nproc 8` is a real process here, with the pod's LWS variables (its
     command line and environment are what doctor reads; servers of other groups on this host are not
-    this pod's)."""
+    this pod's: another group's worker 1, with the same LWS variables but its own MASTER_PORT, is
+    started first, so that a scan in process order meets it before this pod's)."""
     env = lws_env(1)
+    another_group = subprocess.Popen(["bash", "-c", "exec -a 'dscluster serve /m --nproc 5' sleep 60"],
+                                     env={**clean_env(), **lws_env(1)})
     server = subprocess.Popen(["bash", "-c", "exec -a 'dscluster serve /mnt/checkpoints/model --nproc 8' sleep 60"],
                               env={**clean_env(), **env})
     other = subprocess.Popen(["bash", "-c", "exec -a 'dscluster serve /m --nproc 3' sleep 60"],
                              env={**clean_env(), **lws_env(0)})  # the leader's: another member of the group
     try:
-        for proc in (server, other):
+        for proc in (another_group, server, other):
             wait_exec_named(proc.pid, b"dscluster serve")
         code, checks = doctor(**env)
         message = checks["rendezvous"]["message"]
@@ -263,7 +266,7 @@ def test_lws_worker_without_nproc_counts_the_ranks_of_the_server_in_the_pod():
         _, checks = doctor("--nproc", "4", **lws_env(1))  # an explicit --nproc wins
         assert checks["rendezvous"]["message"].startswith("rank 4 of 8")
     finally:
-        for proc in (server, other):
+        for proc in (another_group, server, other):
             proc.kill()
             proc.wait()
 

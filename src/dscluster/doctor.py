@@ -40,8 +40,10 @@ def check_rendezvous(args, environ=None) -> tuple[Check, Rendezvous | None]:
     row = select_row(environ)
     if nproc is None and row is not None and row.per_node:
         # A per-node launcher's variables count nodes, not ranks: an LWS group of 2 pods of 8 GPUs
-        # is 16 ranks. doctor is not the launcher, so it asks what this pod runs.
-        nproc, note = pod_ranks({m: environ[m] for m in row.markers if m in environ})
+        # is 16 ranks. doctor is not the launcher, so it asks what this pod runs: a server with this
+        # pod's launcher variables and master (another group's on a shared host has another port).
+        same = (*row.markers, row.master_addr, row.master_port)
+        nproc, note = pod_ranks({m: environ[m] for m in same if m and m in environ})
     try:
         rdzv = discover(environ, nproc_per_node=nproc)
     except RendezvousError as exc:
