@@ -232,22 +232,33 @@ def lws_env(index: int, size: int = 2) -> dict[str, str]:
             "MASTER_PORT": str(free_port())}
 
 
+def wait_exec_named(pid: int, argv0: bytes, timeout: float = 10.0) -> None:
+    """Until `bash -c "exec -a NAME ..."` has become NAME: its command line starts with NAME and its
+    environment is there. bash's own command line holds NAME too, inside the -c string, and for an
+    instant during exec the new command line is readable while the environment is still empty."""
+    deadline = time.monotonic() + timeout
+    while not (Path(f"/proc/{pid}/cmdline").read_bytes().startswith(argv0)
+               and b"LWS_WORKER_INDEX=" in Path(f"/proc/{pid}/environ").read_bytes()):
+        assert time.monotonic() < deadline, f"{argv0!r} never started"
+        time.sleep(0.01)
+
+
 def test_lws_worker_without_nproc_counts_the_ranks_of_the_server_in_the_pod():
     """An LWS worker pod of a 2-pod group whose server runs 8 ranks per pod: rank 8 of 16, not 1 of 2.
     The pod's `dscluster serve --nproc 8` is a real process here, with the pod's LWS variables (its
     command line and environment are what doctor reads; servers of other groups on this host are not
-    this pod's)."""
+    this pod's: another group's worker 1, with the same LWS variables but its own MASTER_PORT, is
+    started first, so that a scan in process order meets it before this pod's)."""
     env = lws_env(1)
+    another_group = subprocess.Popen(["bash", "-c", "exec -a 'dscluster serve /m --nproc 5' sleep 60"],
+                                     env={**clean_env(), **lws_env(1)})
     server = subprocess.Popen(["bash", "-c", "exec -a 'dscluster serve /mnt/checkpoints/model --nproc 8' sleep 60"],
                               env={**clean_env(), **env})
     other = subprocess.Popen(["bash", "-c", "exec -a 'dscluster serve /m --nproc 3' sleep 60"],
                              env={**clean_env(), **lws_env(0)})  # the leader's: another member of the group
     try:
-        for proc in (server, other):  # until bash has exec'd into the named command line
-            deadline = time.monotonic() + 10
-            while b"dscluster serve" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
-                assert time.monotonic() < deadline, "the fake server never started"
-                time.sleep(0.01)
+        for proc in (another_group, server, other):
+            wait_exec_named(proc.pid, b"dscluster serve")
         code, checks = doctor(**env)
         message = checks["rendezvous"]["message"]
         assert message.startswith("rank 8 of 16 (local 0 of 8)"), message
@@ -255,7 +266,7 @@ def test_lws_worker_without_nproc_counts_the_ranks_of_the_server_in_the_pod():
         _, checks = doctor("--nproc", "4", **lws_env(1))  # an explicit --nproc wins
         assert checks["rendezvous"]["message"].startswith("rank 4 of 8")
     finally:
-        for proc in (server, other):
+        for proc in (another_group, server, other):
             proc.kill()
             proc.wait()
 

@@ -20,9 +20,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from dscluster.cluster import gpus as gpus_mod
 from dscluster.cluster import group
 from dscluster.cluster import launch as launch_mod
-from dscluster.cluster.launch import rank_env, visible_gpus
+from dscluster.cluster.launch import free_port, rank_env, visible_gpus
 from dscluster.cluster.rendezvous import Rendezvous, RendezvousError, discover
 from dscluster.errors import UsageError
 
@@ -219,7 +220,7 @@ def test_the_launcher_hands_each_local_rank_one_of_the_visible_gpus():
     """What `dscluster launch` computes per rank, with CUDA's device count mocked (no GPU here)."""
     node = Rendezvous(0, 0, 2, 2, "127.0.0.1", 29500, "local", spawn_local=2)
     avail, count = _cuda(4)
-    with avail, count:
+    with avail, count, mock.patch.object(gpus_mod, "driver_present", return_value=True):
         gpus = launch_mod._gpus({"CUDA_VISIBLE_DEVICES": "1,3"})
         assert launch_mod._gpus({}) == ["0", "1", "2", "3"]
     assert gpus == ["1", "3"]
@@ -227,8 +228,23 @@ def test_the_launcher_hands_each_local_rank_one_of_the_visible_gpus():
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["1", "3"]
     assert [e["LOCAL_RANK"] for e in envs] == ["0", "1"] and {e["DSCLUSTER_LAUNCHER"] for e in envs} == {"local"}
     avail, count = _cuda(0)
-    with avail, count:
+    with avail, count, mock.patch.object(gpus_mod, "driver_present", return_value=True):
         assert launch_mod._gpus({"CUDA_VISIBLE_DEVICES": "0"}) == []
+
+
+@pytest.mark.skipif(gpus_mod.driver_present(), reason="this host has a GPU driver: the launcher asks torch")
+def test_the_node_agent_does_not_import_torch_where_no_gpu_driver_is(tiny):
+    """`serve --nproc 2` only checks the model and supervises the ranks: importing torch there
+    would cost every start about a second of CPU. Its ranks are stubbed out (`true`)."""
+    script = ("import sys\n"
+              "from dscluster import runner\n"
+              "real = runner.launch\n"
+              "runner.launch = lambda cmd, **kw: real(['true'], **kw)\n"
+              "from dscluster.cli import run_command\n"
+              f"code = run_command(['serve', {tiny!r}, '--nproc', '2', '--port', '{free_port()}'])\n"
+              "print(code, sorted(m for m in ('torch', 'deepspeed', 'transformers', 'fastapi') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "0 []", proc.stdout + proc.stderr[-3000:]
 
 
 # -- the device of a lone rank, and of every engine at every world size ------------------------

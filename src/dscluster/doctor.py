@@ -13,11 +13,11 @@ import re
 import shutil
 import socket
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dscluster.cluster.gpus import gpu_count
+from dscluster.cluster.names import NotResolved, resolve
 from dscluster.cluster.rendezvous import Rendezvous, RendezvousError, discover, select_row
 from dscluster.errors import EXIT_RUNTIME, UsageError
 
@@ -40,8 +40,10 @@ def check_rendezvous(args, environ=None) -> tuple[Check, Rendezvous | None]:
     row = select_row(environ)
     if nproc is None and row is not None and row.per_node:
         # A per-node launcher's variables count nodes, not ranks: an LWS group of 2 pods of 8 GPUs
-        # is 16 ranks. doctor is not the launcher, so it asks what this pod runs.
-        nproc, note = pod_ranks({m: environ[m] for m in row.markers if m in environ})
+        # is 16 ranks. doctor is not the launcher, so it asks what this pod runs: a server with this
+        # pod's launcher variables and master (another group's on a shared host has another port).
+        same = (*row.markers, row.master_addr, row.master_port)
+        nproc, note = pod_ranks({m: environ[m] for m in same if m and m in environ})
     try:
         rdzv = discover(environ, nproc_per_node=nproc)
     except RendezvousError as exc:
@@ -105,28 +107,18 @@ def check_heads(spec: str, rdzv: Rendezvous) -> Check | None:
     return Check("heads", "PASS", f"{heads} attention heads: {heads // world} per rank over {world} ranks")
 
 
-def _resolve(addr: str, port: int, timeout: float) -> list[str]:
-    """getaddrinfo has no timeout of its own; a DNS server that never answers must not hang doctor."""
-    pool = ThreadPoolExecutor(max_workers=1)
-    try:
-        infos = pool.submit(socket.getaddrinfo, addr, port, type=socket.SOCK_STREAM).result(timeout=timeout)
-    finally:
-        pool.shutdown(wait=False)
-    return sorted({info[4][0] for info in infos})
-
-
 def check_master(rdzv: Rendezvous, timeout: float) -> Check:
     addr, port = rdzv.master_addr, rdzv.master_port
     if rdzv.world_size == 1:
         return Check("master", "PASS", "single process: no master needed")
-    try:
-        addresses = _resolve(addr, port, timeout)
-    except socket.gaierror as exc:
-        return Check("master", "FAIL", f"MASTER_ADDR {addr} does not resolve ({exc.strerror})",
+    try:  # bounded: a DNS server that never answers must not hang doctor
+        addresses = resolve(addr, port, timeout)
+    except NotResolved as exc:
+        if exc.timed_out:
+            return Check("master", "FAIL", f"MASTER_ADDR {addr} did not resolve within {timeout:g} s",
+                         "check the pod's DNS (dnsPolicy, CoreDNS) or use rank 0's IP address")
+        return Check("master", "FAIL", f"MASTER_ADDR {addr} does not resolve ({exc.reason})",
                      "use the headless Service's name for rank 0's pod, and check its selector and namespace")
-    except FutureTimeout:
-        return Check("master", "FAIL", f"MASTER_ADDR {addr} did not resolve within {timeout:g} s",
-                     "check the pod's DNS (dnsPolicy, CoreDNS) or use rank 0's IP address")
     if rdzv.rank == 0:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -203,20 +195,6 @@ def check_interfaces(environ) -> list[Check]:
         else:
             checks.append(Check(var, "PASS", f"{var}={spec} selects {', '.join(selected)}"))
     return checks
-
-
-GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd")
-
-
-def gpu_count() -> int:
-    """torch.cuda.device_count(), without importing torch (about a second) on a host with no GPU driver."""
-    if not any(os.path.exists(p) for p in GPU_DEVICE_NODES):
-        return 0
-    try:
-        import torch
-    except ImportError:
-        return 0
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def check_gpus(rdzv: Rendezvous | None, require_gpu: bool = False, count: int | None = None) -> Check:

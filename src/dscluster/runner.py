@@ -13,7 +13,7 @@ import sys
 
 from dscluster.cluster.launch import launch
 from dscluster.cluster.rendezvous import PER_NODE_LAUNCHERS, discover
-from dscluster.engine.loading import check_model_spec
+from dscluster.engine.model_spec import check_model_spec
 from dscluster.errors import EXIT_PEER_FAILED, UsageError
 
 DEFAULT_BATCHED_TOKENS = 256  # a step of 256 tokens keeps decoding requests moving on CPUs, too
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace, role: str) -> int:
             raise UsageError(f"--nproc {args.nproc} under {rdzv.launcher}, which already started "
                              f"{rdzv.local_world_size} rank(s) on this node: drop --nproc")
     if role == "serve" and (spawning or rdzv.rank == 0):
-        from dscluster.serving.server import check_port_free
+        from dscluster.serving.port import check_port_free
 
         check_port_free(args.host, args.port)
     if spawning:

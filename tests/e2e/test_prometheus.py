@@ -118,16 +118,17 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tiny, tmp_pat
                 time.sleep(0.5)
             codes = put_load(server)
             assert codes.get(200) == 7 and codes.get(401) == 1 and sum(codes.values()) == 9, codes
-            time.sleep(4)  # a few scrapes after the load
-            empty = []
             queries = monitor.dashboard_queries()
-            for title, expr in queries:
-                result = prom.query(grafana_expr(expr))
-                if not result:
-                    empty.append((title, expr))
+            ttft_expr = grafana_expr(next(e for t, e in queries if t == "Time to first token"))
+            deadline = time.monotonic() + 30  # until the scrapes after the load are in (every 1 s)
+            while True:
+                empty = [(title, expr) for title, expr in queries if not prom.query(grafana_expr(expr))]
+                ttft = prom.query(ttft_expr)
+                if (not empty and 0 < float(ttft[0]["value"][1])) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
             assert not empty, f"dashboard queries with no series: {json.dumps(empty, indent=1)}"
             # the latency panels read real observations, not empty histograms (NaN)
-            ttft = prom.query(grafana_expr(next(e for t, e in queries if t == "Time to first token")))
             assert 0 < float(ttft[0]["value"][1]) < 60, ttft
             # the error codes are there by code, as the errors panel shows them
             errors = prom.query(grafana_expr(next(e for t, e in queries if t.startswith("Errors"))))

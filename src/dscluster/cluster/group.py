@@ -27,6 +27,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from dscluster.cluster.names import NotResolved, resolve, resolve_until
 from dscluster.cluster.rendezvous import Rendezvous
 from dscluster.errors import PeerFailure, UsageError
 
@@ -144,15 +145,26 @@ class Groups:
 
 def join_store(rdzv: Rendezvous, timeout_s: float) -> dist.Store:
     """The env:// rendezvous store, bounded by `timeout_s`: rank 0 waits that long for every rank
-    to connect, the others that long to reach rank 0. Raises PeerFailure naming what is missing,
-    UsageError when rank 0 cannot listen on MASTER_PORT."""
+    to connect, the others that long to reach rank 0. Raises PeerFailure naming what is missing
+    (a master address that does not resolve, a master that does not answer, ranks that never
+    came), UsageError when rank 0 cannot listen on MASTER_PORT."""
     where = f"{rdzv.master_addr}:{rdzv.master_port}"
+    deadline = time.monotonic() + timeout_s
+    # The name first, by ourselves: torch's client retries a failed lookup until its timeout and
+    # then reports only a connect timeout, after more than the timeout when lookups are slow.
+    try:
+        resolve_until(rdzv.master_addr, rdzv.master_port, deadline)
+    except NotResolved as exc:
+        raise PeerFailure(f"rendezvous timed out after {timeout_s:g} s (--rendezvous-timeout): the master "
+                          f"{where} (MASTER_ADDR, MASTER_PORT) does not resolve ({exc.reason}); check the "
+                          "master address and that rank 0 is running") from None
+    remaining = max(deadline - time.monotonic(), 1.0)
     outcome: dict = {}
 
     def attempt() -> None:
         try:
             outcome["store"] = next(dist.rendezvous("env://", rank=rdzv.rank, world_size=rdzv.world_size,
-                                                    timeout=timedelta(seconds=timeout_s)))[0]
+                                                    timeout=timedelta(seconds=remaining)))[0]
         except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
             outcome["error"] = exc
 
@@ -161,11 +173,13 @@ def join_store(rdzv: Rendezvous, timeout_s: float) -> dist.Store:
     # timeout by up to one more timeout, hence the factor 2.
     thread = threading.Thread(target=attempt, name="dscluster-rendezvous", daemon=True)
     thread.start()
-    thread.join(2 * timeout_s + 5)
+    thread.join(2 * remaining + 5)
     if thread.is_alive():
-        raise PeerFailure(f"rendezvous timed out after {timeout_s:g} s (--rendezvous-timeout): something at "
-                          f"{where} accepted the connection but never answered as the rendezvous store; "
-                          "is another program listening on MASTER_PORT on the master?")
+        # torch's client is still running in that thread: ending the interpreter normally would
+        # abort the process when it unwinds ("terminate called without an active exception").
+        _mark_joined()
+        raise PeerFailure(f"rendezvous timed out after {timeout_s:g} s (--rendezvous-timeout): "
+                          f"{_master_state(rdzv, connected=None)}")
     if "store" in outcome:
         return outcome["store"]
     try:
@@ -181,14 +195,31 @@ def join_store(rdzv: Rendezvous, timeout_s: float) -> dist.Store:
             raise PeerFailure(f"rendezvous timed out after {timeout_s:g} s (--rendezvous-timeout): {count} "
                               f"ranks reached the master at {where}; check that every node started "
                               "and can reach this address") from None
+        raise PeerFailure(f"rendezvous timed out after {timeout_s:g} s (--rendezvous-timeout): "
+                          f"{_master_state(rdzv, connected=None)}") from None
+
+
+def _master_state(rdzv: Rendezvous, connected: bool | None, timeout_s: float = 2.0) -> str:
+    """Why a rank could not join the master's store, found out in at most twice `timeout_s`: the
+    name no longer resolves, nothing answers there, or something that is not the store accepts
+    connections there. `connected`: whether torch's client got a connection (False: it gave up
+    connecting), None when unknown (it never returned), then a connection is tried here."""
+    where = f"{rdzv.master_addr}:{rdzv.master_port}"
+    master = f"the master {where} (MASTER_ADDR, MASTER_PORT)"
+    try:
+        address = resolve(rdzv.master_addr, rdzv.master_port, timeout_s)[0]
+    except NotResolved as exc:
+        return f"{master} does not resolve ({exc.reason}); check the master address and that rank 0 is running"
+    if connected is None:
         try:
-            socket.getaddrinfo(rdzv.master_addr, rdzv.master_port)
-            cause = "did not answer"
+            with socket.create_connection((address, rdzv.master_port), timeout=timeout_s):
+                connected = True
         except OSError:
-            cause = "does not resolve"
-        raise PeerFailure(f"rendezvous timed out after {timeout_s:g} s (--rendezvous-timeout): the master "
-                          f"{where} (MASTER_ADDR, MASTER_PORT) {cause}; check the master address and "
-                          "that rank 0 is running") from None
+            connected = False
+    if not connected:
+        return f"{master} did not answer; check the master address and that rank 0 is running"
+    return (f"something at {where} accepted the connection but never answered as the rendezvous store; "
+            "is another program listening on MASTER_PORT on the master?")
 
 
 def init_groups(rdzv: Rendezvous, backend: str = "auto", timeout_s: float = 600.0,
@@ -219,7 +250,7 @@ def init_groups(rdzv: Rendezvous, backend: str = "auto", timeout_s: float = 600.
     return Groups(rdzv, backend, store, device)
 
 
-_joined = False  # this process joined a process group (torch's C++ threads may be running)
+_joined = False  # joined a process group, or left torch's store client running: its C++ threads may be running
 
 
 def _mark_joined() -> None:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from dscluster.cluster.gpus import gpu_count
 from dscluster.cluster.rendezvous import Rendezvous
 from dscluster.errors import EXIT_PEER_FAILED
 
@@ -142,12 +143,7 @@ def _die_with_parent() -> None:
 
 
 def _gpus(base: dict[str, str]) -> list[str]:
-    try:
-        import torch
-
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except ImportError:  # pragma: no cover
-        count = 0
+    count = gpu_count()
     return visible_gpus(base, count) if count else []
 
 

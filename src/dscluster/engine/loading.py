@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from dscluster.engine.model_spec import check_model_spec, is_import_spec
 from dscluster.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -39,24 +40,6 @@ class LoadedModel:
     input_dtype: torch.dtype = torch.float32
     input_name: str = "input_ids"  # the keyword a transformers model takes its input as
     hf: bool = False   # a transformers model (AutoTP knows how to split it)
-
-
-def is_import_spec(spec: str) -> bool:
-    return ":" in spec and not os.path.exists(spec)
-
-
-def check_model_spec(spec: str) -> None:
-    """Cheap checks that fail before any rank starts: the directory or module exists."""
-    if is_import_spec(spec):
-        module_name, _, attr = spec.partition(":")
-        if not module_name or not attr:
-            raise UsageError(f"model {spec!r}: an import spec is package.module:factory")
-        return
-    path = Path(spec)
-    if not path.exists():
-        raise UsageError(f"model {spec!r}: no such directory (or use package.module:factory)")
-    if not (path / "config.json").is_file():
-        raise UsageError(f"model directory {spec!r} has no config.json")
 
 
 def resolve_dtype(requested: str, config_dtype: Any = None, cuda: bool | None = None) -> torch.dtype:

@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import socket
 import time
 
 from dscluster.engine.api import EngineClient
-from dscluster.errors import EXIT_RUNTIME, UsageError
+from dscluster.errors import EXIT_RUNTIME
 from dscluster.serving.state import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -37,17 +36,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_body_bytes=getattr(args, "max_body_bytes", defaults.max_body_bytes),
         tool_call_parser=getattr(args, "tool_call_parser", defaults.tool_call_parser),
     )
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Fail before any rank loads the model when the HTTP port is taken."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def run_server(engine: EngineClient, args: argparse.Namespace) -> int:
