@@ -159,12 +159,12 @@ class GlooControlChannel:
     from rank 0, a predict unit's outcome all-reduced."""
 
     def __init__(self, group, rank: int):
-        self.group, self.rank, self.rows, self.step_failed = group, rank, 0, False
+        self.group, self.rank, self.rows, self.step_failed = group, rank, [0], False
 
     def _header(self, op: int = 0, size: int = 0, actions: list[int] | None = None) -> torch.Tensor:
         from dscluster.engine.protocol import HEADER
 
-        header = torch.zeros(HEADER + self.rows, dtype=torch.int64)
+        header = torch.zeros(HEADER + self.rows[0], dtype=torch.int64)
         header[0], header[1], header[2] = op, size, int(self.step_failed)
         if actions:
             header[HEADER:] = torch.tensor(actions, dtype=torch.int64)
@@ -225,14 +225,14 @@ def control(task: dict) -> None:
         actions = list(range(100, 100 + rows)) or None
 
         def run() -> None:
-            channel.rows = rows
+            channel.rows = [rows]           # one micro-batch
             if rank == 0:
                 channel.send(op, payload, actions)
             else:
                 channel.recv()
             if op is Op.PREDICT:
                 channel.agree_ok(True)
-            channel.rows = 0
+            channel.rows = [0]
         return run
 
     units = {f"{kind}/{name}": unit(channel, *case)
