@@ -240,7 +240,7 @@ class RunningBatch:
             if self.pipeline is not None:       # this stage, handed on; rank 0 collects the logits later
                 launched = self.pipeline.launch(ids_t[None], pos_t[None], kwargs.get("logits_to_keep"))
                 output._pending = (self.pipeline, launched, wanted_t, prompt_rows, self._logits_to_keep)
-                return output if dist_rank() == 0 else output.collect()
+                return output if self.pipeline.collects_logits else output.collect()
             out = self.module(input_ids=ids_t[None], position_ids=pos_t[None], use_cache=False, **kwargs).logits
         return _sliced_output(output, out[0] if self._logits_to_keep else out[0, wanted_t], prompt_rows)
 
@@ -254,7 +254,3 @@ def _sliced_output(output: StepOutput, logits: torch.Tensor, prompt_rows: list[t
         scored.append((r, first, logits[at:at + count]))
         at += count
     return StepOutput(output.sampled_rows, logits[:sampled] if sampled else None, scored, output.micro_batch)
-
-
-def dist_rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

@@ -5,8 +5,9 @@ context-free grammar) carries a `GrammarState`: an llguidance matcher that knows
 drawn so far, which tokens may come next. Before sampling, `apply_masks` writes one bitmask per
 constrained row (llguidance fills it in Rust, 1-2 microseconds per row; with the unpacking, 5-16 at
 a vocabulary of 1024 and 33-40 at 32000, benchmarks/structured_output.py) and sets every forbidden
-logit to -inf without a Python loop over the vocabulary; the rows without a grammar are not touched. So the lockstep protocol does not change: only rank 0
-samples, and the other ranks still receive only the chosen tokens.
+logit to -inf without a Python loop over the vocabulary; the rows without a grammar are not
+touched. So the lockstep protocol does not change: only rank 0 samples, and the other ranks still
+receive only the chosen tokens.
 
 Why llguidance: it was measured against xgrammar on the tiny model here; xgrammar 0.2.8 let a JSON
 string with `maxLength` hold raw control characters (invalid JSON), llguidance masks them. JSON is

@@ -52,6 +52,11 @@ class ParallelModel:
     description: str
     pipeline: Pipeline | None = None     # --pp: this rank's stage and its hand-over
 
+    @property
+    def micro_batches(self) -> int:
+        """Generation steps that can be in flight at once: one per pipeline stage, else one."""
+        return self.pipeline.in_flight if self.pipeline is not None else 1
+
 
 @dataclass
 class Prepared:

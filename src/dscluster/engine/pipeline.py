@@ -257,6 +257,8 @@ class Pipeline:
         self.device = device
         self.logits_group = logits_group
         self.in_flight = layout.stages
+        # Rank 0 (stage 0's first rank) samples: it receives the last stage's logits, later.
+        self.collects_logits = layout.first and layout.tp_rank == 0 and not layout.last
         self._received: torch.Tensor | None = None
         self._sending: deque[tuple[dist.Work, torch.Tensor]] = deque()
         if not layout.first:
@@ -324,7 +326,7 @@ class Pipeline:
         """The step's logits: on rank 0 received from the last stage (waiting for it to finish the
         step), on the last stage its own; None elsewhere. Raises the step's failure."""
         failure, logits = launched.failure, launched.logits
-        if launched.logits_shape is not None and dist.get_rank() == 0 and not self.layout.last:
+        if launched.logits_shape is not None and self.collects_logits:
             try:
                 logits = self._recv(launched.logits_shape, self.layout.rank_of(self.layout.stages - 1, 0),
                                     self.logits_group)

@@ -54,8 +54,7 @@ class Runtime:
         # where the model's parameters, the key/value cache and every step's inputs live
         self.device = device or (groups.device if groups else torch.device("cpu"))
         self.channel = channel          # None on a lone rank
-        # Steps that can be in flight at once: one per pipeline stage (engine/pipeline.py), else one.
-        self.micro_batches = model.pipeline.in_flight if model.pipeline is not None else 1
+        self.micro_batches = model.micro_batches
         tok = loaded.tokenizer
         self.pad_id = 0
         self.eos_ids: tuple[int, ...] = ()
@@ -273,7 +272,7 @@ def build_runtime(options: RuntimeOptions, rdzv: Rendezvous) -> Runtime:
         monitor.mark_ready()
         monitor.wait_all_ready()
         release_shared_memory(rdzv.rank)
-        channel = open_channel(groups, options, model.pipeline.in_flight if model.pipeline is not None else 1)
+        channel = open_channel(groups, options, model.micro_batches)
     runtime = Runtime(options, loaded, model, groups, monitor, device=device, channel=channel)
     runtime.threads = (threads, generation_threads)
     runtime.engine_ref = engine_ref
