@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,12 +26,12 @@ BOUND = TIMEOUT + 7.0  # detection timeout, plus exit grace and a noisy 2-core m
 class Group:
     """Two rank processes started by hand, with their logs in files."""
 
-    def __init__(self, tmp_path: Path, model: str, work: dict, hold: float):
+    def __init__(self, tmp_path: Path, model: str, work: dict, hold: float, pp: int = 1):
         self.ready = tmp_path / "ready"
         spec = tmp_path / "spec.json"
         spec.write_text(json.dumps({
             "options": {"model": model, "engine": "tp", "heartbeat_interval": INTERVAL,
-                        "heartbeat_timeout": TIMEOUT, "failure_grace": 0.2},
+                        "heartbeat_timeout": TIMEOUT, "failure_grace": 0.2, "pp": pp},
             "work": work, "output": str(tmp_path / "out.json"), "ready_file": str(self.ready),
             "hold_seconds": hold}))
         port = free_port()
@@ -73,8 +74,8 @@ class Group:
 def group_factory(tmp_path, tiny):
     groups = []
 
-    def make(work: dict | None = None, hold: float = 60) -> Group:
-        g = Group(tmp_path, tiny, work or {}, hold)
+    def make(work: dict | None = None, hold: float = 60, pp: int = 1) -> Group:
+        g = Group(tmp_path, tiny, work or {}, hold, pp)
         groups.append(g)
         g.wait_ready()
         return g
@@ -117,3 +118,20 @@ def test_hung_worker_is_named(group_factory):
         group.procs[1].send_signal(signal.SIGCONT)
     assert code == 3
     assert "rank 1" in group.log(0)
+
+
+@pytest.mark.parametrize("stopped", [1, 0])
+def test_hung_pipeline_stage_is_named(group_factory, stopped):
+    """pp=2: one stage SIGSTOPped mid-generation. The other stage is blocked in a point-to-point
+    hand-over (rank 0 waiting for the last stage's logits, rank 1 for rank 0's hidden states), whose
+    sockets stay open; the liveness timeout still ends it, exit 3 naming the stopped rank."""
+    group = group_factory(LONG_GENERATION, hold=0, pp=2)
+    time.sleep(1.0)
+    group.procs[stopped].send_signal(signal.SIGSTOP)
+    survivor = 1 - stopped
+    try:
+        code, _ = group.wait_exit(survivor, BOUND)
+    finally:
+        group.procs[stopped].send_signal(signal.SIGCONT)
+    assert code == 3, group.log(survivor)[-2000:]
+    assert re.search(rf"group broken: .*\brank {stopped}\b", group.log(survivor)), group.log(survivor)[-2000:]
