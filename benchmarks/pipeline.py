@@ -2,12 +2,26 @@
 
 Two "nodes" are two network namespaces on this machine joined by one bridge (tests/e2e/netns.py,
 the multi-node tests' harness), one rank each, started as LeaderWorkerSet starts them (its
-variables, the leader found by name, gloo on the node's interface). The link is measured twice in
-one run: shaped to 200 Mbit/s with tbf on each node's interface (both directions; the kernel here
-has tbf, not netem) and unshaped. On each, `dscluster serve` with `--pp 2` and with `--engine tp`
-(tp=2) serve the generation benchmark's mixed workload (benchmarks/generation.py: streamed,
-greedy, end-of-sequence ignored, so both compute exactly the same tokens) from a load process
-inside node0's namespace, over its loopback, so that the link carries only what the ranks send.
+variables, the leader found by name, gloo on the node's interface). Three links in one run, each
+shaped on both nodes' interfaces with tbf (the kernel here has tbf, not netem):
+
+- 200 Mbit/s serialized: tbf with a 4 KiB bucket, so that every message pays its size over the
+  rate, as on a physical 200 Mbit/s link (measured: a 16 KiB TCP round trip takes 1.3 ms, the
+  1.31 ms two 16 KiB frames take on the wire);
+- 200 Mbit/s with 64 KiB bursts: the same average rate, but any message under 64 KiB passes at
+  memory speed while the bucket is full (a 16 KiB round trip: 0.7 ms). Tensor parallelism's
+  all-reduces of a few rows are each under 64 KiB, so this link caps tp's average rate and hardly
+  its per-step latency;
+- unshaped.
+
+Each link's round trip for 16 and 64 KiB messages (a TCP echo between the nodes) is measured and
+reported beside the serialization time, so the shaping is shown, not assumed. On each link
+`dscluster serve` with `--pp 2` and with `--engine tp` (tp=2) serve the generation benchmark's
+mixed workload (benchmarks/generation.py: streamed, greedy, end-of-sequence ignored, so both
+compute exactly the same tokens) from a load process inside node0's namespace, over its loopback,
+so that the link carries only what the ranks send. The serialized link is measured a second time
+in bfloat16 (`--dtype bfloat16`, the dtype production runs on GPUs; this CPU multiplies bf16 with
+AMX), where compute per step shrinks and the link's share of tp's step grows.
 
 Reported per configuration: output tokens/s; bytes each rank sent per generation step, counted by
 the kernel (the node's interface `tx_bytes` over the run, divided by the steps rank 0's
@@ -36,7 +50,11 @@ from benchmarks.common import ROOT, load_avg, model_dir, table
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 from netns import Cluster, unavailable_reason  # noqa: E402  (the multi-node tests' harness)
 
-RATE = "200mbit"
+RATE, RATE_BITS = "200mbit", 200e6
+LINKS = [("200 Mbit/s serialized (tbf, 4 KiB bucket)", RATE, "4kb"),
+         ("200 Mbit/s, 64 KiB bursts (tbf)", RATE, "64kb"), ("unshaped", None, None)]
+BFLOAT16_ON = LINKS[0][0]
+ECHO_SIZES, ECHO_ROUNDS, ECHO_PORT = (16 * 1024, 64 * 1024), 50, 29600
 STREAMS, REQUESTS = 8, 24
 BATCHED_TOKENS = 40
 HTTP_PORT, MASTER_PORT = 8000, 29500
@@ -62,14 +80,63 @@ def _metric(node, name: str) -> float:
                if line.startswith(name) and not line.startswith("#"))
 
 
-def _shape(cluster: Cluster, rate: str | None) -> None:
+def _shape(cluster: Cluster, rate: str | None, burst: str | None) -> None:
     for node in cluster.nodes:
         node.run(["tc", "qdisc", "del", "dev", "eth0", "root"])
         if rate:
-            out = node.run(["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "64kb",
+            out = node.run(["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate, "burst", burst,
                             "latency", "200ms"])
             if out.returncode != 0:
                 raise RuntimeError(f"tc on {node.name}: {out.stderr.strip()}")
+
+
+_ECHO_SERVER = f"""
+import socket
+with socket.create_server(("0.0.0.0", {ECHO_PORT})) as server:
+    conn, _ = server.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for size in {ECHO_SIZES}:
+        for _ in range({ECHO_ROUNDS}):
+            message = b""
+            while len(message) < size:      # the whole message, then the answer: a ping-pong
+                message += conn.recv(size - len(message))
+            conn.sendall(message)
+"""
+
+_ECHO_CLIENT = f"""
+import json, socket, statistics, time
+conn = socket.create_connection(("node1", {ECHO_PORT}), timeout=10)
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+out = {{}}
+for size in {ECHO_SIZES}:
+    message, times = b"x" * size, []
+    for _ in range({ECHO_ROUNDS}):
+        start = time.perf_counter()
+        conn.sendall(message)
+        left = size
+        while left:
+            left -= len(conn.recv(left))
+        times.append(time.perf_counter() - start)
+    out[size] = round(statistics.median(times) * 1000, 2)
+print(json.dumps(out))
+"""
+
+
+def round_trips(cluster: Cluster) -> dict[str, float]:
+    """Median TCP round trip (ms) of each message size over the link as shaped: node0 sends the
+    message, node1 answers it whole once it has it all (as a hand-over or an all-reduce waits for
+    its tensor), so a link that serializes every byte costs twice the message's wire time."""
+    server = cluster.nodes[1].popen([sys.executable, "-c", _ECHO_SERVER])
+    try:
+        for _ in range(50):
+            out = cluster.nodes[0].run([sys.executable, "-c", _ECHO_CLIENT])
+            if out.returncode == 0:
+                return json.loads(out.stdout)
+            time.sleep(0.1)      # the server not listening yet
+        raise RuntimeError(f"echo over the link failed: {out.stderr[-500:]}")
+    finally:
+        server.kill()
+        server.wait()
 
 
 def _serve(cluster: Cluster, model: Path, flags: tuple[str, ...], logdir: Path) -> list:
@@ -154,10 +221,18 @@ def run(out_dir: Path, quick: bool) -> dict:
     whole.shutdown()
     links = []
     with Cluster(2) as cluster:
-        for link, rate in ((f"{RATE} (tbf)", RATE), ("unshaped", None)):
-            _shape(cluster, rate)
+        for link, rate, burst in LINKS:
+            _shape(cluster, rate, burst)
+            trips = round_trips(cluster)
+            wire = {size: round(2 * int(size) * 8 / RATE_BITS * 1000, 2) for size in trips} if rate else None
             rows = [measure(cluster, model, name, flags, requests) for name, flags in LAYOUTS]
-            links.append({"link": link, "rows": rows})
+            links.append({"link": link, "dtype": "float32", "round_trip_ms": trips, "serialized_ms": wire,
+                          "rows": rows})
+            if link == BFLOAT16_ON:
+                rows = [measure(cluster, model, name, flags + ("--dtype", "bfloat16"), requests)
+                        for name, flags in LAYOUTS]
+                links.append({"link": link, "dtype": "bfloat16", "round_trip_ms": trips, "serialized_ms": wire,
+                              "rows": rows})
     return {"model": model.name, "streams": STREAMS, "requests": len(requests), "batched_tokens": BATCHED_TOKENS,
             "unsharded_model_mib": round(unsharded_mib, 1), "links": links}
 
@@ -165,17 +240,25 @@ def run(out_dir: Path, quick: bool) -> dict:
 def summary(result: dict) -> str:
     if "skipped" in result:
         return f"pipeline: skipped ({result['skipped']})"
-    rows = []
+    rows, trips = [], []
     for link in result["links"]:
         by = {r["name"]: r for r in link["rows"]}
+        unsharded = result["unsharded_model_mib"] * (0.5 if link["dtype"] == "bfloat16" else 1)
         for r in link["rows"]:
             ratio = r["output_tokens_per_s"] / by["tp=2"]["output_tokens_per_s"]
-            memory = " / ".join(f"{m:.0f}" for m in r["model_mib_per_rank"] if m is not None)
-            rows.append([link["link"], r["name"], f"{r['output_tokens_per_s']:.1f}", f"{ratio:.2f}x",
-                         " / ".join(f"{b / 1024:.1f}" for b in r["bytes_per_step"]), str(r["steps"]),
-                         f"{memory} ({max(m for m in r['model_mib_per_rank'] if m) / result['unsharded_model_mib']:.2f}x)",
+            held = [m for m in r["model_mib_per_rank"] if m is not None]
+            memory = f"{' / '.join(f'{m:.0f}' for m in held)} ({max(held) / unsharded:.2f}x)" if held else "?"
+            rows.append([link["link"], link["dtype"], r["name"], f"{r['output_tokens_per_s']:.1f}", f"{ratio:.2f}x",
+                         " / ".join(f"{b / 1024:.1f}" for b in r["bytes_per_step"]), str(r["steps"]), memory,
                          str(r["errors"])])
+        if link["dtype"] == "float32":
+            wire = link["serialized_ms"] or {}
+            trips.append([link["link"]] + [f"{ms} ms" + (f" (wire {wire[size]} ms)" if size in wire else "")
+                                           for size, ms in link["round_trip_ms"].items()])
     head = (f"{result['model']}, {result['requests']} requests, {result['streams']} streams, "
-            f"{result['batched_tokens']} tokens per step; unsharded model {result['unsharded_model_mib']:.0f} MiB\n\n")
-    return head + table(["link", "layout", "output tokens/s", "vs tp=2", "KiB sent per step (rank 0 / rank 1)",
-                         "steps", "model MiB per rank (max / unsharded)", "errors"], rows)
+            f"{result['batched_tokens']} tokens per step; unsharded model {result['unsharded_model_mib']:.0f} MiB "
+            "(float32)\n\n")
+    sizes = [f"{int(size) // 1024} KiB round trip" for size in result["links"][0]["round_trip_ms"]]
+    return (head + table(["link", "dtype", "layout", "output tokens/s", "vs tp=2", "KiB sent per step (rank 0 / rank 1)",
+                          "steps", "model MiB per rank (max / unsharded)", "errors"], rows)
+            + "\n\n" + table(["link"] + sizes, trips))
