@@ -10,6 +10,7 @@ downloaded), each server alone:
 | 1 GPU, bfloat16 | the same requests run; how many greedy tokens agree with float32 (reported) |
 | 1 GPU, `dscluster.examples.linear:build_mlp` | `/v1/predict` and `/predict` equal the module on the CPU |
 | 2 ranks, `--engine tp`, float32 (where 2 GPUs exist) | greedy tokens identical to the CPU's |
+| 2 ranks, `--pp 2`, float32 (where 2 GPUs exist) | the pipeline's NCCL hand-overs: greedy tokens identical to the CPU's |
 
 and, for each generation server, the time to first token and per output token of one streamed
 request at a time. Then the GPU tests (`pytest tests/test_gpu.py tests/test_gpu_paths.py`). It
@@ -161,8 +162,13 @@ class GpuCheck:
             tp = self.attempt(f"{'2 cpu ranks' if self.device == 'cpu' else '2 GPUs'} tp float32",
                               lambda name: self.generation_server(name, ranks=2, dtype="float32", engine="tp"))
             self.same_greedy("tp=2 float32 greedy = cpu", tp, reference)
+            pp = self.attempt(f"{'2 cpu ranks' if self.device == 'cpu' else '2 GPUs'} pp float32",
+                              lambda name: self.generation_server(name, ranks=2, dtype="float32", pp=2))
+            self.same_greedy("pp=2 float32 greedy = cpu", pp, reference)
         else:
-            self.record("tp=2", True, f"skipped: {self.gpus} GPU visible, tensor parallelism needs 2", skipped=True)
+            for what in ("tp=2", "pp=2"):
+                self.record(what, True, f"skipped: {self.gpus} GPU visible, {what} needs 2 (NCCL takes one rank "
+                            "per GPU)", skipped=True)
 
     def attempt(self, name: str, check):
         try:
@@ -180,10 +186,10 @@ class GpuCheck:
                     else f"differs on prompts {differing(got['greedy'], reference['greedy'])}")
 
     def generation_server(self, name: str, ranks: int, dtype: str, engine: str | None = None, cpu: bool = False,
-                          sampled: bool = False) -> dict:
+                          sampled: bool = False, pp: int = 1) -> dict:
         import httpx
 
-        args = ["--dtype", dtype] + (["--engine", engine] if engine else [])
+        args = ["--dtype", dtype] + (["--engine", engine] if engine else []) + (["--pp", str(pp)] if pp > 1 else [])
         server = self.server(name, *args, ranks=ranks, cpu=cpu)
         try:
             with httpx.Client(base_url=server.url, timeout=300) as client:
@@ -196,7 +202,8 @@ class GpuCheck:
                             if counted else f"token counts {[s['tokens'] for s in streams]}")
                 if sampled:
                     self.sampled(client, name)
-                self.timings.append(dict(server=name, ranks=ranks, dtype=dtype, engine=engine or "replicated",
+                self.timings.append(dict(server=name, ranks=ranks, dtype=dtype,
+                                         engine=f"pp={pp}" if pp > 1 else engine or "replicated",
                                          **timing(client, self.timed_runs)))
         finally:
             server.stop()

@@ -89,13 +89,14 @@ def test_the_check_runner_with_the_cpu_standing_in_for_the_gpus(tmp_path):
     result = json.loads(out.read_text())
     assert result["ok"] and result["device"] == "cpu" and result["pytest"] is None
     checks = {c["name"]: c for c in result["checks"]}
-    for name in ("float32 greedy = cpu", "tp=2 float32 greedy = cpu", "cpu float32: seeded sampling",
+    for name in ("float32 greedy = cpu", "tp=2 float32 greedy = cpu", "pp=2 float32 greedy = cpu",
+                 "cpu float32: seeded sampling",
                  "cpu import spec: /v1/predict", "cpu bfloat16: greedy streams"):
         assert checks[name]["ok"], checks[name]
     assert checks["cpu import spec: /v1/predict"]["max_abs_error"] < 1e-4
     # Reported, not judged here: tests/test_bfloat16.py and test_gpu.py hold bfloat16 to float32.
     assert isinstance(result["bfloat16_greedy_agreement"], float)
     assert {t["server"] for t in result["timings"]} == {
-        "cpu float32 (reference)", "cpu float32", "cpu bfloat16", "2 cpu ranks tp float32"}
+        "cpu float32 (reference)", "cpu float32", "cpu bfloat16", "2 cpu ranks tp float32", "2 cpu ranks pp float32"}
     assert all(t["tpot_ms"] > 0 and t["ttft_ms"] > 0 and t["runs"] == 1 for t in result["timings"])
     assert "| check | result | detail |" in proc.stdout and "per output token (ms)" in proc.stdout
