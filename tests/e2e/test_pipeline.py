@@ -176,6 +176,9 @@ def test_two_nodes_pp2_tp2_equal_the_unsharded_model(two_node_pipeline, tiny3, h
                                                   group.log(0) + group.log(1))}
     assert held == {r: stage_share(hf_model, r // 2, 2) for r in range(4)}, held
     assert "pipeline stage 2 of 2 (decoder layers 2-2 of 3)" in group.log(1)
+    assert "(2 pipeline stages of 2 tp rank(s), 4 rank(s))" in group.log(0)
+    model = httpx.get(f"{group.url}/v1/models", timeout=30).json()["data"][0]
+    assert (model["pipeline_parallel_size"], model["world_size"], model["engine"]) == (2, 4, "tp"), model
 
     predicted = httpx.post(f"{group.url}/v1/predict", json={"inputs": PROMPTS[:1]}, timeout=60)
     assert predicted.status_code == 200, predicted.text

@@ -161,6 +161,7 @@ class ModelInfo:
     engine: Literal["tp", "zero3", "replicated"]
     world_size: int
     dtype: torch.dtype
+    pipeline_parallel: int = 1                  # --pp: stages; `engine` (tp) runs inside each
     max_context: int | None = None              # prompt + generated tokens (--max-model-len, else the model's)
     vocab_size: int | None = None
     input_dtype: torch.dtype = torch.float32    # dtype /v1/predict inputs are converted to

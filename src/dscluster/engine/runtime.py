@@ -126,7 +126,7 @@ class Runtime:
     def info(self) -> ModelInfo:
         lm = self.loaded
         return ModelInfo(name=self.options.served_model_name or lm.name, kind=lm.kind, engine=self.model.engine,
-                         world_size=self.world_size, dtype=lm.dtype,
+                         world_size=self.world_size, dtype=lm.dtype, pipeline_parallel=self.options.pp,
                          max_context=self.limits.max_model_len or lm.max_context,
                          vocab_size=lm.vocab_size, input_dtype=lm.input_dtype, input_shape=lm.input_shape,
                          tokenizer=lm.tokenizer, eos_ids=self.eos_ids,

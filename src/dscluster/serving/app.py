@@ -42,7 +42,10 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         batcher.start()
         state.serving = True
-        log.info("serving %s (%s, %d rank(s))", engine.info.name, engine.info.engine, engine.info.world_size)
+        info = engine.info
+        layout = info.engine if info.pipeline_parallel == 1 else \
+            f"{info.pipeline_parallel} pipeline stages of {info.world_size // info.pipeline_parallel} {info.engine} rank(s)"
+        log.info("serving %s (%s, %d rank(s))", info.name, layout, info.world_size)
         try:
             yield
         finally:

@@ -306,6 +306,7 @@ async def list_models(request: Request) -> dict:
     return {"object": "list", "data": [{
         "id": info.name, "object": "model", "created": state.started, "owned_by": "dscluster",
         "max_model_len": info.max_context, "engine": info.engine, "world_size": info.world_size,
+        "pipeline_parallel_size": info.pipeline_parallel,
         "kind": info.kind,
     }]}
 
