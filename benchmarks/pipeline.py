@@ -6,8 +6,8 @@ variables, the leader found by name, gloo on the node's interface). Three links 
 shaped on both nodes' interfaces with tbf (the kernel here has tbf, not netem):
 
 - 200 Mbit/s serialized: tbf with a 4 KiB bucket, so that every message pays its size over the
-  rate, as on a physical 200 Mbit/s link (measured: a 16 KiB TCP round trip takes 1.3 ms, the
-  1.31 ms two 16 KiB frames take on the wire);
+  rate, as on a physical 200 Mbit/s link (measured: a 16 KiB TCP round trip takes 1.1 ms, near
+  the 1.31 ms two 16 KiB messages take on the wire, the bucket letting the first 4 KiB through);
 - 200 Mbit/s with 64 KiB bursts: the same average rate, but any message under 64 KiB passes at
   memory speed while the bucket is full (a 16 KiB round trip: 0.7 ms). Tensor parallelism's
   all-reduces of a few rows are each under 64 KiB, so this link caps tp's average rate and hardly

@@ -229,14 +229,23 @@ class StageFailed(RuntimeError):
 
 
 @dataclass
+class PostedReceive:
+    """A hand-over's receive, posted (`Pipeline._post_recv`) and not yet waited for."""
+
+    work: dist.Work
+    message: torch.Tensor                # the tensor, flattened, and the flag
+    shape: tuple[int, ...]
+    src: int
+
+
+@dataclass
 class LaunchedStage:
     """A step this rank has run its stage of and handed on. On rank 0 the logits are still to
     come from the last stage (`Pipeline.collect`), while this rank computes other steps."""
 
     logits: torch.Tensor | None          # the last stage's own logits
     failure: BaseException | None        # this stage's, or an earlier stage's flag
-    logits_shape: tuple[int, int, int]
-    receiving: tuple[dist.Work, torch.Tensor] | None = None   # rank 0: the logits' receive, posted at launch
+    receiving: PostedReceive | None = None   # rank 0: the logits' receive, posted at launch
 
 
 class Pipeline:
@@ -327,7 +336,7 @@ class Pipeline:
                 self._send(out, hidden_shape, layout.rank_of(layout.stage + 1), failure)
             elif layout.tp_rank == 0 and layout.stages > 1:
                 self._send(out, logits_shape, 0, failure, self.logits_group)
-        return LaunchedStage(out if layout.last else None, failure, logits_shape if communicate else None, receiving)
+        return LaunchedStage(out if layout.last else None, failure, receiving)
 
     def collect(self, launched: LaunchedStage) -> torch.Tensor | None:
         """The step's logits: on rank 0 received from the last stage (waiting for it to finish the
@@ -335,8 +344,7 @@ class Pipeline:
         failure, logits = launched.failure, launched.logits
         if launched.receiving is not None:
             try:
-                logits = self._wait_recv(launched.receiving, launched.logits_shape,
-                                         self.layout.rank_of(self.layout.stages - 1, 0))
+                logits = self._wait_recv(launched.receiving)
             except StageFailed as exc:
                 failure = failure or exc
         if failure is not None:
@@ -362,17 +370,17 @@ class Pipeline:
         self._sending.append((dist.isend(message, dst, group=group), message))
 
     def _recv(self, shape, src: int, group=None) -> torch.Tensor:
-        return self._wait_recv(self._post_recv(shape, src, group), shape, src)
+        return self._wait_recv(self._post_recv(shape, src, group))
 
-    def _post_recv(self, shape, src: int, group=None) -> tuple[dist.Work, torch.Tensor]:
+    def _post_recv(self, shape, src: int, group=None) -> PostedReceive:
         """Post the receive of a message of `shape` (and the flag) from `src`; `_wait_recv` finishes it.
         Receives from one rank in one group complete in the order they were posted."""
         message = torch.empty(math.prod(shape) + 1, dtype=self.dtype, device=self.device)
-        return dist.irecv(message, src, group=group), message
+        return PostedReceive(dist.irecv(message, src, group=group), message, tuple(shape), src)
 
-    def _wait_recv(self, receiving: tuple[dist.Work, torch.Tensor], shape, src: int) -> torch.Tensor:
-        work, message = receiving
-        work.wait()
+    def _wait_recv(self, receiving: PostedReceive) -> torch.Tensor:
+        receiving.work.wait()
+        message = receiving.message
         if message[-1].item() != 0:
-            raise StageFailed(f"pipeline stage of rank {src} failed this step")
-        return message[:-1].view(shape)
+            raise StageFailed(f"pipeline stage of rank {receiving.src} failed this step")
+        return message[:-1].view(receiving.shape)
