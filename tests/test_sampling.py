@@ -141,3 +141,21 @@ def test_top_k_and_min_p_never_draw_outside_their_sets():
     assert {sample(x, [top_k])[0].token for _ in range(200)} == {0, 1}
     min_p = RequestSampler(SamplingParams(temperature=1.0, min_p=0.4, seed=0))   # >= 0.16: tokens 0, 1, 2
     assert {sample(x, [min_p])[0].token for _ in range(300)} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_last_pipeline_stage_draws_rank_0s_greedy_tokens(dtype):
+    """Under pipeline parallelism a step of greedy requests is drawn by the last stage
+    (engine/pipeline.greedy_tokens): the same token as rank 0's greedy sampling of the same logits
+    for every row, ties (the first of equal maxima) and non-finite rows (-1: rank 0 fails them
+    with sampling's error) included."""
+    from dscluster.engine.pipeline import greedy_tokens
+
+    x = logits(rows=6).to(dtype)
+    x[1, 7] = x[1, 3] = x[1].max() + 1          # a tie: the first of the two
+    x[2, 5] = float("nan")
+    x[3, 0] = float("inf")
+    x[4, :] = -5.0                              # every token equal
+    drawn = sample(x, [RequestSampler(SamplingParams(temperature=0)) for _ in range(6)])
+    assert [s.token if s.error is None else -1 for s in drawn] == greedy_tokens(x).tolist()
+    assert greedy_tokens(x).tolist()[1:5] == [3, -1, -1, 0]

@@ -49,6 +49,9 @@ def run_work(engine, work: dict) -> dict:
         out["schedule"] = run_schedule(engine, work["schedule"])
     out["cache"] = cache_stats(engine)
     out["most_steps_in_flight"] = engine.most_steps_in_flight
+    pipeline = engine.runtime.model.pipeline
+    if pipeline is not None:
+        out["handed_back"] = pipeline.handed_back
     return out
 
 

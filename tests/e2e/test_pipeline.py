@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import httpx
+import jsonschema
 import pytest
 import torch
 
@@ -35,6 +36,7 @@ from test_engine import SCHEDULE, WORK_ALL_PARAMS, reference, run_ranks, transfo
 
 LIMITS = {"max_num_seqs": 3, "max_num_batched_tokens": 16, "max_model_len": 64, "num_kv_blocks": 6}
 PROMPTS = [[1, 614, 15, 591, 4, 788], [1, 20, 30, 40, 50, 60]]   # a predict batch: equal lengths
+ANSWER = {"type": "object", "required": ["ok"], "additionalProperties": False, "properties": {"ok": {"type": "boolean"}}}
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
 
@@ -87,6 +89,9 @@ def test_two_stages_equal_the_unsharded_model(tmp_path, tiny3, hf_model):
     assert [g["token_ids"] for g in got["generate"]] == ref["generate"]
     assert got["most_steps_in_flight"] == 2
     assert got["cache"]["preemptions"] > 0 and got["cache"]["prefix_hits"] > 0
+    # Steps of greedy requests only (the schedule) came back as the last stage's tokens; steps with
+    # a seeded, penalised or logprobs request among them as logits, sampled by rank 0.
+    assert got["handed_back"]["tokens"] > 0 and got["handed_back"]["logits"] > 0, got["handed_back"]
     held = [json.loads(Path(f"{tmp_path}/out-None-2.json.rank{r}").read_text())["local_params"] for r in (0, 1)]
     assert held == [stage_share(hf_model, 0, 1), stage_share(hf_model, 1, 1)]
     assert sum(held) == sum(p.numel() for p in hf_model.parameters())
@@ -196,7 +201,17 @@ def test_two_nodes_pp2_tp2_equal_the_unsharded_model(two_node_pipeline, tiny3, h
         answer = httpx.post(f"{group.url}/v1/completions", json=body, timeout=120)
         results[i] = answer.json()["choices"][0]["text"] if answer.status_code == 200 else answer.text
 
+    constrained: list = []
+
+    def ask_constrained() -> None:
+        """Greedy too, but the grammar needs the logits on rank 0 (not the last stage's argmax)."""
+        time.sleep(0.3)
+        body = {"messages": [{"role": "user", "content": "yes?"}], "temperature": 0, "max_tokens": 40,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}}}
+        constrained.append(httpx.post(f"{group.url}/v1/chat/completions", json=body, timeout=120))
+
     threads = [threading.Thread(target=ask, args=(i, e)) for i, e in enumerate(schedule)]
+    threads.append(threading.Thread(target=ask_constrained))
     for t in threads:
         t.start()
     for t in threads:
@@ -206,6 +221,10 @@ def test_two_nodes_pp2_tp2_equal_the_unsharded_model(two_node_pipeline, tiny3, h
     tokenizer = AutoTokenizer.from_pretrained(tiny3)
     assert [results.get(i) for i in range(len(schedule))] == \
         [tokenizer.decode(ids, skip_special_tokens=True) for ids in expected]
+    assert constrained[0].status_code == 200, constrained[0].text
+    choice = constrained[0].json()["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    jsonschema.validate(json.loads(choice["message"]["content"]), ANSWER)
 
 
 def test_a_stage_killed_mid_step_breaks_the_group(two_node_pipeline):

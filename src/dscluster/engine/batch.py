@@ -20,7 +20,8 @@ needs (tensor parallel and ZeRO-3 collectives run inside the forward pass). Appl
 Only rank 0 looks at the logits; the other ranks compute them too because the last projection
 is split (and gathered) like every other layer. Under pipeline parallelism (engine/pipeline.py)
 each rank runs only its stage's layers in the forward pass, between receiving the previous
-stage's hidden states and handing its own on; the logits reach rank 0 from the last stage.
+stage's hidden states and handing its own on; the logits reach rank 0 from the last stage, or,
+in a step whose sampled rows are all `argmax_only` (protocol.Join), only their greedy tokens.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Row:
     prompt: tuple[int, ...]
     computed: int = 0               # positions whose keys and values are in the cache
     prompt_logits: bool = False     # keep the logits of every prompt position (prompt logprobs)
+    argmax_only: bool = False       # only the argmax of its logits is used (protocol.Join)
     start: int = 0                  # its run in the pool: first block
     blocks: int = 0                 # and length in blocks
 
@@ -59,6 +61,9 @@ class StepOutput:
     # position p + i give the distribution of prompt token p + i + 1.
     prompt_logits: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
     micro_batch: int = 0
+    # Under pipeline parallelism, a step whose sampled rows are all argmax-only: the last stage's
+    # greedy token per sampled row (-1: non-finite logits) in place of the logits, on rank 0.
+    tokens: list[int] | None = None
     # Under pipeline parallelism, on rank 0: the logits are still in later stages. `collect()`
     # waits for them (every other rank's output is complete when the step returns).
     _pending: tuple | None = None
@@ -73,6 +78,9 @@ class StepOutput:
         out = pipeline.collect(launched)
         if out is None:
             return self
+        if launched.argmax:
+            tokens = out.tolist()[:len(self.sampled_rows)]
+            return StepOutput(self.sampled_rows, None, micro_batch=self.micro_batch, tokens=tokens)
         return _sliced_output(self, out[0] if sliced else out[0, keep], prompt_rows)
 
 
@@ -171,7 +179,8 @@ class RunningBatch:
             row.start, row.blocks = start, length
         for join in plan.joins:
             row = Row(join.request_id, tuple(join.prompt_ids), computed=join.cached,
-                      prompt_logits=join.params.prompt_logprobs is not None, start=join.start, blocks=join.blocks)
+                      prompt_logits=join.params.prompt_logprobs is not None, start=join.start, blocks=join.blocks,
+                      argmax_only=join.argmax_only)
             if not 0 < len(row.prompt) <= self.max_len or join.cached + join.first_chunk > len(row.prompt) \
                     or join.cached >= len(row.prompt):
                 raise ValueError(f"request {join.request_id}: a prompt of {len(row.prompt)} tokens "
@@ -190,6 +199,7 @@ class RunningBatch:
         slots: list[int] = []                              # each token's slot in the pool
         spans: list[tuple[int, int, int, int]] = []        # packed start, count, base slot, first position
         sampled_rows: list[int] = []
+        argmax = self.pipeline is not None and self._logits_to_keep   # every sampled row argmax-only
         keep: list[int] = []                              # packed index of each sampled row's last token
         prompt_keep: list[int] = []                       # packed indices of prompt positions kept
         prompt_rows: list[tuple[int, int, int]] = []      # row, first position, count
@@ -223,6 +233,7 @@ class RunningBatch:
             if not row.prefilling:
                 sampled_rows.append(r)
                 keep.append(len(ids) - 1)
+                argmax = argmax and row.argmax_only
         if not ids:
             return StepOutput([], None, micro_batch=micro_batch)
         # At least one row of logits: a step that samples nothing (prompt chunks only) still runs
@@ -238,7 +249,8 @@ class RunningBatch:
         output = StepOutput(sampled_rows, None, micro_batch=micro_batch)
         with kv_cache.active_step(layout):
             if self.pipeline is not None:       # this stage, handed on; rank 0 collects the logits later
-                launched = self.pipeline.launch(ids_t[None], pos_t[None], kwargs.get("logits_to_keep"))
+                launched = self.pipeline.launch(ids_t[None], pos_t[None], kwargs.get("logits_to_keep"),
+                                                argmax=argmax and not prompt_keep)
                 output._pending = (self.pipeline, launched, wanted_t, prompt_rows, self._logits_to_keep)
                 return output if self.pipeline.collects_logits else output.collect()
             out = self.module(input_ids=ids_t[None], position_ids=pos_t[None], use_cache=False, **kwargs).logits

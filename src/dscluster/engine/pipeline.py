@@ -20,7 +20,9 @@ take the residual stream as that one tensor.
 The hand-over is torch.distributed point-to-point in the data group (gloo on CPUs, NCCL on GPUs),
 never the control channel: tp rank j of stage s sends to tp rank j of stage s + 1 (each holds the
 whole hidden states after its stage's last all-reduce), and tp rank 0 of the last stage sends the
-logits the step keeps to rank 0, which samples as with any other layout. Every message carries one
+logits the step keeps to rank 0, which samples as with any other layout; or, when rank 0 would only
+take each sampled row's argmax (greedy requests, nothing else asked of the logits; `launch`'s
+`argmax`), that argmax, a token per row, in their place. Every message carries one
 more element, a flag: a stage whose forward raised sends its successor the flag instead of hidden
 states, so later stages skip the step, rank 0 learns of it, and nobody waits for a tensor that
 never comes; the step then fails on those ranks and every rank drops the batch at the next message
@@ -243,9 +245,10 @@ class LaunchedStage:
     """A step this rank has run its stage of and handed on. On rank 0 the logits are still to
     come from the last stage (`Pipeline.collect`), while this rank computes other steps."""
 
-    logits: torch.Tensor | None          # the last stage's own logits
+    logits: torch.Tensor | None          # the last stage's own logits (its tokens, under `argmax`)
     failure: BaseException | None        # this stage's, or an earlier stage's flag
     receiving: PostedReceive | None = None   # rank 0: the logits' receive, posted at launch
+    argmax: bool = False                 # the last stage sends a greedy token per kept row, not logits
 
 
 class Pipeline:
@@ -269,6 +272,8 @@ class Pipeline:
         self.in_flight = layout.stages
         # Rank 0 (stage 0's first rank) samples: it receives the last stage's logits, later.
         self.collects_logits = layout.first and layout.tp_rank == 0 and not layout.last
+        # Rank 0: steps whose last stage sent a token per row (argmax), and those that sent logits.
+        self.handed_back = {"tokens": 0, "logits": 0}
         self._received: torch.Tensor | None = None
         self._sending: deque[tuple[dist.Work, torch.Tensor]] = deque()
         if not layout.first:
@@ -284,17 +289,25 @@ class Pipeline:
         return args, {**kwargs, "hidden_states": received}
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                logits_to_keep=None, communicate: bool = True) -> torch.Tensor | None:
-        """The whole step at once: `launch`, then `collect`. Returns the logits on rank 0 and on
-        the last stage, None elsewhere. `communicate=False` runs the stage alone on zeros (sizing
+                logits_to_keep=None, communicate: bool = True, argmax: bool = False) -> torch.Tensor | None:
+        """The whole step at once: `launch`, then `collect`. Returns the logits (under `argmax`, the
+        tokens) on rank 0 and on the last stage, None elsewhere. `communicate=False` runs the stage alone on zeros (sizing
         the key/value pool)."""
-        return self.collect(self.launch(input_ids, position_ids, logits_to_keep, communicate))
+        return self.collect(self.launch(input_ids, position_ids, logits_to_keep, communicate, argmax))
 
     def launch(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-               logits_to_keep=None, communicate: bool = True) -> LaunchedStage:
+               logits_to_keep=None, communicate: bool = True, argmax: bool = False) -> LaunchedStage:
         """Run this stage for `input_ids` [B, S]: receive the previous stage's hidden states, run
         the stage's layers, hand over the result (the last stage's first rank hands the logits the
         step keeps, `logits_to_keep`, to rank 0).
+
+        `argmax` (every rank passes the same; B must be 1): rank 0 would use nothing of the kept
+        logits but each row's argmax, so the last stage sends that instead, a token per row (-1 for
+        a row with a non-finite logit, which rank 0 fails as sampling would): a few bytes instead of
+        a vocabulary of floats per row over the link, which on a GPU cluster is most of the step's
+        traffic (128k vocabulary x 256 rows in float32 is 128 MiB). The argmax is the one rank 0's
+        greedy sampling takes (the first of equal maxima, of the logits in float32), so the tokens
+        are the same. vLLM's last pipeline stage samples for the same reason.
 
         Every message of the step is sent and received whatever failed, so that no rank waits for
         a tensor that never comes and the next step's messages pair up: a failure (this stage's, or
@@ -303,14 +316,19 @@ class Pipeline:
         batch, length = input_ids.shape
         hidden_shape = (batch, length, self.hidden_size)
         logits_shape = self._logits_shape(batch, length, logits_to_keep)
+        # What the last stage hands rank 0: the logits, or (argmax) a token per kept row.
+        result_shape, result_dtype = ((logits_shape[1],), torch.long) if argmax else (logits_shape, self.dtype)
         kwargs = {"position_ids": position_ids, "use_cache": False}
         failure: BaseException | None = None
         # Rank 0 posts the logits' receive now, not when it collects them: the transfer does not
         # run ahead of its receive (measured with gloo over 200 Mbit/s: rank 0 collecting after
         # the last stage had sent still waited 4.2 ms, the logits' wire time; 1.7 ms posted early;
         # NCCL matches a send to a posted receive too).
-        receiving = self._post_recv(logits_shape, layout.rank_of(layout.stages - 1, 0), self.logits_group) \
-            if communicate and self.collects_logits else None
+        receiving = None
+        if communicate and self.collects_logits:
+            receiving = self._post_recv(result_shape, layout.rank_of(layout.stages - 1, 0), self.logits_group,
+                                        result_dtype)
+            self.handed_back["tokens" if argmax else "logits"] += 1
         if not layout.first:
             if not communicate:
                 self._received = torch.zeros(hidden_shape, dtype=self.dtype, device=self.device)
@@ -326,6 +344,8 @@ class Pipeline:
                     if logits_to_keep is not None:
                         kwargs["logits_to_keep"] = logits_to_keep
                     out = self.module(input_ids=input_ids, **kwargs).logits
+                    if argmax:
+                        out = greedy_tokens(out[0])
                 else:
                     out = self.base(input_ids=input_ids, **kwargs).last_hidden_state
             except Exception as exc:  # noqa: BLE001 - handed on as the flag below, then raised
@@ -335,11 +355,11 @@ class Pipeline:
             if not layout.last:
                 self._send(out, hidden_shape, layout.rank_of(layout.stage + 1), failure)
             elif layout.tp_rank == 0 and layout.stages > 1:
-                self._send(out, logits_shape, 0, failure, self.logits_group)
-        return LaunchedStage(out if layout.last else None, failure, receiving)
+                self._send(out, result_shape, 0, failure, self.logits_group, result_dtype)
+        return LaunchedStage(out if layout.last else None, failure, receiving, argmax)
 
     def collect(self, launched: LaunchedStage) -> torch.Tensor | None:
-        """The step's logits: on rank 0 received from the last stage (waiting for it to finish the
+        """The step's logits (under `argmax`, its tokens): on rank 0 received from the last stage (waiting for it to finish the
         step), on the last stage its own; None elsewhere. Raises the step's failure."""
         failure, logits = launched.failure, launched.logits
         if launched.receiving is not None:
@@ -357,13 +377,15 @@ class Pipeline:
         return batch, kept, int(self.module.config.vocab_size)
 
     def _send(self, tensor: torch.Tensor | None, shape, dst: int, failure: BaseException | None,
-              group=None) -> None:
-        """Send `tensor` and the flag (0: fine) in one message; on a failure, zeros and the flag 1."""
+              group=None, dtype: torch.dtype | None = None) -> None:
+        """Send `tensor` and the flag (0: fine) in one message of `dtype` (default: the model's);
+        on a failure, zeros and the flag 1."""
+        dtype = dtype or self.dtype
         if failure is not None or tensor is None:
-            message = torch.zeros(math.prod(shape) + 1, dtype=self.dtype, device=self.device)
+            message = torch.zeros(math.prod(shape) + 1, dtype=dtype, device=self.device)
             message[-1] = 1
         else:
-            flat = tensor.reshape(-1).to(self.dtype)
+            flat = tensor.reshape(-1).to(dtype)
             message = torch.cat([flat, flat.new_zeros(1)])
         while len(self._sending) >= self.in_flight:
             self._sending.popleft()[0].wait()
@@ -372,10 +394,10 @@ class Pipeline:
     def _recv(self, shape, src: int, group=None) -> torch.Tensor:
         return self._wait_recv(self._post_recv(shape, src, group))
 
-    def _post_recv(self, shape, src: int, group=None) -> PostedReceive:
+    def _post_recv(self, shape, src: int, group=None, dtype: torch.dtype | None = None) -> PostedReceive:
         """Post the receive of a message of `shape` (and the flag) from `src`; `_wait_recv` finishes it.
         Receives from one rank in one group complete in the order they were posted."""
-        message = torch.empty(math.prod(shape) + 1, dtype=self.dtype, device=self.device)
+        message = torch.empty(math.prod(shape) + 1, dtype=dtype or self.dtype, device=self.device)
         return PostedReceive(dist.irecv(message, src, group=group), message, tuple(shape), src)
 
     def _wait_recv(self, receiving: PostedReceive) -> torch.Tensor:
@@ -384,3 +406,11 @@ class Pipeline:
         if message[-1].item() != 0:
             raise StageFailed(f"pipeline stage of rank {receiving.src} failed this step")
         return message[:-1].view(receiving.shape)
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's greedy token ([rows, vocab] -> [rows]), as rank 0's sampling would draw it: the
+    argmax of the row in float32; -1 for a row with a non-finite value (rank 0 fails that request)."""
+    rows = logits.float()
+    tokens = torch.argmax(rows, dim=-1)
+    return tokens.masked_fill(~torch.isfinite(rows).all(dim=-1), -1)

@@ -82,12 +82,17 @@ WAIT = prefill(0)
 @dataclass(frozen=True)
 class Join:
     """A request joining the batch: all a rank needs to hold its row. Rows join at the end, in order.
-    `params` travel with it so every rank knows the request whole (only rank 0 samples today).
+    `params` travel with it so every rank knows the request whole (only rank 0 samples them).
 
     Its place in the key/value pool (engine/kv_blocks.py): the run of `blocks` blocks from block
     `start`; its first `cached` prompt tokens are already in the pool (a prefix cache hit), either
     in the run's own blocks or copied into them first: `copies` are (source block, destination
-    block, count)."""
+    block, count).
+
+    `argmax_only`: rank 0 uses nothing of the request's logits but their argmax (greedy, nothing
+    changes the logits, no logprobs, no grammar; only rank 0 knows the grammar). Under pipeline
+    parallelism a step whose sampled rows are all such is drawn by the last stage, which sends
+    rank 0 a token per row instead of a row of logits (engine/pipeline.py)."""
 
     request_id: int
     prompt_ids: tuple[int, ...]
@@ -97,6 +102,7 @@ class Join:
     blocks: int = 0
     cached: int = 0
     copies: tuple[tuple[int, int, int], ...] = ()
+    argmax_only: bool = False
 
 
 @dataclass

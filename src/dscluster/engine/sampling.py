@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 # Temperatures below this sample greedily, as vLLM does: dividing logits by a tiny temperature
 # overflows to infinity (1e-320 is a valid OpenAI temperature) and softmax turns that into NaN.
 GREEDY_BELOW = 1e-5
+NON_FINITE = "the model produced non-finite logits (NaN or infinity)"
 
 
 @dataclass
@@ -188,7 +189,7 @@ def sample(logits: torch.Tensor, samplers: list[RequestSampler]) -> list[Sample]
         if out[i].error is not None:
             continue
         if not finite[i]:
-            out[i].error = FloatingPointError("the model produced non-finite logits (NaN or infinity)")
+            out[i].error = FloatingPointError(NON_FINITE)
             continue
         try:
             if not sampler.plain_greedy:

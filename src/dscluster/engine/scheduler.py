@@ -61,7 +61,7 @@ from dscluster.engine.api import (
 from dscluster.engine.batch import RunningBatch, StepOutput
 from dscluster.engine.kv_blocks import ROOT_KEY, BlockPool, block_key
 from dscluster.engine.protocol import LEAVE, WAIT, Join, StepPlan, prefill
-from dscluster.engine.sampling import RequestSampler, sample, token_logprobs
+from dscluster.engine.sampling import NON_FINITE, RequestSampler, sample, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +308,12 @@ class Scheduler:
         self.running[req.id] = req
         join_params = params if wants_logprobs or params.prompt_logprobs is None else \
             replace(params, prompt_logprobs=None)
+        sampler = req.sampler
+        argmax_only = sampler.plain_greedy and sampler.grammar is None and params.logprobs is None \
+            and join_params.prompt_logprobs is None
         return Join(req.id, prompt, len(prompt) - cached, join_params, start=placement.start,
-                    blocks=placement.length, cached=cached, copies=tuple(placement.copies))
+                    blocks=placement.length, cached=cached, copies=tuple(placement.copies),
+                    argmax_only=argmax_only)
 
     def _room_for(self, row, positions: int, actions: list[int | None],
                   placements: list[tuple[int, int, int]]) -> bool:
@@ -417,7 +421,7 @@ class Scheduler:
         batch_rows = self.batch.micro[out.micro_batch]
         for r, first, logits in out.prompt_logits:
             self._score_prompt(self.running[batch_rows[r].request_id], first, logits)
-        if out.logits is None:
+        if out.logits is None and out.tokens is None:
             return
         rows, reqs = [], []
         for i, r in enumerate(out.sampled_rows):
@@ -428,6 +432,13 @@ class Scheduler:
                 rows.append(i)
                 reqs.append(req)
         if not reqs:
+            return
+        if out.tokens is not None:      # the last pipeline stage drew them: argmax-only rows
+            for i, req in zip(rows, reqs, strict=True):
+                if out.tokens[i] < 0:
+                    self._fail(req, FloatingPointError(NON_FINITE))
+                else:
+                    self._take(req, out.tokens[i])
             return
         logits = out.logits if len(rows) == len(out.sampled_rows) else out.logits[rows]
         for req, drawn in zip(reqs, sample(logits, [r.sampler for r in reqs]), strict=True):
