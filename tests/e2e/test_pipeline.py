@@ -36,7 +36,8 @@ from test_engine import SCHEDULE, WORK_ALL_PARAMS, reference, run_ranks, transfo
 
 LIMITS = {"max_num_seqs": 3, "max_num_batched_tokens": 16, "max_model_len": 64, "num_kv_blocks": 6}
 PROMPTS = [[1, 614, 15, 591, 4, 788], [1, 20, 30, 40, 50, 60]]   # a predict batch: equal lengths
-ANSWER = {"type": "object", "required": ["ok"], "additionalProperties": False, "properties": {"ok": {"type": "boolean"}}}
+ANSWER = {"type": "object", "required": ["ok"], "additionalProperties": False,
+          "properties": {"ok": {"type": "boolean"}}}
 SPLIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
 

@@ -291,8 +291,8 @@ class Pipeline:
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 logits_to_keep=None, communicate: bool = True, argmax: bool = False) -> torch.Tensor | None:
         """The whole step at once: `launch`, then `collect`. Returns the logits (under `argmax`, the
-        tokens) on rank 0 and on the last stage, None elsewhere. `communicate=False` runs the stage alone on zeros (sizing
-        the key/value pool)."""
+        tokens) on rank 0 and on the last stage, None elsewhere. `communicate=False` runs the stage
+        alone on zeros (sizing the key/value pool)."""
         return self.collect(self.launch(input_ids, position_ids, logits_to_keep, communicate, argmax))
 
     def launch(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -359,8 +359,9 @@ class Pipeline:
         return LaunchedStage(out if layout.last else None, failure, receiving, argmax)
 
     def collect(self, launched: LaunchedStage) -> torch.Tensor | None:
-        """The step's logits (under `argmax`, its tokens): on rank 0 received from the last stage (waiting for it to finish the
-        step), on the last stage its own; None elsewhere. Raises the step's failure."""
+        """The step's logits (under `argmax`, its tokens): on rank 0 received from the last stage
+        (waiting for it to finish the step), on the last stage its own; None elsewhere. Raises the
+        step's failure."""
         failure, logits = launched.failure, launched.logits
         if launched.receiving is not None:
             try:
