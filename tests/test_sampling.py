@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dscluster.engine.api import SamplingParams
-from dscluster.engine.sampling import RequestSampler, sample
+from dscluster.engine.sampling import RequestSampler, greedy_tokens, sample
 
 
 def logits(rows: int = 4, vocab: int = 50, seed: int = 0) -> torch.Tensor:
@@ -146,11 +146,9 @@ def test_top_k_and_min_p_never_draw_outside_their_sets():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_last_pipeline_stage_draws_rank_0s_greedy_tokens(dtype):
     """Under pipeline parallelism a step of greedy requests is drawn by the last stage
-    (engine/pipeline.greedy_tokens): the same token as rank 0's greedy sampling of the same logits
+    (sampling.greedy_tokens): the same token as rank 0's greedy sampling of the same logits
     for every row, ties (the first of equal maxima) and non-finite rows (-1: rank 0 fails them
     with sampling's error) included."""
-    from dscluster.engine.pipeline import greedy_tokens
-
     x = logits(rows=6).to(dtype)
     x[1, 7] = x[1, 3] = x[1].max() + 1          # a tie: the first of the two
     x[2, 5] = float("nan")

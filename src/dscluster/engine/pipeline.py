@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dscluster.engine.sampling import greedy_tokens
 from dscluster.errors import UsageError
 
 
@@ -408,10 +409,3 @@ class Pipeline:
             raise StageFailed(f"pipeline stage of rank {receiving.src} failed this step")
         return message[:-1].view(receiving.shape)
 
-
-def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """Each row's greedy token ([rows, vocab] -> [rows]), as rank 0's sampling would draw it: the
-    argmax of the row in float32; -1 for a row with a non-finite value (rank 0 fails that request)."""
-    rows = logits.float()
-    tokens = torch.argmax(rows, dim=-1)
-    return tokens.masked_fill(~torch.isfinite(rows).all(dim=-1), -1)

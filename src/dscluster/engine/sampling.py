@@ -65,6 +65,9 @@ class RequestSampler:
         self.greedy = not params.temperature >= GREEDY_BELOW   # NaN included
         # Greedy with nothing to change the logits: sampled for all such requests with one argmax.
         self.plain_greedy = self.greedy and not params.processed
+        # ... and nothing else of its logits used (no logprobs, no grammar): its token can be drawn
+        # where the logits are, by the last pipeline stage (protocol.Join.argmax_only).
+        self.argmax_only = self.plain_greedy and grammar is None and params.logprobs is None
         self.seed = params.seed if params.seed is not None else 0
         self._generator: torch.Generator | None = None
         self._counts: torch.Tensor | None = None    # [vocab] times each token was generated
@@ -165,6 +168,15 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     drop = torch.cumsum(probs, dim=-1) - probs >= top_p
     drop[0] = False
     return logits.scatter(0, order[drop], float("-inf"))
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's greedy token ([rows, vocab] -> [rows]), as `sample` draws it for a plain greedy
+    request: the argmax of the row in float32; -1 for a row with a non-finite value (`sample` fails
+    that request). The last pipeline stage draws argmax-only rows with it (engine/pipeline.py)."""
+    rows = logits.float()
+    tokens = torch.argmax(rows, dim=-1)
+    return tokens.masked_fill(~torch.isfinite(rows).all(dim=-1), -1)
 
 
 def sample(logits: torch.Tensor, samplers: list[RequestSampler]) -> list[Sample]:

@@ -308,9 +308,7 @@ class Scheduler:
         self.running[req.id] = req
         join_params = params if wants_logprobs or params.prompt_logprobs is None else \
             replace(params, prompt_logprobs=None)
-        sampler = req.sampler
-        argmax_only = sampler.plain_greedy and sampler.grammar is None and params.logprobs is None \
-            and join_params.prompt_logprobs is None
+        argmax_only = req.sampler.argmax_only and join_params.prompt_logprobs is None
         return Join(req.id, prompt, len(prompt) - cached, join_params, start=placement.start,
                     blocks=placement.length, cached=cached, copies=tuple(placement.copies),
                     argmax_only=argmax_only)
